@@ -1,0 +1,89 @@
+"""The `cycles` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import typer
+
+from .store import default_data_dir, default_store_url, open_store
+
+app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.", no_args_is_help=True,
+                  add_completion=False)
+
+
+async def bootstrap_admin_key(store_url: str) -> str | None:
+    """Create the store's schema and, without CYCLES_ADMIN_API_KEY, the stored admin key. Returns a new key."""
+    from .server.auth import ADMIN_HASH_SETTING, hash_secret, new_admin_key
+
+    store = open_store(store_url)
+    try:
+        if os.environ.get("CYCLES_ADMIN_API_KEY"):
+            return None
+        if await store.get_setting(ADMIN_HASH_SETTING) is not None:
+            return None
+        key = new_admin_key()
+        stored = hash_secret(key)
+        won = await store.put_setting(ADMIN_HASH_SETTING, stored, only_if_absent=True)
+        return key if won == stored else None
+    finally:
+        await store.close()
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(7878, help="Port to bind."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store URL, e.g. sqlite:///var/lib/cycles/cycles.db."),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="Directory of the embedded store when --store is not given "
+        "(default $CYCLES_DATA_DIR, else $XDG_DATA_HOME/cycles, else ~/.local/share/cycles)."),
+    workers: int = typer.Option(1, min=1, max=64, help="Server processes sharing the store."),
+    sweep_interval_ms: int = typer.Option(1000, min=0, help="How often expired leases are swept (0 disables)."),
+    access_log: bool = typer.Option(False, help="Log every request."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run the Cycles server."""
+    import uvicorn
+
+    store_url = store or default_store_url(data_dir or default_data_dir())
+    new_key = asyncio.run(bootstrap_admin_key(store_url))
+    if new_key:
+        typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
+        typer.echo(f"  {new_key}")
+    typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
+    os.environ["CYCLES_STORE_URL"] = store_url
+    os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
+    common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
+                  loop="auto", http="auto", timeout_graceful_shutdown=5)
+    if workers == 1:
+        from .server.app import create_app_from_env
+
+        uvicorn.run(create_app_from_env(), **common)
+        return
+    metrics_dir = tempfile.mkdtemp(prefix="cycles-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("cycles.server.app:create_app_from_env", factory=True, workers=workers, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

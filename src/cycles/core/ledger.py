@@ -1,0 +1,186 @@
+"""Ledger math: the pure rules for reserve, commit, release, events and funding.
+
+A ledger keeps four counters per (scope, unit): allocated, spent, reserved, debt; remaining is always
+derived (allocated - spent - reserved - debt), so the spec's ledger invariant holds by construction.
+`spent` is consumption paid from the allocation and `debt` is consumption beyond it, so spent + debt is
+the total consumption and funding never makes consumption disappear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.models import INT64_MAX
+
+REJECT = "REJECT"
+ALLOW_IF_AVAILABLE = "ALLOW_IF_AVAILABLE"
+ALLOW_WITH_OVERDRAFT = "ALLOW_WITH_OVERDRAFT"
+
+
+@dataclass(slots=True, frozen=True)
+class Ledger:
+    scope: str
+    unit: str
+    allocated: int
+    spent: int = 0
+    reserved: int = 0
+    debt: int = 0
+    overdraft_limit: int = 0
+    is_over_limit: bool = False
+    status: str = "ACTIVE"
+
+    @property
+    def remaining(self) -> int:
+        return self.allocated - self.spent - self.reserved - self.debt
+
+
+@dataclass(slots=True, frozen=True)
+class Denial:
+    code: ErrorCode
+    scope: str
+    message: str
+
+    def error(self) -> ProtocolError:
+        return ProtocolError(self.code, self.message, details={"scope": self.scope})
+
+
+def check_reserve(ledgers: Sequence[Ledger], amount: int) -> Denial | None:
+    """The first reason a new reservation of `amount` must be refused, condition by condition.
+
+    Conditions are checked across all scopes before the next one, so over-limit wins over debt
+    on any scope (spec: OVERDRAFT_LIMIT_EXCEEDED takes precedence over DEBT_OUTSTANDING).
+    """
+    for led in ledgers:
+        if led.status == "CLOSED":
+            return Denial(ErrorCode.BUDGET_CLOSED, led.scope, f"Budget is closed for scope {led.scope}")
+    for led in ledgers:
+        if led.status == "FROZEN":
+            return Denial(ErrorCode.BUDGET_FROZEN, led.scope, f"Budget is frozen for scope {led.scope}")
+    for led in ledgers:
+        if led.is_over_limit:
+            return Denial(
+                ErrorCode.OVERDRAFT_LIMIT_EXCEEDED,
+                led.scope,
+                f"Scope {led.scope} is over its overdraft limit; no new reservations until reconciled",
+            )
+    for led in ledgers:
+        if led.debt > 0 and led.overdraft_limit == 0:
+            return Denial(ErrorCode.DEBT_OUTSTANDING, led.scope, f"Scope {led.scope} has outstanding debt {led.debt}")
+    for led in ledgers:
+        if led.remaining < amount:
+            return Denial(
+                ErrorCode.BUDGET_EXCEEDED,
+                led.scope,
+                f"Insufficient remaining budget for scope {led.scope}: remaining {led.remaining}, requested {amount}",
+            )
+    return None
+
+
+def hold(ledgers: Sequence[Ledger], amount: int) -> list[Ledger]:
+    return [replace(led, reserved=led.reserved + amount) for led in ledgers]
+
+
+def unhold(ledgers: Sequence[Ledger], amount: int) -> list[Ledger]:
+    return [replace(led, reserved=led.reserved - amount) for led in ledgers]
+
+
+@dataclass(slots=True, frozen=True)
+class Settlement:
+    charged: int
+    ledgers: list[Ledger]
+
+
+def settle(
+    ledgers: Sequence[Ledger], held: int, actual: int, policy: str, *, reject_any_overage: bool
+) -> Settlement:
+    """Charge `actual` against scopes that hold `held` for it (held is 0 for a direct event).
+
+    `reject_any_overage` is the commit flavour of REJECT (any actual above the reservation is
+    refused); events under REJECT are refused only when some scope cannot cover the amount.
+    Raises ProtocolError for BUDGET_EXCEEDED / OVERDRAFT_LIMIT_EXCEEDED; nothing is changed then.
+    """
+    delta = actual - held
+    if delta <= 0:
+        return Settlement(actual, [replace(l, reserved=l.reserved - held, spent=l.spent + actual) for l in ledgers])
+
+    short = [(l, max(0, delta - max(0, l.remaining))) for l in ledgers]
+    if all(s == 0 for _, s in short):
+        return Settlement(actual, [replace(l, reserved=l.reserved - held, spent=l.spent + actual) for l in ledgers])
+
+    if policy == REJECT:
+        if reject_any_overage or any(s > 0 for _, s in short):
+            scope = next((l.scope for l, s in short if s > 0), ledgers[0].scope)
+            raise ProtocolError(
+                ErrorCode.BUDGET_EXCEEDED,
+                f"Actual {actual} exceeds what is available for scope {scope} and the overage policy is REJECT",
+                details={"scope": scope},
+            )
+    if policy == ALLOW_WITH_OVERDRAFT:
+        for led, s in short:
+            if led.debt + s > led.overdraft_limit:
+                raise ProtocolError(
+                    ErrorCode.OVERDRAFT_LIMIT_EXCEEDED,
+                    f"Overdraft limit exceeded for scope {led.scope}: debt {led.debt} + shortfall {s} > limit {led.overdraft_limit}",
+                    details={"scope": led.scope, "debt": led.debt, "shortfall": s, "overdraft_limit": led.overdraft_limit},
+                )
+        out = []
+        for led, s in short:
+            out.append(
+                replace(
+                    led,
+                    reserved=led.reserved - held,
+                    spent=led.spent + actual - s,
+                    debt=led.debt + s,
+                    is_over_limit=led.is_over_limit or led.debt + s > led.overdraft_limit,
+                )
+            )
+        return Settlement(actual, out)
+
+    # ALLOW_IF_AVAILABLE (and commit-REJECT already handled): charge what every scope can cover.
+    covered = min(delta, min(max(0, l.remaining) for l in ledgers))
+    charged = held + covered
+    out = [
+        replace(l, reserved=l.reserved - held, spent=l.spent + charged, is_over_limit=l.is_over_limit or s > 0)
+        for l, s in short
+    ]
+    return Settlement(charged, out)
+
+
+def _int64(value: int, what: str) -> int:
+    if value > INT64_MAX:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{what} would exceed the int64 range")
+    return value
+
+
+def fund(led: Ledger, operation: str, amount: int, spent: int | None = None) -> Ledger:
+    """Apply a funding operation (governance BudgetFundingRequest) to one ledger."""
+    if led.status == "FROZEN":
+        raise ProtocolError(ErrorCode.BUDGET_FROZEN, f"Budget is frozen for scope {led.scope}")
+    if led.status == "CLOSED":
+        raise ProtocolError(ErrorCode.BUDGET_CLOSED, f"Budget is closed for scope {led.scope}")
+    if operation == "CREDIT":
+        new = replace(led, allocated=_int64(led.allocated + amount, "allocated"))
+    elif operation == "DEBIT":
+        if led.remaining - amount < 0:
+            raise ProtocolError(
+                ErrorCode.BUDGET_EXCEEDED,
+                f"DEBIT of {amount} would make remaining negative for scope {led.scope} (remaining {led.remaining})",
+            )
+        new = replace(led, allocated=led.allocated - amount)
+    elif operation == "RESET":
+        new = replace(led, allocated=amount)
+    elif operation == "RESET_SPENT":
+        new = replace(led, allocated=amount, spent=spent or 0)
+    elif operation == "REPAY_DEBT":
+        repay = min(amount, led.debt)
+        new = replace(
+            led,
+            debt=led.debt - repay,
+            spent=_int64(led.spent + repay, "spent"),
+            allocated=_int64(led.allocated + amount, "allocated"),
+        )
+    else:  # decoding restricts the operation to the enum
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"unknown funding operation {operation}")
+    return replace(new, is_over_limit=new.debt > new.overdraft_limit)

@@ -1,0 +1,72 @@
+"""Scope derivation (cycles-protocol-v0 §SCOPE DERIVATION) and budget scope grammar."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+LEVELS: tuple[str, ...] = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+_VALUE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+
+
+class ScopeError(ValueError):
+    pass
+
+
+def segments_of(fields: Mapping[str, str | None]) -> list[str]:
+    """`level:value` segments in canonical order; absent levels are skipped, values lower-cased."""
+    return [f"{level}:{fields[level].lower()}" for level in LEVELS if fields.get(level)]
+
+
+def derive(fields: Mapping[str, str | None]) -> tuple[str, list[str]]:
+    """(scope_path, affected scopes): one cumulative scope per provided level, in canonical order."""
+    segs = segments_of(fields)
+    scopes: list[str] = []
+    path = ""
+    for seg in segs:
+        path = f"{path}/{seg}" if path else seg
+        scopes.append(path)
+    return path, scopes
+
+
+def parse(scope: str) -> list[tuple[str, str]]:
+    """Parse a concrete scope such as `tenant:acme/workspace:prod` into (level, value) pairs.
+
+    Levels must appear at most once and in canonical order; values follow the subject charset.
+    """
+    if not scope or scope != scope.strip():
+        raise ScopeError("scope must be a non-empty canonical scope such as 'tenant:acme/workspace:prod'")
+    pairs: list[tuple[str, str]] = []
+    last = -1
+    for seg in scope.split("/"):
+        level, sep, value = seg.partition(":")
+        if not sep or level not in LEVELS:
+            raise ScopeError(f"scope segment {seg!r} is not 'level:value' with level one of {', '.join(LEVELS)}")
+        idx = LEVELS.index(level)
+        if idx <= last:
+            raise ScopeError(f"scope levels must follow the order {' → '.join(LEVELS)} without repeats")
+        if not _VALUE.match(value):
+            raise ScopeError(f"scope value {value!r} must match ^[a-zA-Z0-9_.-]+$ (at most 128 characters)")
+        last = idx
+        pairs.append((level, value.lower()))
+    return pairs
+
+
+def canonical(scope: str) -> str:
+    return "/".join(f"{level}:{value}" for level, value in parse(scope))
+
+
+def matches_filter(scope: str, wanted: Mapping[str, str], include_children: bool) -> bool:
+    """Whether a budget scope belongs to a balance query.
+
+    Every requested level must be present with the requested value. Without include_children the
+    scope may not go deeper than the deepest requested level.
+    """
+    pairs = dict(parse(scope))
+    for level, value in wanted.items():
+        if pairs.get(level) != value.lower():
+            return False
+    if include_children:
+        return True
+    deepest = max(LEVELS.index(level) for level in wanted)
+    return all(LEVELS.index(level) <= deepest for level in pairs)

@@ -1,0 +1,217 @@
+"""Provisioning routes at the reference admin paths (cycles-governance-admin-v0.1.25.yaml):
+tenants, API keys, budgets and funding. The full admin plane builds on these."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..core import scopes as S
+from ..protocol import admin as a
+from ..protocol import models as m
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..store.base import FundCommand
+from .auth import KEY_PREFIX_LEN, Principal, hash_secret, new_tenant_key
+from .http import Ctx, decode, json_response, read_body
+from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
+from .state import state_of
+
+KEY_LIFETIME_MS = 90 * 24 * 3600 * 1000
+
+
+async def _admin(request: Request, ctx: Ctx) -> Principal:
+    return await state_of(request).auth.authenticate(request.headers, allow_admin=True, allow_tenant=False)
+
+
+async def _tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
+    principal = await state_of(request).auth.authenticate(request.headers, allow_admin=True)
+    principal.require(permission)
+    if principal.tenant_id:
+        ctx.tenant = principal.tenant_id
+    return principal
+
+
+def _tenant_wire(rec: dict[str, Any]) -> a.Tenant:
+    fields = {k: v for k, v in rec.items() if k in a.Tenant.__struct_fields__}
+    return a.Tenant(**fields)
+
+
+async def create_tenant(request: Request, ctx: Ctx) -> Response:
+    await _admin(request, ctx)
+    req = decode(await read_body(request), a.TenantCreateRequest)
+    st = state_of(request)
+    now = iso(await st.store.now_ms())
+    record = msgspec.to_builtins(req)
+    record.update(status="ACTIVE", created_at=now, updated_at=now)
+    record.setdefault("default_commit_overage_policy", "ALLOW_IF_AVAILABLE")
+    record.setdefault("default_reservation_ttl_ms", 60_000)
+    record.setdefault("max_reservation_ttl_ms", 3_600_000)
+    record.setdefault("max_reservation_extensions", 10)
+    record.setdefault("reservation_expiry_policy", "AUTO_RELEASE")
+    stored, created = await st.store.create_tenant(record)
+    if not created and stored.get("name") != req.name:
+        raise ProtocolError(ErrorCode.DUPLICATE_RESOURCE, f"Tenant {req.tenant_id} exists with a different name")
+    return json_response(ctx, _tenant_wire(stored), status=201 if created else 200)
+
+
+async def get_tenant(request: Request, ctx: Ctx) -> Response:
+    await _admin(request, ctx)
+    tenant_id = request.path_params["tenant_id"]
+    rec = await state_of(request).store.get_tenant(tenant_id) if len(tenant_id) <= 64 else None
+    if rec is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id[:64]} not found")
+    return json_response(ctx, _tenant_wire(rec))
+
+
+async def create_api_key(request: Request, ctx: Ctx) -> Response:
+    await _admin(request, ctx)
+    req = decode(await read_body(request), a.ApiKeyCreateRequest)
+    st = state_of(request)
+    tenant = await st.store.get_tenant(req.tenant_id)
+    if tenant is None:
+        raise bad(f"Tenant {req.tenant_id} does not exist")
+    if tenant.get("status") == "CLOSED":
+        raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {req.tenant_id} is closed")
+    now = await st.store.now_ms()
+    expires_ms = parse_iso(req.expires_at, "expires_at") if req.expires_at else now + KEY_LIFETIME_MS
+    if expires_ms <= now:
+        raise bad("expires_at must be in the future")
+    secret = new_tenant_key()
+    key_id = "key_" + secrets.token_hex(8)
+    permissions = list(dict.fromkeys(req.permissions)) if req.permissions is not None else list(a.DEFAULT_PERMISSIONS)
+    record = {
+        "key_id": key_id, "key_prefix": secret[:KEY_PREFIX_LEN], "tenant_id": req.tenant_id, "name": req.name,
+        "description": req.description, "permissions": permissions, "scope_filter": req.scope_filter,
+        "status": "ACTIVE", "created_at": iso(now), "expires_at": iso(expires_ms), "expires_at_ms": expires_ms,
+        "metadata": req.metadata, "secret_hash": hash_secret(secret),
+    }
+    await st.store.create_api_key(record)
+    body = a.ApiKeyCreateResponse(key_id=key_id, key_secret=secret, key_prefix=record["key_prefix"],
+                                  tenant_id=req.tenant_id, created_at=record["created_at"],
+                                  expires_at=record["expires_at"], permissions=permissions)
+    return json_response(ctx, body, status=201)
+
+
+def ledger_wire(rec: dict[str, Any]) -> a.BudgetLedger:
+    led = rec["ledger"]
+    unit = led.unit
+    extra = rec.get("extra") or {}
+    return a.BudgetLedger(
+        ledger_id=rec["ledger_id"], scope=led.scope, unit=unit,
+        allocated=m.Amount(unit=unit, amount=led.allocated),
+        remaining=m.SignedAmount(unit=unit, amount=led.remaining),
+        status=led.status, created_at=iso(rec["created_at_ms"]), tenant_id=rec["tenant_id"], scope_path=led.scope,
+        reserved=m.Amount(unit=unit, amount=led.reserved), spent=m.Amount(unit=unit, amount=led.spent),
+        debt=m.Amount(unit=unit, amount=led.debt), overdraft_limit=m.Amount(unit=unit, amount=led.overdraft_limit),
+        is_over_limit=led.is_over_limit, commit_overage_policy=rec.get("commit_overage_policy"),
+        rollover_policy=extra.get("rollover_policy"), period_start=extra.get("period_start"),
+        period_end=extra.get("period_end"), updated_at=iso(rec["updated_at_ms"]), metadata=extra.get("metadata"),
+    )
+
+
+def _budget_scope(scope: str, tenant: str) -> str:
+    try:
+        pairs = S.parse(scope)
+    except S.ScopeError as exc:
+        raise bad(str(exc)) from None
+    if pairs[0] != ("tenant", tenant.lower()):
+        raise bad(f"scope must start with tenant:{tenant}")
+    return "/".join(f"{level}:{value}" for level, value in pairs)
+
+
+def _same_unit(unit: str, *amounts: m.Amount | None) -> None:
+    for amount in amounts:
+        if amount is not None and amount.unit != unit:
+            raise ProtocolError(ErrorCode.UNIT_MISMATCH, f"Amount unit {amount.unit} does not match the budget unit {unit}",
+                                details={"requested_unit": amount.unit, "expected_units": [unit]})
+
+
+async def create_budget(request: Request, ctx: Ctx) -> Response:
+    principal = await _tenant_or_admin(request, ctx, "budgets:write")
+    req = decode(await read_body(request), a.BudgetCreateRequest)
+    if principal.is_admin:
+        if not req.tenant_id:
+            raise bad("tenant_id is required when using admin key authentication")
+        tenant = req.tenant_id
+    else:
+        if req.tenant_id is not None:
+            raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
+        tenant = principal.tenant_id or ""
+    _same_unit(req.unit, req.allocated, req.overdraft_limit)
+    extra = {k: v for k, v in (("rollover_policy", req.rollover_policy), ("period_start", req.period_start),
+                               ("period_end", req.period_end), ("metadata", req.metadata)) if v is not None}
+    record = {"tenant_id": tenant, "scope": _budget_scope(req.scope, tenant), "unit": req.unit,
+              "allocated": req.allocated.amount,
+              "overdraft_limit": req.overdraft_limit.amount if req.overdraft_limit else 0,
+              "commit_overage_policy": req.commit_overage_policy, "extra": extra}
+    rec = await state_of(request).store.create_budget(record)
+    return json_response(ctx, ledger_wire(rec), status=201)
+
+
+async def list_budgets(request: Request, ctx: Ctx) -> Response:
+    principal = await _tenant_or_admin(request, ctx, "budgets:read")
+    q = request.query_params
+    tenant = str_param(q, "tenant_id", max_length=64) if principal.is_admin else principal.tenant_id
+    filters: dict[str, Any] = {
+        "scope_prefix": str_param(q, "scope_prefix", max_length=1024),
+        "unit": enum_param(q, "unit", m.UNITS),
+        "status": enum_param(q, "status", ("ACTIVE", "FROZEN", "CLOSED")),
+        "over_limit": bool_param(q, "over_limit"),
+        "has_debt": bool_param(q, "has_debt"),
+    }
+    limit = int_param(q, "limit", default=50, lo=1, hi=100)
+    fh = filter_hash({"t": tenant, **filters})
+    cursor = decode_cursor(q.get("cursor"), fh)
+    after = None
+    if cursor is not None:
+        k = cursor.get("k")
+        if not (isinstance(k, list) and len(k) == 3 and all(isinstance(x, str) for x in k)):
+            raise bad("cursor is not a cursor this server issued")
+        after = tuple(k)
+    page = await state_of(request).store.list_budgets(tenant, filters, limit, after)  # type: ignore[arg-type]
+    next_cursor = None
+    if page.has_more and page.items:
+        last = page.items[-1]
+        next_cursor = encode_cursor({"k": [last["tenant_id"], last["ledger"].scope, last["ledger"].unit], "f": fh})
+    return json_response(ctx, a.BudgetListResponse(ledgers=[ledger_wire(r) for r in page.items],
+                                                   next_cursor=next_cursor, has_more=page.has_more))
+
+
+async def fund_budget(request: Request, ctx: Ctx) -> Response:
+    principal = await _tenant_or_admin(request, ctx, "budgets:write")
+    q = request.query_params
+    if principal.is_admin:
+        tenant = str_param(q, "tenant_id", max_length=64)
+        if tenant is None:
+            raise bad("tenant_id query parameter is required when using admin key authentication")
+    else:
+        tenant = principal.tenant_id or ""
+    scope_raw, unit = str_param(q, "scope", max_length=1024), enum_param(q, "unit", m.UNITS)
+    if scope_raw is None or unit is None:
+        raise bad("scope and unit query parameters are required")
+    scope = _budget_scope(scope_raw, tenant)
+    raw = await read_body(request)
+    req = decode(raw, a.BudgetFundingRequest)
+    _same_unit(unit, req.amount, req.spent)
+    payload = hashlib.sha256(scope.encode() + b"\x00" + unit.encode() + b"\x00" + m.canonical(req)).hexdigest()
+    cmd = FundCommand(tenant=tenant, scope=scope, unit=unit, operation=req.operation, amount=req.amount.amount,
+                      spent=req.spent.amount if req.spent else None, idempotency_key=req.idempotency_key,
+                      payload_hash=payload, reason=req.reason)
+    out = await state_of(request).store.fund(cmd)
+    r = out.result
+    u = r["unit"]
+    pa, pr, pd, ps = r["previous"]
+    na, nr, nd, ns = r["new"]
+    body = a.BudgetFundingResponse(
+        operation=r["operation"], previous_allocated=m.Amount(unit=u, amount=pa), new_allocated=m.Amount(unit=u, amount=na),
+        previous_remaining=m.SignedAmount(unit=u, amount=pr), new_remaining=m.SignedAmount(unit=u, amount=nr),
+        previous_debt=m.Amount(unit=u, amount=pd), new_debt=m.Amount(unit=u, amount=nd),
+        previous_spent=m.Amount(unit=u, amount=ps), new_spent=m.Amount(unit=u, amount=ns),
+        timestamp=iso(r["timestamp_ms"]),
+    )
+    return json_response(ctx, body)

@@ -1,0 +1,146 @@
+"""The ASGI application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from ..protocol import models as m
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..store import Store, default_store_url, open_store
+from . import openapi
+from .auth import Authenticator
+from .http import endpoint, error_response, json_response, new_ctx
+from .metrics import Metrics
+from .routes import OPS
+from .state import AppState
+
+log = logging.getLogger("cycles.server")
+
+IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000  # outlives the longest lease (24 h TTL + extensions)
+
+
+async def _sweeper(store: Store, interval_s: float) -> None:
+    purge_every = max(1, int(3600 / interval_s))
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            while await store.expire_due(500) == 500:
+                await asyncio.sleep(0)
+            ticks += 1
+            if ticks % purge_every == 0:
+                await store.purge_idempotency(await store.now_ms() - IDEMPOTENCY_RETENTION_MS)
+        except Exception:  # noqa: BLE001 - a failed sweep is retried on the next tick
+            log.warning("expiry sweep failed", exc_info=True)
+
+
+def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
+               sweep_interval_s: float = 1.0) -> Starlette:
+    if store is None:
+        store = open_store(store_url or default_store_url())
+    metrics = Metrics()
+    state = AppState(store=store, auth=Authenticator(store, admin_key), metrics=metrics)
+
+    routes: list[Route | Mount] = [
+        Route(op.path, endpoint(op.operation_id, metrics.observe)(op.handler), methods=[op.method]) for op in OPS
+    ]
+
+    async def health(request: Request) -> Response:
+        up = await store.health()
+        ctx = new_ctx(request)
+        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN"), status=200 if up else 503)
+
+    async def prometheus(request: Request) -> Response:
+        with contextlib.suppress(Exception):
+            metrics.active.set(await store.count_active())
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    spec: dict | None = None
+
+    async def openapi_json(request: Request) -> Response:
+        nonlocal spec
+        if spec is None:
+            spec = openapi.build()
+        return JSONResponse(spec)
+
+    routes += [
+        Route("/actuator/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", _docs_page, methods=["GET"]),
+    ]
+    swagger = _swagger_assets()
+    if swagger is not None:
+        routes.append(swagger)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        ctx = new_ctx(request)
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            return error_response(ctx, ProtocolError(ErrorCode.INVALID_REQUEST, f"Method {request.method} not allowed",
+                                                     status=405))
+        if isinstance(exc, HTTPException) and exc.status_code == 404:
+            return error_response(ctx, ProtocolError(ErrorCode.NOT_FOUND, f"No route for {request.url.path}"))
+        if isinstance(exc, HTTPException) and exc.status_code < 500:
+            return error_response(ctx, ProtocolError(ErrorCode.INVALID_REQUEST, str(exc.detail), status=exc.status_code))
+        log.error("unhandled error", exc_info=exc)
+        return error_response(ctx, ProtocolError(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.auth.load()
+        task = asyncio.create_task(_sweeper(store, sweep_interval_s)) if sweep_interval_s > 0 else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await store.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: http_error})
+    app.state.cycles = state
+    return app
+
+
+def create_app_from_env() -> Starlette:
+    """Factory for worker processes: `cycles serve` passes its settings through the environment."""
+    return create_app(
+        store_url=os.environ.get("CYCLES_STORE_URL"),
+        admin_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
+        sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
+    )
+
+
+def _swagger_assets() -> Mount | None:
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+        from starlette.staticfiles import StaticFiles
+    except ImportError:
+        return None
+    return Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_path), name="swagger")
+
+
+_DOCS = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Cycles API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+</body></html>"""
+
+
+async def _docs_page(request: Request) -> Response:
+    return HTMLResponse(_DOCS)

@@ -1,0 +1,145 @@
+"""Authentication: tenant API keys (X-Cycles-API-Key) and operator keys (X-Admin-API-Key).
+
+Secrets are stored as scrypt hashes. Verifying scrypt per request would cost milliseconds, so a
+process-local cache remembers which presented secrets already verified against which key id; the
+key record (status, expiry, permissions) is still read on every request, so revocation is immediate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..store.base import Store
+
+KEY_PREFIX_LEN = 14  # "cyc_live_" + 5 characters, as in the reference
+ADMIN_HASH_SETTING = "admin_key_hash"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+_CACHE_MAX = 10_000
+
+
+def hash_secret(secret: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        scheme, salt_b64, digest_b64 = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt_b64), **_SCRYPT)
+        return hmac.compare_digest(digest, base64.b64decode(digest_b64))
+    except (ValueError, TypeError):
+        return False
+
+
+def new_tenant_key() -> str:
+    return "cyc_live_" + secrets.token_urlsafe(24)
+
+
+def new_admin_key() -> str:
+    return "cyc_admin_" + secrets.token_urlsafe(32)
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    kind: str  # "tenant" | "admin"
+    tenant_id: str | None
+    key_id: str | None
+    permissions: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin"
+
+    def require(self, permission: str) -> None:
+        if self.is_admin or has_permission(self.permissions, permission):
+            return
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"API key lacks the {permission} permission")
+
+
+def has_permission(granted: frozenset[str], needed: str) -> bool:
+    if needed in granted:
+        return True
+    if needed.endswith(":write") and "admin:write" in granted:
+        return True
+    if needed.endswith(":read") and "admin:read" in granted:
+        return True
+    return False
+
+
+class Authenticator:
+    def __init__(self, store: Store, admin_key: str | None) -> None:
+        self.store = store
+        self._admin_key = admin_key
+        self._admin_hash: str | None = None
+        self._verified: dict[bytes, str] = {}
+
+    async def load(self) -> None:
+        if self._admin_key is None:
+            self._admin_hash = await self.store.get_setting(ADMIN_HASH_SETTING)
+
+    def _cached(self, fingerprint: bytes, key_id: str) -> bool:
+        return self._verified.get(fingerprint) == key_id
+
+    def _remember(self, fingerprint: bytes, key_id: str) -> None:
+        if len(self._verified) >= _CACHE_MAX:
+            self._verified.clear()
+        self._verified[fingerprint] = key_id
+
+    async def admin(self, presented: str) -> Principal:
+        fingerprint = hashlib.sha256(b"admin:" + presented.encode()).digest()
+        if self._admin_key is not None:
+            ok = hmac.compare_digest(presented.encode(), self._admin_key.encode())
+        elif self._cached(fingerprint, "admin"):
+            ok = True
+        else:
+            if self._admin_hash is None:
+                await self.load()
+            ok = self._admin_hash is not None and verify_secret(presented, self._admin_hash)
+            if ok:
+                self._remember(fingerprint, "admin")
+        if not ok:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+        return Principal("admin", None, "admin", frozenset({"*"}))
+
+    async def tenant(self, presented: str) -> Principal:
+        if len(presented) < KEY_PREFIX_LEN or len(presented) > 512:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
+        record = await self.store.find_api_key(presented[:KEY_PREFIX_LEN])
+        if record is None:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
+        fingerprint = hashlib.sha256(presented.encode()).digest()
+        if not self._cached(fingerprint, record["key_id"]):
+            if not verify_secret(presented, record["secret_hash"]):
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
+            self._remember(fingerprint, record["key_id"])
+        return principal_of(record)
+
+    async def authenticate(self, headers: Any, *, allow_admin: bool = False, allow_tenant: bool = True) -> Principal:
+        tenant_key = headers.get("x-cycles-api-key")
+        admin_key = headers.get("x-admin-api-key")
+        if tenant_key and allow_tenant:
+            return await self.tenant(tenant_key)
+        if admin_key and allow_admin:
+            return await self.admin(admin_key)
+        wanted = " or ".join(h for h, ok in (("X-Cycles-API-Key", allow_tenant), ("X-Admin-API-Key", allow_admin)) if ok)
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"Missing {wanted} header")
+
+
+def principal_of(record: dict[str, Any]) -> Principal:
+    if record.get("status") != "ACTIVE":
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"API key is {str(record.get('status', 'invalid')).lower()}")
+    expires = record.get("expires_at_ms")
+    if expires is not None and time.time() * 1000 >= expires:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key has expired")
+    return Principal("tenant", record["tenant_id"], record["key_id"], frozenset(record.get("permissions") or ()))

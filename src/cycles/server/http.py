@@ -1,0 +1,160 @@
+"""Request plumbing shared by every route: correlation ids, body decoding, error bodies, responses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..protocol import models as m
+from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
+
+log = logging.getLogger("cycles.server")
+
+MAX_BODY_BYTES = 64 * 1024
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_ZERO32 = "0" * 32
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Ctx:
+    request_id: str
+    trace_id: str
+    trace_flags: str
+    started: float
+    tenant: str | None = None
+    route: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def trace_from(headers: Any) -> tuple[str, str]:
+    """trace id and flags by the precedence of §CORRELATION AND TRACING; malformed headers are ignored."""
+    tp = headers.get("traceparent")
+    if tp:
+        match = _TRACEPARENT.match(tp.strip())
+        if match and match.group(1) != _ZERO32 and match.group(2) != "0" * 16:
+            return match.group(1), match.group(3)
+    flat = headers.get("x-cycles-trace-id")
+    if flat and _TRACE_ID.match(flat) and flat != _ZERO32:
+        return flat, "01"
+    while True:
+        generated = os.urandom(16).hex()
+        if generated != _ZERO32:
+            return generated, "01"
+
+
+def new_ctx(request: Request) -> Ctx:
+    trace_id, flags = trace_from(request.headers)
+    return Ctx(request_id="req_" + os.urandom(12).hex(), trace_id=trace_id, trace_flags=flags,
+               started=time.perf_counter())
+
+
+def _headers(ctx: Ctx) -> dict[str, str]:
+    headers = {"X-Request-Id": ctx.request_id, "X-Cycles-Trace-Id": ctx.trace_id}
+    if ctx.tenant:
+        headers["X-Cycles-Tenant"] = ctx.tenant
+    headers.update(ctx.extra_headers)
+    return headers
+
+
+def json_response(ctx: Ctx, obj: Any, status: int = 200) -> Response:
+    return Response(m.encode(obj), status_code=status, media_type="application/json", headers=_headers(ctx))
+
+
+def error_response(ctx: Ctx, err: ProtocolError) -> Response:
+    body = m.ErrorResponse(error=err.code.value, message=err.message, request_id=ctx.request_id,
+                           trace_id=ctx.trace_id, details=err.details or None)
+    headers = _headers(ctx)
+    headers.update(err.headers)
+    return Response(m.encode(body), status_code=err.status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "Content-Length is not a number") from None
+        if declared > MAX_BODY_BYTES:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Request body exceeds {MAX_BODY_BYTES} bytes")
+        return await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def decode(raw: bytes, typ: type[T]) -> T:
+    decoder = _decoders.get(typ)
+    if decoder is None:
+        decoder = _decoders[typ] = msgspec.json.Decoder(typ)
+    if not raw:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Request body is required")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Malformed JSON: nested too deeply") from None
+
+
+def check_idempotency_header(request: Request, body_key: str) -> None:
+    header = request.headers.get("x-idempotency-key")
+    if header is not None and header != body_key:
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            "X-Idempotency-Key header and body idempotency_key must match",
+            details={"header": header[:256], "body": body_key},
+        )
+
+
+Handler = Callable[[Request, Ctx], Awaitable[Response]]
+Observer = Callable[[Ctx, str, int], None]
+
+
+def endpoint(route: str, observe: Observer | None = None) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a handler: correlation ids on every response, protocol errors as spec bodies, never a traceback."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            ctx = new_ctx(request)
+            ctx.route = route
+            try:
+                response = await handler(request, ctx)
+            except ProtocolError as err:
+                response = error_response(ctx, err)
+            except StoreUnavailable as exc:
+                log.warning("store unavailable on %s: %s", route, exc)
+                err = ProtocolError(ErrorCode.INTERNAL_ERROR, "The store is unavailable; retry with the same idempotency key",
+                                    status=503, headers={"Retry-After": "1"})
+                response = error_response(ctx, err)
+            except Exception:  # noqa: BLE001 - the last line of defence answers with the spec body
+                log.exception("unhandled error on %s (request_id=%s)", route, ctx.request_id)
+                response = error_response(ctx, ProtocolError(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+            if observe is not None:
+                observe(ctx, request.method, response.status_code)
+            return response
+
+        run.__name__ = handler.__name__
+        run.__doc__ = handler.__doc__
+        return run
+
+    return wrap

@@ -1,0 +1,44 @@
+"""Prometheus metrics: requests, latency, decisions by reason, active reservations.
+
+With several worker processes, `PROMETHEUS_MULTIPROC_DIR` (set by `cycles serve --workers N`) makes
+every worker write its samples there and any worker can answer a scrape with the sum.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("cycles_http_request_duration_seconds", "Time to answer a request",
+                                 ["route"], buckets=_BUCKETS, registry=self.registry)
+        self.decisions = Counter("cycles_decisions_total", "Budget decisions by endpoint, decision and reason",
+                                 ["endpoint", "decision", "reason"], registry=self.registry)
+        self.active = Gauge("cycles_active_reservations", "Reservations currently ACTIVE in the store",
+                            registry=self.registry, multiprocess_mode="mostrecent")
+
+    def observe(self, ctx, method: str, status: int) -> None:  # noqa: ANN001 - Ctx, avoids an import cycle
+        self.requests.labels(ctx.route, method, str(status)).inc()
+        self.latency.labels(ctx.route).observe(time.perf_counter() - ctx.started)
+
+    def decision(self, endpoint: str, decision: str, reason: str) -> None:
+        self.decisions.labels(endpoint, decision, reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

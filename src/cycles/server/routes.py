@@ -1,0 +1,81 @@
+"""The route table: one entry per operation, used both to serve and to describe the API (OpenAPI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..protocol import admin as a
+from ..protocol import models as m
+from . import admin, runtime
+
+
+@dataclass(frozen=True)
+class Op:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    handler: Callable[..., Any]
+    request: type | None = None
+    responses: dict[int, type | None] = field(default_factory=dict)
+    security: tuple[str, ...] = ("ApiKeyAuth",)
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
+
+
+_RESERVATION_FILTERS = (
+    ("tenant", "string", "Validation only for tenant keys; required filter with the admin key"),
+    ("idempotency_key", "string", "Recover a reservation by the key of its create request"),
+    ("status", "string", "ACTIVE, COMMITTED, RELEASED or EXPIRED"),
+    ("workspace", "string", ""), ("app", "string", ""), ("workflow", "string", ""), ("agent", "string", ""),
+    ("toolset", "string", ""),
+    ("from", "date-time", "created_at_ms >= from"), ("to", "date-time", "created_at_ms <= to"),
+    ("expires_from", "date-time", ""), ("expires_to", "date-time", ""),
+    ("finalized_from", "date-time", ""), ("finalized_to", "date-time", ""),
+    ("sort_by", "string", "reservation_id, tenant, scope_path, status, reserved, created_at_ms, expires_at_ms"),
+    ("sort_dir", "string", "asc or desc (default desc)"),
+    ("include", "string", "metadata,committed_metadata"),
+    ("limit", "integer", "1..200, default 50"), ("cursor", "string", "Opaque cursor from the previous page"),
+)
+_SUBJECT_FILTERS = tuple((lvl, "string", "") for lvl in ("tenant", "workspace", "app", "workflow", "agent", "toolset"))
+
+OPS: tuple[Op, ...] = (
+    Op("POST", "/v1/reservations", "createReservation", "Reserve budget for a planned action", "Reservations",
+       runtime.create_reservation, m.ReservationCreateRequest, {200: m.ReservationCreateResponse}),
+    Op("GET", "/v1/reservations", "listReservations", "List reservations", "Reservations",
+       runtime.list_reservations, None, {200: m.ReservationListResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
+       _RESERVATION_FILTERS),
+    Op("GET", "/v1/reservations/{reservation_id}", "getReservation", "Get one reservation", "Reservations",
+       runtime.get_reservation, None, {200: m.ReservationDetail}, ("ApiKeyAuth", "AdminKeyAuth")),
+    Op("POST", "/v1/reservations/{reservation_id}/commit", "commitReservation", "Commit actual spend",
+       "Reservations", runtime.commit, m.CommitRequest, {200: m.CommitResponse}),
+    Op("POST", "/v1/reservations/{reservation_id}/release", "releaseReservation", "Release a reservation",
+       "Reservations", runtime.release, m.ReleaseRequest, {200: m.ReleaseResponse}, ("ApiKeyAuth", "AdminKeyAuth")),
+    Op("POST", "/v1/reservations/{reservation_id}/extend", "extendReservation", "Extend a reservation's TTL",
+       "Reservations", runtime.extend, m.ReservationExtendRequest, {200: m.ReservationExtendResponse}),
+    Op("POST", "/v1/decide", "decide", "Preflight decision (no reservation)", "Decisions", runtime.decide,
+       m.DecisionRequest, {200: m.DecisionResponse}),
+    Op("GET", "/v1/balances", "getBalances", "Balances of the scopes matching a subject filter", "Balances",
+       runtime.balances, None, {200: m.BalanceResponse}, ("ApiKeyAuth",),
+       _SUBJECT_FILTERS + (("include_children", "boolean", ""), ("limit", "integer", "1..200"),
+                           ("cursor", "string", ""))),
+    Op("POST", "/v1/events", "createEvent", "Post-only accounting event", "Events", runtime.create_event,
+       m.EventCreateRequest, {201: m.EventCreateResponse}),
+    Op("POST", "/v1/admin/tenants", "createTenant", "Create a tenant (idempotent on tenant_id)", "Tenants",
+       admin.create_tenant, a.TenantCreateRequest, {201: a.Tenant, 200: a.Tenant}, ("AdminKeyAuth",)),
+    Op("GET", "/v1/admin/tenants/{tenant_id}", "getTenant", "Get a tenant", "Tenants", admin.get_tenant, None,
+       {200: a.Tenant}, ("AdminKeyAuth",)),
+    Op("POST", "/v1/admin/api-keys", "createApiKey", "Create a tenant API key (secret shown once)", "API Keys",
+       admin.create_api_key, a.ApiKeyCreateRequest, {201: a.ApiKeyCreateResponse}, ("AdminKeyAuth",)),
+    Op("POST", "/v1/admin/budgets", "createBudget", "Create a budget ledger for (scope, unit)", "Budgets",
+       admin.create_budget, a.BudgetCreateRequest, {201: a.BudgetLedger}, ("ApiKeyAuth", "AdminKeyAuth")),
+    Op("GET", "/v1/admin/budgets", "listBudgets", "List budget ledgers", "Budgets", admin.list_budgets, None,
+       {200: a.BudgetListResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
+       (("tenant_id", "string", "Admin key only"), ("scope_prefix", "string", ""), ("unit", "string", ""),
+        ("status", "string", ""), ("over_limit", "boolean", ""), ("has_debt", "boolean", ""),
+        ("limit", "integer", "1..100"), ("cursor", "string", ""))),
+    Op("POST", "/v1/admin/budgets/fund", "fundBudget", "Credit, debit, reset or repay a budget", "Budgets",
+       admin.fund_budget, a.BudgetFundingRequest, {200: a.BudgetFundingResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
+       (("scope", "string", "Required"), ("unit", "string", "Required"), ("tenant_id", "string", "Admin key only"))),
+)

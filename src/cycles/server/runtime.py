@@ -1,0 +1,248 @@
+"""Runtime routes of cycles-protocol-v0: reservations, decide, balances, events."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..core import scopes as S
+from ..protocol import models as m
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..store.base import EventCommand, ReservationQuery, ReserveCommand, SettleCommand
+from . import render
+from .auth import Principal
+from .http import Ctx, check_idempotency_header, decode, json_response, read_body
+from .params import (
+    bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
+)
+from .state import state_of
+
+RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
+SORT_KEYS = ("reservation_id", "tenant", "scope_path", "status", "reserved", "created_at_ms", "expires_at_ms")
+
+
+async def _auth(request: Request, ctx: Ctx, permission: str, *, allow_admin: bool = False) -> Principal:
+    principal = await state_of(request).auth.authenticate(request.headers, allow_admin=allow_admin)
+    principal.require(permission)
+    if principal.tenant_id:
+        ctx.tenant = principal.tenant_id
+    return principal
+
+
+def _hash(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _subject(subject: m.Subject, principal: Principal) -> tuple[dict[str, Any], str, list[str]]:
+    fields = msgspec.to_builtins(subject)
+    if not any(fields.get(level) for level in S.LEVELS):
+        raise bad("subject must contain at least one of tenant, workspace, app, workflow, agent, toolset")
+    if subject.tenant is not None and subject.tenant.lower() != (principal.tenant_id or "").lower():
+        raise ProtocolError(ErrorCode.FORBIDDEN, "subject.tenant does not match the tenant of the API key")
+    path, scopes = S.derive(fields)
+    return fields, path, scopes
+
+
+def _rid(request: Request) -> str:
+    rid = request.path_params["reservation_id"]
+    if not 1 <= len(rid) <= 128:
+        raise bad("reservation_id must be 1 to 128 characters")
+    return rid
+
+
+async def create_reservation(request: Request, ctx: Ctx) -> Response:
+    raw = await read_body(request)
+    req = decode(raw, m.ReservationCreateRequest)
+    check_idempotency_header(request, req.idempotency_key)
+    principal = await _auth(request, ctx, "reservations:create")
+    subject, path, scopes = _subject(req.subject, principal)
+    cmd = ReserveCommand(
+        tenant=principal.tenant_id or "", endpoint="reserve", idempotency_key=req.idempotency_key,
+        payload_hash=_hash(m.canonical(req)), subject=subject, action=msgspec.to_builtins(req.action),
+        unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, dry_run=req.dry_run,
+        ttl_ms=req.ttl_ms, grace_ms=req.grace_period_ms, overage_policy=req.overage_policy, metadata=req.metadata,
+    )
+    st = state_of(request)
+    try:
+        out = await st.store.reserve(cmd)
+    except ProtocolError as err:
+        st.metrics.decision("reserve", "DENY", err.code.value)
+        raise
+    body = render.reservation_create(out)
+    if not out.replay:
+        st.metrics.decision("dry_run" if req.dry_run else "reserve", body.decision, body.reason_code or body.decision)
+    return json_response(ctx, body)
+
+
+async def decide(request: Request, ctx: Ctx) -> Response:
+    raw = await read_body(request)
+    req = decode(raw, m.DecisionRequest)
+    check_idempotency_header(request, req.idempotency_key)
+    principal = await _auth(request, ctx, "reservations:create")
+    subject, path, scopes = _subject(req.subject, principal)
+    cmd = ReserveCommand(
+        tenant=principal.tenant_id or "", endpoint="decide", idempotency_key=req.idempotency_key,
+        payload_hash=_hash(m.canonical(req)), subject=subject, action=msgspec.to_builtins(req.action),
+        unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, metadata=req.metadata,
+    )
+    st = state_of(request)
+    out = await st.store.reserve(cmd)
+    body = render.decision(out)
+    if not out.replay:
+        st.metrics.decision("decide", body.decision, body.reason_code or body.decision)
+    return json_response(ctx, body)
+
+
+async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
+    rid = _rid(request)
+    raw = await read_body(request)
+    typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
+    req = decode(raw, typ)
+    check_idempotency_header(request, req.idempotency_key)
+    principal = await _auth(request, ctx, f"reservations:{kind}", allow_admin=(kind == "release"))
+    cmd = SettleCommand(
+        tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
+        idempotency_key=req.idempotency_key, payload_hash=_hash(rid.encode(), m.canonical(req)),
+    )
+    st = state_of(request)
+    if isinstance(req, m.CommitRequest):
+        cmd.actual, cmd.unit, cmd.metadata = req.actual.amount, req.actual.unit, req.metadata
+        out = await st.store.commit(cmd)
+        return json_response(ctx, render.commit(out))
+    if isinstance(req, m.ReleaseRequest):
+        cmd.reason = req.reason
+        out = await st.store.release(cmd)
+        return json_response(ctx, render.release(out))
+    cmd.extend_by_ms = req.extend_by_ms
+    out = await st.store.extend(cmd)
+    return json_response(ctx, render.extend(out))
+
+
+async def commit(request: Request, ctx: Ctx) -> Response:
+    return await _settle(request, ctx, "commit")
+
+
+async def release(request: Request, ctx: Ctx) -> Response:
+    return await _settle(request, ctx, "release")
+
+
+async def extend(request: Request, ctx: Ctx) -> Response:
+    return await _settle(request, ctx, "extend")
+
+
+async def get_reservation(request: Request, ctx: Ctx) -> Response:
+    rid = _rid(request)
+    principal = await _auth(request, ctx, "reservations:list", allow_admin=True)
+    st = state_of(request)
+    rec = await st.store.get_reservation(rid)
+    if rec is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {rid} not found")
+    if not principal.is_admin and rec["tenant_id"] != principal.tenant_id:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {rid} belongs to another tenant")
+    now = await st.store.now_ms()
+    if rec["status"] == "EXPIRED" or (rec["status"] == "ACTIVE" and now > rec["deadline_ms"]):
+        raise ProtocolError(ErrorCode.RESERVATION_EXPIRED, f"Reservation {rid} has expired",
+                            details={"expires_at_ms": rec["expires_at_ms"]})
+    return json_response(ctx, render.reservation(rec, detail=True))
+
+
+async def list_reservations(request: Request, ctx: Ctx) -> Response:
+    principal = await _auth(request, ctx, "reservations:list", allow_admin=True)
+    q = request.query_params
+    tenant_param = str_param(q, "tenant", max_length=128)
+    if principal.is_admin:
+        if tenant_param is None:
+            raise bad("tenant query parameter is required when using admin key authentication")
+        tenant = tenant_param
+    else:
+        if tenant_param is not None and tenant_param.lower() != (principal.tenant_id or "").lower():
+            raise ProtocolError(ErrorCode.FORBIDDEN, "tenant does not match the tenant of the API key")
+        tenant = principal.tenant_id or ""
+    query = ReservationQuery(tenant=tenant, limit=int_param(q, "limit", default=50, lo=1, hi=200))
+    query.status = enum_param(q, "status", RESERVATION_STATUSES)
+    query.idempotency_key = str_param(q, "idempotency_key")
+    for level in S.LEVELS[1:]:
+        value = str_param(q, level, max_length=128)
+        if value is not None:
+            query.subject[level] = value
+    for col, lo_name, hi_name in (("created_at_ms", "from", "to"), ("expires_at_ms", "expires_from", "expires_to"),
+                                   ("finalized_at_ms", "finalized_from", "finalized_to")):
+        lo, hi = time_param(q, lo_name), time_param(q, hi_name)
+        if lo is not None and hi is not None and lo > hi:
+            raise bad(f"{lo_name} must not be after {hi_name}")
+        if lo is not None or hi is not None:
+            query.windows[col] = (lo, hi)
+    query.sort_by = enum_param(q, "sort_by", SORT_KEYS) or "created_at_ms"
+    query.sort_dir = enum_param(q, "sort_dir", ("asc", "desc")) or "desc"
+    include = frozenset(t.strip() for t in (q.get("include") or "").split(",") if t.strip())
+    filters = filter_hash({"t": tenant, "s": query.status, "k": query.idempotency_key, "subj": query.subject,
+                           "w": {k: list(v) for k, v in query.windows.items()}, "sb": query.sort_by, "sd": query.sort_dir})
+    cursor = decode_cursor(q.get("cursor"), filters)
+    if cursor is not None:
+        if not isinstance(cursor.get("id"), str):
+            raise bad("cursor is not a cursor this server issued")
+        query.after = (cursor.get("v"), cursor["id"])
+    page = await state_of(request).store.list_reservations(query)
+    items = [render.reservation(rec, include) for rec in page.items]
+    next_cursor = None
+    if page.has_more and page.items:
+        last = page.items[-1]
+        sort_col = {"tenant": "tenant_id", "reserved": "amount"}.get(query.sort_by, query.sort_by)
+        next_cursor = encode_cursor({"v": last[sort_col], "id": last["reservation_id"], "f": filters})
+    return json_response(ctx, m.ReservationListResponse(reservations=items, next_cursor=next_cursor,
+                                                        has_more=page.has_more))
+
+
+async def balances(request: Request, ctx: Ctx) -> Response:
+    principal = await _auth(request, ctx, "balances:read")
+    q = request.query_params
+    wanted: dict[str, str] = {}
+    for level in S.LEVELS:
+        value = str_param(q, level, max_length=128)
+        if value is not None:
+            wanted[level] = value.lower()
+    if not wanted:
+        raise bad("at least one of tenant, workspace, app, workflow, agent, toolset is required")
+    tenant = principal.tenant_id or ""
+    if "tenant" in wanted and wanted["tenant"] != tenant.lower():
+        raise ProtocolError(ErrorCode.FORBIDDEN, "tenant does not match the tenant of the API key")
+    include_children = bool_param(q, "include_children") or False
+    limit = int_param(q, "limit", default=50, lo=1, hi=200)
+    filters = filter_hash({"t": tenant, "w": wanted, "c": include_children})
+    cursor = decode_cursor(q.get("cursor"), filters)
+    after = None
+    if cursor is not None:
+        if not (isinstance(cursor.get("s"), str) and isinstance(cursor.get("u"), str)):
+            raise bad("cursor is not a cursor this server issued")
+        after = (cursor["s"], cursor["u"])
+    page = await state_of(request).store.balances(tenant, wanted, include_children, limit, after)
+    items = [render.ledger_balance(item["ledger"]) for item in page.items]
+    next_cursor = None
+    if page.has_more and page.items:
+        last = page.items[-1]["ledger"]
+        next_cursor = encode_cursor({"s": last.scope, "u": last.unit, "f": filters})
+    return json_response(ctx, m.BalanceResponse(balances=items, next_cursor=next_cursor, has_more=page.has_more))
+
+
+async def create_event(request: Request, ctx: Ctx) -> Response:
+    raw = await read_body(request)
+    req = decode(raw, m.EventCreateRequest)
+    check_idempotency_header(request, req.idempotency_key)
+    principal = await _auth(request, ctx, "reservations:commit")
+    subject, path, scopes = _subject(req.subject, principal)
+    cmd = EventCommand(
+        tenant=principal.tenant_id or "", idempotency_key=req.idempotency_key, payload_hash=_hash(m.canonical(req)),
+        subject=subject, action=msgspec.to_builtins(req.action), unit=req.actual.unit, amount=req.actual.amount,
+        scope_path=path, scopes=scopes, overage_policy=req.overage_policy, metadata=req.metadata,
+        metrics=msgspec.to_builtins(req.metrics) if req.metrics else None, client_time_ms=req.client_time_ms,
+    )
+    out = await state_of(request).store.create_event(cmd)
+    return json_response(ctx, render.event(out), status=201)

@@ -1,0 +1,22 @@
+"""What every route reaches through `request.app.state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from ..store.base import Store
+from .auth import Authenticator
+from .metrics import Metrics
+
+
+@dataclass
+class AppState:
+    store: Store
+    auth: Authenticator
+    metrics: Metrics
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.cycles

@@ -1,0 +1,736 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Every mutating operation runs in one `BEGIN IMMEDIATE` transaction, which takes SQLite's single
+write lock, so operations are serialized across threads and across every server process that opens
+the same file. Reads run outside transactions and see a consistent snapshot per statement.
+
+Calls run on the event loop's thread: a transaction is a handful of indexed statements (tens of
+microseconds), cheaper than a hop to a worker thread. `busy_timeout` bounds how long one process
+waits for another's write lock before the request fails with 503.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from ..core import ledger as L
+from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
+from .base import (
+    EventCommand,
+    FundCommand,
+    Outcome,
+    Page,
+    ReservationQuery,
+    ReserveCommand,
+    SettleCommand,
+    Store,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY, status TEXT NOT NULL, record TEXT NOT NULL, created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, prefix TEXT NOT NULL UNIQUE, tenant_id TEXT NOT NULL, record TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budgets (
+    tenant_id TEXT NOT NULL, scope TEXT NOT NULL, unit TEXT NOT NULL, ledger_id TEXT NOT NULL UNIQUE,
+    allocated INTEGER NOT NULL, spent INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+    debt INTEGER NOT NULL DEFAULT 0, overdraft_limit INTEGER NOT NULL DEFAULT 0,
+    is_over_limit INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL DEFAULT 'ACTIVE',
+    commit_overage_policy TEXT, extra TEXT NOT NULL DEFAULT '{}',
+    created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, scope, unit)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, status TEXT NOT NULL,
+    subject TEXT NOT NULL, action TEXT NOT NULL, unit TEXT NOT NULL, amount INTEGER NOT NULL,
+    scope_path TEXT NOT NULL, affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, overage_policy TEXT NOT NULL, idempotency_key TEXT,
+    metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
+    extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
+    s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT
+);
+CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
+CREATE INDEX IF NOT EXISTS reservations_active_deadline ON reservations (status, deadline_ms);
+CREATE INDEX IF NOT EXISTS reservations_tenant_key ON reservations (tenant_id, idempotency_key);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant_id TEXT NOT NULL, endpoint TEXT NOT NULL, key TEXT NOT NULL, payload_hash TEXT NOT NULL,
+    result TEXT NOT NULL, reservation_id TEXT, created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, endpoint, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at_ms);
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, scope_path TEXT NOT NULL, subject TEXT NOT NULL,
+    action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
+    overage_policy TEXT NOT NULL, metadata TEXT, created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_LEDGER_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, commit_overage_policy"
+_RES_COLS = (
+    "reservation_id, tenant_id, status, subject, action, unit, amount, scope_path, affected_scopes, "
+    "budgeted_scopes, created_at_ms, expires_at_ms, grace_ms, deadline_ms, overage_policy, idempotency_key, "
+    "metadata, committed, committed_metadata, finalized_at_ms, extensions, max_extensions"
+)
+SUBJECT_LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
+
+DEFAULT_TTL_MS = 60_000
+DEFAULT_GRACE_MS = 5_000
+DEFAULT_MAX_EXTENSIONS = 10
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _ledger(row: Sequence[Any]) -> L.Ledger:
+    return L.Ledger(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
+
+
+def balance_record(led: L.Ledger) -> list[Any]:
+    """The compact form of a ledger inside result records (rendered into a wire Balance)."""
+    return [led.scope, led.unit, led.allocated, led.spent, led.reserved, led.debt, led.overdraft_limit, led.is_over_limit]
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
+                 clock: Callable[[], int] = _wall_ms) -> None:
+        self.path = path
+        self._clock = clock
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+
+    # ---- connection ----
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self._busy_timeout_ms / 1000, cached_statements=256)
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc
+        return conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def health(self) -> bool:
+        try:
+            self.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+            return True
+        except (sqlite3.Error, StoreUnavailable):
+            self._conn = None
+            return False
+
+    async def now_ms(self) -> int:
+        return self._clock()
+
+    def _write(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"store busy: {exc}") from exc
+        try:
+            result = fn(conn, self._clock())
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        try:
+            return self.conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # ---- settings, tenants, keys ----
+
+    async def get_setting(self, name: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE name=?", (name,))
+        return rows[0][0] if rows else None
+
+    async def put_setting(self, name: str, value: str, *, only_if_absent: bool) -> str:
+        def tx(conn: sqlite3.Connection, now: int) -> str:
+            if only_if_absent:
+                conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
+                return conn.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()[0]
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+            return value
+
+        return self._write(tx)
+
+    async def create_tenant(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        def tx(conn: sqlite3.Connection, now: int) -> tuple[dict[str, Any], bool]:
+            row = conn.execute("SELECT record FROM tenants WHERE tenant_id=?", (record["tenant_id"],)).fetchone()
+            if row:
+                return json.loads(row[0]), False
+            conn.execute(
+                "INSERT INTO tenants (tenant_id, status, record, created_at_ms) VALUES (?, ?, ?, ?)",
+                (record["tenant_id"], record["status"], _dumps(record), now),
+            )
+            return record, True
+
+        return self._write(tx)
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM tenants WHERE tenant_id=?", (tenant_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def create_api_key(self, record: dict[str, Any]) -> None:
+        def tx(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute(
+                "INSERT INTO api_keys (key_id, prefix, tenant_id, record, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                (record["key_id"], record["key_prefix"], record["tenant_id"], _dumps(record), now),
+            )
+
+        self._write(tx)
+
+    async def find_api_key(self, prefix: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM api_keys WHERE prefix=?", (prefix,))
+        return json.loads(rows[0][0]) if rows else None
+
+    # ---- budgets ----
+
+    async def create_budget(self, record: dict[str, Any]) -> dict[str, Any]:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
+            _guard_tenant_open(conn, record["tenant_id"])
+            exists = conn.execute(
+                "SELECT 1 FROM budgets WHERE tenant_id=? AND scope=? AND unit=?",
+                (record["tenant_id"], record["scope"], record["unit"]),
+            ).fetchone()
+            if exists:
+                raise ProtocolError(
+                    ErrorCode.DUPLICATE_RESOURCE,
+                    f"Budget already exists for scope {record['scope']} and unit {record['unit']}",
+                    details={"scope": record["scope"], "unit": record["unit"]},
+                )
+            ledger_id = new_id("ldg")
+            conn.execute(
+                "INSERT INTO budgets (tenant_id, scope, unit, ledger_id, allocated, overdraft_limit, "
+                "commit_overage_policy, extra, created_at_ms, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (record["tenant_id"], record["scope"], record["unit"], ledger_id, record["allocated"],
+                 record.get("overdraft_limit", 0), record.get("commit_overage_policy"),
+                 _dumps(record.get("extra") or {}), now, now),
+            )
+            return _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?",
+                                (record["tenant_id"], record["scope"], record["unit"]))[0]
+
+        return self._write(tx)
+
+    async def list_budgets(self, tenant: str | None, filters: dict[str, Any], limit: int,
+                           after: tuple[str, str, str] | None) -> Page:
+        where, params = [], []
+        if tenant is not None:
+            where.append("tenant_id=?")
+            params.append(tenant)
+        if filters.get("scope_prefix"):
+            where.append("substr(scope, 1, ?) = ?")
+            params += [len(filters["scope_prefix"]), filters["scope_prefix"]]
+        for col in ("unit", "status"):
+            if filters.get(col):
+                where.append(f"{col}=?")
+                params.append(filters[col])
+        if filters.get("over_limit") is not None:
+            where.append("is_over_limit=?")
+            params.append(1 if filters["over_limit"] else 0)
+        if filters.get("has_debt") is not None:
+            where.append("debt > 0" if filters["has_debt"] else "debt = 0")
+        if after is not None:
+            where.append("(tenant_id, scope, unit) > (?, ?, ?)")
+            params += list(after)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        rows = _budget_rows(self.conn, f"{clause} ORDER BY tenant_id, scope, unit LIMIT ?", (*params, limit + 1))
+        return Page(rows[:limit], len(rows) > limit)
+
+    async def fund(self, cmd: FundCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            if cmd.idempotency_key:
+                replay = _replay(conn, cmd.tenant, "fund", cmd.idempotency_key, cmd.payload_hash)
+                if replay is not None:
+                    return Outcome(json.loads(replay[0]), replay=True, now_ms=now)
+            _guard_tenant_open(conn, cmd.tenant)
+            row = conn.execute(
+                f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope=? AND unit=?",
+                (cmd.tenant, cmd.scope, cmd.unit),
+            ).fetchone()
+            if row is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for scope {cmd.scope} and unit {cmd.unit}")
+            before = _ledger(row)
+            after = L.fund(before, cmd.operation, cmd.amount, cmd.spent)
+            _write_ledgers(conn, cmd.tenant, [after], now)
+            result = {
+                "operation": cmd.operation, "unit": cmd.unit, "timestamp_ms": now,
+                "previous": [before.allocated, before.remaining, before.debt, before.spent],
+                "new": [after.allocated, after.remaining, after.debt, after.spent],
+            }
+            if cmd.idempotency_key:
+                _remember(conn, cmd.tenant, "fund", cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        return self._write(tx)
+
+    # ---- runtime ----
+
+    async def reserve(self, cmd: ReserveCommand) -> Outcome:
+        return self._write(lambda conn, now: self._reserve(conn, now, cmd))
+
+    def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
+        replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
+        if replay is not None:
+            return _replayed(conn, replay, now)
+        evaluate_only = cmd.dry_run or cmd.endpoint == "decide"
+        tenant = _tenant_state(conn, cmd.tenant)
+        base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
+
+        def deny(reason: str, ledgers: Sequence[L.Ledger] = ()) -> Outcome:
+            result = {**base, "decision": "DENY", "reason_code": reason,
+                      "balances": [balance_record(l) for l in ledgers]}
+            _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        status = tenant.get("status") if tenant else None
+        if status == "CLOSED":
+            if evaluate_only:
+                return deny("TENANT_CLOSED")
+            raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
+        if status == "SUSPENDED":
+            if evaluate_only:
+                return deny("TENANT_SUSPENDED")
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"Tenant {cmd.tenant} is suspended; new reservations are refused")
+
+        ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
+        if not ledgers:
+            if evaluate_only:
+                return deny("BUDGET_NOT_FOUND")
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
+                                details={"scope": cmd.scope_path, "unit": cmd.unit})
+        denial = L.check_reserve(ledgers, cmd.amount)
+        if denial is not None and _expire_due(conn, now, 1000, tenant=cmd.tenant):
+            ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
+            denial = L.check_reserve(ledgers, cmd.amount)
+        if denial is not None:
+            if evaluate_only:
+                return deny(denial.code.value, ledgers)
+            raise denial.error()
+
+        caps = None  # policies are the source of caps (admin plane); none yet
+        decision = "ALLOW_WITH_CAPS" if caps else "ALLOW"
+        if evaluate_only:
+            result = {**base, "decision": decision, "caps": caps, "balances": [balance_record(l) for l in ledgers]}
+            _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        ttl = cmd.ttl_ms or (tenant or {}).get("default_reservation_ttl_ms") or DEFAULT_TTL_MS
+        max_ttl = (tenant or {}).get("max_reservation_ttl_ms")
+        if max_ttl:
+            ttl = min(ttl, max_ttl)
+        grace = DEFAULT_GRACE_MS if cmd.grace_ms is None else cmd.grace_ms
+        policy = (cmd.overage_policy or _budget_policy(conn, cmd.tenant, ledgers)
+                  or (tenant or {}).get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
+        max_ext = (tenant or {}).get("max_reservation_extensions")
+        max_ext = DEFAULT_MAX_EXTENSIONS if max_ext is None else max_ext
+        held = L.hold(ledgers, cmd.amount)
+        _write_ledgers(conn, cmd.tenant, held, now)
+        rid = new_id("rsv")
+        expires = now + ttl
+        subj = cmd.subject
+        conn.execute(
+            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
+             _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
+             cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
+             0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS)),
+        )
+        result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
+                  "balances": [balance_record(l) for l in held]}
+        _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, rid, now)
+        return Outcome(result, now_ms=now, reservation_active=True)
+
+    async def commit(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "commit", allow_grace=True)
+            if replay is not None:
+                return replay
+            if cmd.unit != res["unit"]:
+                raise ProtocolError(
+                    ErrorCode.UNIT_MISMATCH,
+                    f"Commit unit {cmd.unit} does not match the reservation unit {res['unit']}",
+                    details={"scope": res["scope_path"], "requested_unit": cmd.unit, "expected_units": [res["unit"]]},
+                )
+            ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+            settled = L.settle(ledgers, res["amount"], cmd.actual or 0, res["overage_policy"], reject_any_overage=True)
+            _write_ledgers(conn, res["tenant_id"], settled.ledgers, now)
+            conn.execute(
+                "UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, finalized_at_ms=? "
+                "WHERE reservation_id=?",
+                (settled.charged, _dumps(cmd.metadata) if cmd.metadata is not None else None, now,
+                 cmd.reservation_id),
+            )
+            result = {"unit": res["unit"], "charged": settled.charged,
+                      "released": max(0, res["amount"] - settled.charged),
+                      "balances": [balance_record(l) for l in settled.ledgers]}
+            _remember(conn, res["tenant_id"], "commit", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now)
+
+        return self._write(tx)
+
+    async def release(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "release", allow_grace=True)
+            if replay is not None:
+                return replay
+            ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+            freed = L.unhold(ledgers, res["amount"])
+            _write_ledgers(conn, res["tenant_id"], freed, now)
+            conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
+                         (now, cmd.reservation_id))
+            result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
+            _remember(conn, res["tenant_id"], "release", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now)
+
+        return self._write(tx)
+
+    async def extend(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "extend", allow_grace=False)
+            if replay is not None:
+                return replay
+            if res["extensions"] >= res["max_extensions"]:
+                raise ProtocolError(
+                    ErrorCode.MAX_EXTENSIONS_EXCEEDED,
+                    f"Reservation {cmd.reservation_id} reached its maximum of {res['max_extensions']} extensions",
+                )
+            expires = res["expires_at_ms"] + (cmd.extend_by_ms or 0)
+            max_ttl = (_tenant_state(conn, res["tenant_id"]) or {}).get("max_reservation_ttl_ms")
+            if max_ttl:
+                expires = max(res["expires_at_ms"], min(expires, now + max_ttl))
+            conn.execute(
+                "UPDATE reservations SET expires_at_ms=?, deadline_ms=?, extensions=extensions+1 WHERE reservation_id=?",
+                (expires, expires + res["grace_ms"], cmd.reservation_id),
+            )
+            result = {"expires_at_ms": expires, "reservation_id": cmd.reservation_id}
+            _remember(conn, res["tenant_id"], "extend", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now, reservation_active=True)
+
+        return self._write(tx)
+
+    async def create_event(self, cmd: EventCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            replay = _replay(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash)
+            if replay is not None:
+                return Outcome(json.loads(replay[0]), replay=True, now_ms=now)
+            tenant = _tenant_state(conn, cmd.tenant)
+            if tenant and tenant.get("status") == "CLOSED":
+                raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
+            ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
+            if not ledgers:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
+                                    details={"scope": cmd.scope_path, "unit": cmd.unit})
+            policy = (cmd.overage_policy or _budget_policy(conn, cmd.tenant, ledgers)
+                      or (tenant or {}).get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
+            settled = L.settle(ledgers, 0, cmd.amount, policy, reject_any_overage=False)
+            _write_ledgers(conn, cmd.tenant, settled.ledgers, now)
+            event_id = new_id("evt")
+            conn.execute(
+                "INSERT INTO events (event_id, tenant_id, scope_path, subject, action, unit, actual, charged, "
+                "overage_policy, metadata, created_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (event_id, cmd.tenant, cmd.scope_path, _dumps(cmd.subject), _dumps(cmd.action), cmd.unit,
+                 cmd.amount, settled.charged, policy,
+                 _dumps({"metadata": cmd.metadata, "metrics": cmd.metrics, "client_time_ms": cmd.client_time_ms}),
+                 now),
+            )
+            result = {"event_id": event_id, "unit": cmd.unit, "actual": cmd.amount, "charged": settled.charged,
+                      "balances": [balance_record(l) for l in settled.ledgers]}
+            _remember(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        return self._write(tx)
+
+    # ---- reads ----
+
+    async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None:
+        rows = self._read(f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id=?", (reservation_id,))
+        return _reservation(rows[0]) if rows else None
+
+    async def list_reservations(self, q: ReservationQuery) -> Page:
+        where, params = ["tenant_id=?"], [q.tenant]
+        if q.status:
+            where.append("status=?")
+            params.append(q.status)
+        if q.idempotency_key:
+            where.append("idempotency_key=?")
+            params.append(q.idempotency_key)
+        for level, value in q.subject.items():
+            where.append(f"s_{level}=?")
+            params.append(value.lower())
+        for col, (lo, hi) in q.windows.items():
+            if lo is not None:
+                where.append(f"{col} >= ?")
+                params.append(lo)
+            if hi is not None:
+                where.append(f"{col} <= ?")
+                params.append(hi)
+        col = _SORT_COLUMNS[q.sort_by]
+        op, direction = ("<", "DESC") if q.sort_dir == "desc" else (">", "ASC")
+        if q.after is not None:
+            where.append(f"({col}, reservation_id) {op} (?, ?)")
+            params += list(q.after)
+        rows = self._read(
+            f"SELECT {_RES_COLS} FROM reservations WHERE {' AND '.join(where)} "
+            f"ORDER BY {col} {direction}, reservation_id {direction} LIMIT ?",
+            (*params, q.limit + 1),
+        )
+        return Page([_reservation(r) for r in rows[:q.limit]], len(rows) > q.limit)
+
+    async def balances(self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int,
+                       after: tuple[str, str] | None) -> Page:
+        from ..core.scopes import matches_filter
+
+        items: list[dict[str, Any]] = []
+        cursor = after
+        # Scopes are filtered in Python (segment matching); scan in keyset batches until the page fills.
+        while True:
+            where, params = ["tenant_id=?"], [tenant]
+            if cursor is not None:
+                where.append("(scope, unit) > (?, ?)")
+                params += list(cursor)
+            rows = self._read(
+                f"SELECT {_LEDGER_COLS} FROM budgets WHERE {' AND '.join(where)} ORDER BY scope, unit LIMIT 500",
+                params,
+            )
+            for row in rows:
+                if matches_filter(row[0], wanted, include_children):
+                    if len(items) == limit:
+                        return Page(items, True)
+                    items.append({"ledger": _ledger(row)})
+            if len(rows) < 500:
+                return Page(items, False)
+            cursor = (rows[-1][0], rows[-1][1])
+
+    # ---- maintenance ----
+
+    async def expire_due(self, limit: int = 500) -> int:
+        return self._write(lambda conn, now: _expire_due(conn, now, limit))
+
+    async def count_active(self) -> int:
+        return self._read("SELECT count(*) FROM reservations WHERE status='ACTIVE'")[0][0]
+
+    async def purge_idempotency(self, older_than_ms: int) -> int:
+        return self._write(
+            lambda conn, now: conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
+        )
+
+
+_SORT_COLUMNS = {
+    "reservation_id": "reservation_id",
+    "tenant": "tenant_id",
+    "scope_path": "scope_path",
+    "status": "status",
+    "reserved": "amount",
+    "created_at_ms": "created_at_ms",
+    "expires_at_ms": "expires_at_ms",
+}
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else None
+
+
+def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str) -> tuple[str, str | None] | None:
+    row = conn.execute(
+        "SELECT payload_hash, result, reservation_id FROM idempotency WHERE tenant_id=? AND endpoint=? AND key=?",
+        (tenant, endpoint, key),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] != payload_hash:
+        raise ProtocolError(
+            ErrorCode.IDEMPOTENCY_MISMATCH,
+            f"Idempotency key {key!r} was already used with a different request payload",
+        )
+    return row[1], row[2]
+
+
+def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int) -> Outcome:
+    result_json, rid = replay
+    active = False
+    if rid:
+        row = conn.execute("SELECT status, deadline_ms, expires_at_ms FROM reservations WHERE reservation_id=?",
+                           (rid,)).fetchone()
+        active = bool(row) and row[0] == "ACTIVE" and now <= row[2]
+    return Outcome(json.loads(result_json), replay=True, now_ms=now, reservation_active=active)
+
+
+def _remember(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str,
+              result: dict[str, Any], reservation_id: str | None, now: int) -> None:
+    conn.execute(
+        "INSERT INTO idempotency (tenant_id, endpoint, key, payload_hash, result, reservation_id, created_at_ms) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (tenant, endpoint, key, payload_hash, _dumps(result), reservation_id, now),
+    )
+
+
+def _tenant_state(conn: sqlite3.Connection, tenant_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT record FROM tenants WHERE tenant_id=?", (tenant_id,)).fetchone()
+    if row is None:
+        return None
+    try:
+        record = json.loads(row[0])
+        if record.get("status") not in ("ACTIVE", "SUSPENDED", "CLOSED"):
+            raise ValueError("status")
+        return record
+    except (ValueError, AttributeError) as exc:
+        # The spec requires failing closed when governance state cannot be read.
+        raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"Malformed tenant record: {tenant_id}") from exc
+
+
+def _guard_tenant_open(conn: sqlite3.Connection, tenant_id: str) -> None:
+    tenant = _tenant_state(conn, tenant_id)
+    if tenant is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id} not found")
+    if tenant["status"] == "CLOSED":
+        raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {tenant_id} is closed")
+
+
+def _scope_ledgers(conn: sqlite3.Connection, tenant: str, scopes: list[str], unit: str) -> list[L.Ledger]:
+    """Ledgers of `scopes` in `unit`, in canonical order; raises UNIT_MISMATCH when only other units exist."""
+    marks = ",".join("?" * len(scopes))
+    rows = conn.execute(
+        f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope IN ({marks})", (tenant, *scopes)
+    ).fetchall()
+    same = {r[0]: r for r in rows if r[1] == unit}
+    if not same and rows:
+        by_scope: dict[str, list[str]] = {}
+        for r in rows:
+            by_scope.setdefault(r[0], []).append(r[1])
+        scope = next(s for s in scopes if s in by_scope)
+        raise ProtocolError(
+            ErrorCode.UNIT_MISMATCH,
+            f"No budget in unit {unit} at the derived scopes; scope {scope} has budgets in {', '.join(sorted(by_scope[scope]))}",
+            details={"scope": scope, "requested_unit": unit, "expected_units": sorted(by_scope[scope])},
+        )
+    return [_ledger(same[s]) for s in scopes if s in same]
+
+
+def _budget_policy(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Ledger]) -> str | None:
+    """The commit overage policy set on the deepest budgeted scope, if any."""
+    for led in reversed(ledgers):
+        row = conn.execute("SELECT commit_overage_policy FROM budgets WHERE tenant_id=? AND scope=? AND unit=?",
+                           (tenant, led.scope, led.unit)).fetchone()
+        if row and row[0]:
+            return row[0]
+    return None
+
+
+def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Ledger], now: int) -> None:
+    conn.executemany(
+        "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, is_over_limit=?, updated_at_ms=? "
+        "WHERE tenant_id=? AND scope=? AND unit=?",
+        [(l.allocated, l.spent, l.reserved, l.debt, int(l.is_over_limit), now, tenant, l.scope, l.unit) for l in ledgers],
+    )
+
+
+def _reservation(row: Sequence[Any]) -> dict[str, Any]:
+    keys = [k.strip() for k in _RES_COLS.split(",")]
+    return dict(zip(keys, row))
+
+
+def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,
+                      *, allow_grace: bool) -> tuple[dict[str, Any], Outcome | None]:
+    """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
+    row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id=?", (cmd.reservation_id,)).fetchone()
+    res = _reservation(row) if row else None
+    owner = res["tenant_id"] if res else cmd.tenant
+    if owner is not None:
+        replay = _replay(conn, owner, endpoint, cmd.idempotency_key, cmd.payload_hash)
+        if replay is not None:
+            return res or {}, _replayed(conn, replay, now)
+    if res is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
+    if cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
+    tenant = _tenant_state(conn, res["tenant_id"])
+    if tenant and tenant.get("status") == "CLOSED":
+        raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {res['tenant_id']} is closed")
+    if res["status"] in ("COMMITTED", "RELEASED"):
+        raise ProtocolError(ErrorCode.RESERVATION_FINALIZED,
+                            f"Reservation {cmd.reservation_id} is already {res['status']}",
+                            details={"status": res["status"]})
+    limit = res["deadline_ms"] if allow_grace else res["expires_at_ms"]
+    if res["status"] == "EXPIRED" or now > limit:
+        raise ProtocolError(ErrorCode.RESERVATION_EXPIRED, f"Reservation {cmd.reservation_id} has expired",
+                            details={"expires_at_ms": res["expires_at_ms"]})
+    return res, None
+
+
+def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | None = None) -> int:
+    sql = f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
+    params: list[Any] = [now]
+    if tenant is not None:
+        sql += " AND tenant_id=?"
+        params.append(tenant)
+    rows = conn.execute(sql + " LIMIT ?", (*params, limit)).fetchall()
+    for row in rows:
+        res = _reservation(row)
+        ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+        _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now)
+        conn.execute("UPDATE reservations SET status='EXPIRED' WHERE reservation_id=?", (res["reservation_id"],))
+    return len(rows)
+
+
+def _budget_rows(conn: sqlite3.Connection, clause: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT tenant_id, ledger_id, created_at_ms, updated_at_ms, extra, " + _LEDGER_COLS + f" FROM budgets {clause}",
+        tuple(params),
+    ).fetchall()
+    out = []
+    for r in rows:
+        out.append({
+            "tenant_id": r[0], "ledger_id": r[1], "created_at_ms": r[2], "updated_at_ms": r[3],
+            "extra": json.loads(r[4]), "commit_overage_policy": r[14], "ledger": _ledger(r[5:]),
+        })
+    return out
