@@ -35,3 +35,25 @@ def server(store_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture
 def tenant(server: Server) -> Tenant:
     return new_tenant(server)
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path):
+    """Build a store of the current kind directly (no server), optionally with an injected clock."""
+    from cycles.store.sqlite import SQLiteStore
+
+    made = []
+
+    def make(clock=None, name: str = "direct"):
+        if store_kind == "sqlite":
+            kwargs = {"clock": clock} if clock is not None else {}
+            store = SQLiteStore(str(tmp_path / f"{name}.db"), **kwargs)
+        else:
+            raise ValueError(store_kind)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        if getattr(store, "_conn", None) is not None:
+            store._conn.close()

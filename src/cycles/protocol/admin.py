@@ -74,6 +74,16 @@ class TenantCreateRequest(Wire):
     reservation_expiry_policy: ExpiryPolicy | None = None
 
 
+class TenantUpdateRequest(Wire):
+    name: Name | None = None
+    status: TenantStatus | None = None
+    metadata: Annotated[dict[Annotated[str, Meta(max_length=128)], Annotated[str, Meta(max_length=1024)]], Meta(max_length=32)] | None = None
+    default_commit_overage_policy: OveragePolicy | None = None
+    default_reservation_ttl_ms: Ttl | None = None
+    max_reservation_ttl_ms: Ttl | None = None
+    max_reservation_extensions: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
+
+
 class Tenant(Wire):
     tenant_id: str
     name: str

@@ -68,6 +68,20 @@ async def get_tenant(request: Request, ctx: Ctx) -> Response:
     return json_response(ctx, _tenant_wire(rec))
 
 
+async def update_tenant(request: Request, ctx: Ctx) -> Response:
+    """Change a tenant's settings or status. CLOSED is terminal; the runtime refuses the tenant's
+    mutations from the moment the flip commits (the full close cascade belongs to the admin plane)."""
+    await _admin(request, ctx)
+    tenant_id = request.path_params["tenant_id"]
+    req = decode(await read_body(request), a.TenantUpdateRequest)
+    st = state_of(request)
+    if len(tenant_id) > 64:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id[:64]} not found")
+    changes = msgspec.to_builtins(req)
+    rec = await st.store.update_tenant(tenant_id, changes, iso(await st.store.now_ms()))
+    return json_response(ctx, _tenant_wire(rec))
+
+
 async def create_api_key(request: Request, ctx: Ctx) -> Response:
     await _admin(request, ctx)
     req = decode(await read_body(request), a.ApiKeyCreateRequest)

@@ -60,6 +60,10 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
         ctx = new_ctx(request)
         return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN"), status=200 if up else 503)
 
+    async def liveness(request: Request) -> Response:
+        # The process answers; the store is not consulted (that is readiness).
+        return json_response(new_ctx(request), m.HealthResponse(status="UP"))
+
     async def prometheus(request: Request) -> Response:
         with contextlib.suppress(Exception):
             metrics.active.set(await store.count_active())
@@ -76,6 +80,8 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
 
     routes += [
         Route("/actuator/health", health, methods=["GET"]),
+        Route("/actuator/health/readiness", health, methods=["GET"]),
+        Route("/actuator/health/liveness", liveness, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", _docs_page, methods=["GET"]),

@@ -36,7 +36,7 @@ def build() -> dict[str, Any]:
         for name, typ, desc in op.query:
             schema = {"type": "string", "format": "date-time"} if typ == "date-time" else {"type": typ}
             params.append({"name": name, "in": "query", "required": False, "schema": schema, "description": desc})
-        if op.request is not None and op.method == "POST":
+        if op.request is not None and op.method in ("POST", "PATCH"):
             params.append({"name": "X-Idempotency-Key", "in": "header", "required": False,
                            "schema": {"type": "string", "maxLength": 256}})
             item["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[op.request]}}}
@@ -47,6 +47,11 @@ def build() -> dict[str, Any]:
         "operationId": "health", "summary": "Liveness and store reachability", "tags": ["Operations"], "security": [],
         "responses": {"200": {"description": "UP", "content": {"application/json": {"schema": refs[m.HealthResponse]}}},
                       "503": {"description": "DOWN", "content": {"application/json": {"schema": refs[m.HealthResponse]}}}}}}
+    paths["/actuator/health/readiness"] = {"get": {**paths["/actuator/health"]["get"], "operationId": "readiness"}}
+    paths["/actuator/health/liveness"] = {"get": {
+        "operationId": "liveness", "summary": "The process answers (the store is not consulted)",
+        "tags": ["Operations"], "security": [],
+        "responses": {"200": {"description": "UP", "content": {"application/json": {"schema": refs[m.HealthResponse]}}}}}}
     paths["/metrics"] = {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "tags": ["Operations"],
                                  "security": [], "responses": {"200": {"description": "text exposition format"}}}}
     paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document", "tags": ["Operations"],

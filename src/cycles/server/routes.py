@@ -66,6 +66,8 @@ OPS: tuple[Op, ...] = (
        admin.create_tenant, a.TenantCreateRequest, {201: a.Tenant, 200: a.Tenant}, ("AdminKeyAuth",)),
     Op("GET", "/v1/admin/tenants/{tenant_id}", "getTenant", "Get a tenant", "Tenants", admin.get_tenant, None,
        {200: a.Tenant}, ("AdminKeyAuth",)),
+    Op("PATCH", "/v1/admin/tenants/{tenant_id}", "updateTenant", "Update a tenant's settings or status", "Tenants",
+       admin.update_tenant, a.TenantUpdateRequest, {200: a.Tenant}, ("AdminKeyAuth",)),
     Op("POST", "/v1/admin/api-keys", "createApiKey", "Create a tenant API key (secret shown once)", "API Keys",
        admin.create_api_key, a.ApiKeyCreateRequest, {201: a.ApiKeyCreateResponse}, ("AdminKeyAuth",)),
     Op("POST", "/v1/admin/budgets", "createBudget", "Create a budget ledger for (scope, unit)", "Budgets",

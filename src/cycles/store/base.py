@@ -134,6 +134,10 @@ class Store(abc.ABC):
     async def get_tenant(self, tenant_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
+    async def update_tenant(self, tenant_id: str, changes: dict[str, Any], now_iso: str) -> dict[str, Any]:
+        """Apply changes atomically; a CLOSED tenant is terminal (409 TENANT_CLOSED)."""
+
+    @abc.abstractmethod
     async def create_api_key(self, record: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod

@@ -216,6 +216,26 @@ class SQLiteStore(Store):
         rows = self._read("SELECT record FROM tenants WHERE tenant_id=?", (tenant_id,))
         return json.loads(rows[0][0]) if rows else None
 
+    async def update_tenant(self, tenant_id: str, changes: dict[str, Any], now_iso: str) -> dict[str, Any]:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
+            record = _tenant_state(conn, tenant_id)
+            if record is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id} not found")
+            if record["status"] == "CLOSED":
+                raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {tenant_id} is closed")
+            status = changes.get("status")
+            if status == "SUSPENDED" and record["status"] != "SUSPENDED":
+                record["suspended_at"] = now_iso
+            if status == "CLOSED":
+                record["closed_at"] = now_iso
+            record.update(changes)
+            record["updated_at"] = now_iso
+            conn.execute("UPDATE tenants SET status=?, record=? WHERE tenant_id=?",
+                         (record["status"], _dumps(record), tenant_id))
+            return record
+
+        return self._write(tx)
+
     async def create_api_key(self, record: dict[str, Any]) -> None:
         def tx(conn: sqlite3.Connection, now: int) -> None:
             conn.execute(
