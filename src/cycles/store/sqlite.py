@@ -117,6 +117,7 @@ class SQLiteStore(Store):
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
+        self._inode: int | None = None
 
     # ---- connection ----
 
@@ -124,7 +125,20 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = self._connect()
+            self._inode = os.stat(self.path).st_ino
+        else:
+            self._check_file()
         return self._conn
+
+    def _check_file(self) -> None:
+        # An open connection keeps working on a file that was moved or deleted; writing there would
+        # lose spend, so a missing or replaced file makes the store unavailable instead.
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError as exc:
+            raise StoreUnavailable(f"SQLite store file {self.path} is missing: {exc}") from exc
+        if inode != self._inode:
+            raise StoreUnavailable(f"SQLite store file {self.path} was replaced")
 
     def _connect(self) -> sqlite3.Connection:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -154,7 +168,6 @@ class SQLiteStore(Store):
             self.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
             return True
         except (sqlite3.Error, StoreUnavailable):
-            self._conn = None
             return False
 
     async def now_ms(self) -> int:
