@@ -11,12 +11,14 @@ waits for another's write lock before the request fails with 503.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import secrets
 import sqlite3
 import time
 from typing import Any, Callable, Iterable, Sequence
+
+import msgspec
 
 from ..core import ledger as L
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
@@ -96,8 +98,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return _encode(obj).decode()
+
+
+class _Busy(Exception):
+    """Another process holds the write lock; the transaction did not start."""
 
 
 def _ledger(row: Sequence[Any]) -> L.Ledger:
@@ -146,7 +156,6 @@ class SQLiteStore(Store):
             os.makedirs(directory, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=self._busy_timeout_ms / 1000, cached_statements=256)
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("BEGIN IMMEDIATE")
@@ -154,6 +163,9 @@ class SQLiteStore(Store):
                 if stmt.strip():
                     conn.execute(stmt)
             conn.execute("COMMIT")
+            # Lock waits are handled by _awrite with short async back-off instead of SQLite's
+            # busy handler, whose sleeps are whole milliseconds and block the event loop.
+            conn.execute("PRAGMA busy_timeout=0")
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc
         return conn
@@ -173,28 +185,57 @@ class SQLiteStore(Store):
     async def now_ms(self) -> int:
         return self._clock()
 
-    def _write(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
+    def _write_once(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"store busy: {exc}") from exc
+            if _locked(exc):
+                raise _Busy() from exc
+            raise StoreUnavailable(f"store error: {exc}") from exc
         try:
             result = fn(conn, self._clock())
             conn.execute("COMMIT")
             return result
-        except BaseException:
+        except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if isinstance(exc, sqlite3.OperationalError):
+                if _locked(exc):
+                    raise _Busy() from exc
+                raise StoreUnavailable(f"store error: {exc}") from exc
             raise
 
+    async def _awrite(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
+        """Run `fn` in one write transaction; while another process holds the lock, yield and retry.
+
+        The transaction itself never awaits, so it stays short and is never interleaved with another
+        coroutine of this process. A rolled-back attempt changed nothing, so retrying it is safe.
+        """
+        delay, deadline = 0.0001, None
+        while True:
+            try:
+                return self._write_once(fn)
+            except _Busy:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._busy_timeout_ms / 1000
+                elif now > deadline:
+                    raise StoreUnavailable("store is locked by another process") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.004)
+
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        try:
-            return self.conn.execute(sql, tuple(params)).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        for attempt in range(200):
+            try:
+                return self.conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc) or attempt == 199:
+                    raise StoreUnavailable(str(exc)) from exc
+                time.sleep(0.0005)
+        raise StoreUnavailable("unreachable")
 
     # ---- settings, tenants, keys ----
 
@@ -210,24 +251,24 @@ class SQLiteStore(Store):
             conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
             return value
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def create_tenant(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         def tx(conn: sqlite3.Connection, now: int) -> tuple[dict[str, Any], bool]:
             row = conn.execute("SELECT record FROM tenants WHERE tenant_id=?", (record["tenant_id"],)).fetchone()
             if row:
-                return json.loads(row[0]), False
+                return _decode(row[0]), False
             conn.execute(
                 "INSERT INTO tenants (tenant_id, status, record, created_at_ms) VALUES (?, ?, ?, ?)",
                 (record["tenant_id"], record["status"], _dumps(record), now),
             )
             return record, True
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def get_tenant(self, tenant_id: str) -> dict[str, Any] | None:
         rows = self._read("SELECT record FROM tenants WHERE tenant_id=?", (tenant_id,))
-        return json.loads(rows[0][0]) if rows else None
+        return _decode(rows[0][0]) if rows else None
 
     async def update_tenant(self, tenant_id: str, changes: dict[str, Any], now_iso: str) -> dict[str, Any]:
         def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
@@ -247,7 +288,7 @@ class SQLiteStore(Store):
                          (record["status"], _dumps(record), tenant_id))
             return record
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def create_api_key(self, record: dict[str, Any]) -> None:
         def tx(conn: sqlite3.Connection, now: int) -> None:
@@ -256,11 +297,11 @@ class SQLiteStore(Store):
                 (record["key_id"], record["key_prefix"], record["tenant_id"], _dumps(record), now),
             )
 
-        self._write(tx)
+        await self._awrite(tx)
 
     async def find_api_key(self, prefix: str) -> dict[str, Any] | None:
         rows = self._read("SELECT record FROM api_keys WHERE prefix=?", (prefix,))
-        return json.loads(rows[0][0]) if rows else None
+        return _decode(rows[0][0]) if rows else None
 
     # ---- budgets ----
 
@@ -288,7 +329,7 @@ class SQLiteStore(Store):
             return _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?",
                                 (record["tenant_id"], record["scope"], record["unit"]))[0]
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def list_budgets(self, tenant: str | None, filters: dict[str, Any], limit: int,
                            after: tuple[str, str, str] | None) -> Page:
@@ -320,7 +361,7 @@ class SQLiteStore(Store):
             if cmd.idempotency_key:
                 replay = _replay(conn, cmd.tenant, "fund", cmd.idempotency_key, cmd.payload_hash)
                 if replay is not None:
-                    return Outcome(json.loads(replay[0]), replay=True, now_ms=now)
+                    return Outcome(_decode(replay[0]), replay=True, now_ms=now)
             _guard_tenant_open(conn, cmd.tenant)
             row = conn.execute(
                 f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope=? AND unit=?",
@@ -340,12 +381,12 @@ class SQLiteStore(Store):
                 _remember(conn, cmd.tenant, "fund", cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     # ---- runtime ----
 
     async def reserve(self, cmd: ReserveCommand) -> Outcome:
-        return self._write(lambda conn, now: self._reserve(conn, now, cmd))
+        return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd))
 
     def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
         replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
@@ -431,7 +472,7 @@ class SQLiteStore(Store):
                     f"Commit unit {cmd.unit} does not match the reservation unit {res['unit']}",
                     details={"scope": res["scope_path"], "requested_unit": cmd.unit, "expected_units": [res["unit"]]},
                 )
-            ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+            ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
             settled = L.settle(ledgers, res["amount"], cmd.actual or 0, res["overage_policy"], reject_any_overage=True)
             _write_ledgers(conn, res["tenant_id"], settled.ledgers, now)
             conn.execute(
@@ -447,14 +488,14 @@ class SQLiteStore(Store):
                       cmd.reservation_id, now)
             return Outcome(result, now_ms=now)
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def release(self, cmd: SettleCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             res, replay = _open_reservation(conn, now, cmd, "release", allow_grace=True)
             if replay is not None:
                 return replay
-            ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+            ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
             freed = L.unhold(ledgers, res["amount"])
             _write_ledgers(conn, res["tenant_id"], freed, now)
             conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
@@ -464,7 +505,7 @@ class SQLiteStore(Store):
                       cmd.reservation_id, now)
             return Outcome(result, now_ms=now)
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def extend(self, cmd: SettleCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
@@ -489,13 +530,13 @@ class SQLiteStore(Store):
                       cmd.reservation_id, now)
             return Outcome(result, now_ms=now, reservation_active=True)
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     async def create_event(self, cmd: EventCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             replay = _replay(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash)
             if replay is not None:
-                return Outcome(json.loads(replay[0]), replay=True, now_ms=now)
+                return Outcome(_decode(replay[0]), replay=True, now_ms=now)
             tenant = _tenant_state(conn, cmd.tenant)
             if tenant and tenant.get("status") == "CLOSED":
                 raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
@@ -521,7 +562,7 @@ class SQLiteStore(Store):
             _remember(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
-        return self._write(tx)
+        return await self._awrite(tx)
 
     # ---- reads ----
 
@@ -587,15 +628,20 @@ class SQLiteStore(Store):
     # ---- maintenance ----
 
     async def expire_due(self, limit: int = 500) -> int:
-        return self._write(lambda conn, now: _expire_due(conn, now, limit))
+        return await self._awrite(lambda conn, now: _expire_due(conn, now, limit))
 
     async def count_active(self) -> int:
         return self._read("SELECT count(*) FROM reservations WHERE status='ACTIVE'")[0][0]
 
     async def purge_idempotency(self, older_than_ms: int) -> int:
-        return self._write(
+        return await self._awrite(
             lambda conn, now: conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
         )
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 _SORT_COLUMNS = {
@@ -635,7 +681,7 @@ def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int
         row = conn.execute("SELECT status, deadline_ms, expires_at_ms FROM reservations WHERE reservation_id=?",
                            (rid,)).fetchone()
         active = bool(row) and row[0] == "ACTIVE" and now <= row[2]
-    return Outcome(json.loads(result_json), replay=True, now_ms=now, reservation_active=active)
+    return Outcome(_decode(result_json), replay=True, now_ms=now, reservation_active=active)
 
 
 def _remember(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str,
@@ -652,7 +698,7 @@ def _tenant_state(conn: sqlite3.Connection, tenant_id: str) -> dict[str, Any] | 
     if row is None:
         return None
     try:
-        record = json.loads(row[0])
+        record = _decode(row[0])
         if record.get("status") not in ("ACTIVE", "SUSPENDED", "CLOSED"):
             raise ValueError("status")
         return record
@@ -749,7 +795,7 @@ def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | No
     rows = conn.execute(sql + " LIMIT ?", (*params, limit)).fetchall()
     for row in rows:
         res = _reservation(row)
-        ledgers = _scope_ledgers(conn, res["tenant_id"], json.loads(res["budgeted_scopes"]), res["unit"])
+        ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
         _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now)
         conn.execute("UPDATE reservations SET status='EXPIRED' WHERE reservation_id=?", (res["reservation_id"],))
     return len(rows)
@@ -764,6 +810,6 @@ def _budget_rows(conn: sqlite3.Connection, clause: str, params: Sequence[Any]) -
     for r in rows:
         out.append({
             "tenant_id": r[0], "ledger_id": r[1], "created_at_ms": r[2], "updated_at_ms": r[3],
-            "extra": json.loads(r[4]), "commit_overage_policy": r[14], "ledger": _ledger(r[5:]),
+            "extra": _decode(r[4]), "commit_overage_policy": r[14], "ledger": _ledger(r[5:]),
         })
     return out
