@@ -105,18 +105,23 @@ def settle(
     if delta <= 0:
         return Settlement(actual, [replace(l, reserved=l.reserved - held, spent=l.spent + actual) for l in ledgers])
 
+    if policy == REJECT and reject_any_overage:
+        raise ProtocolError(
+            ErrorCode.BUDGET_EXCEEDED,
+            f"Actual {actual} exceeds the reserved {held} and the overage policy is REJECT",
+            details={"scope": ledgers[0].scope, "reserved": held, "actual": actual},
+        )
     short = [(l, max(0, delta - max(0, l.remaining))) for l in ledgers]
     if all(s == 0 for _, s in short):
         return Settlement(actual, [replace(l, reserved=l.reserved - held, spent=l.spent + actual) for l in ledgers])
 
     if policy == REJECT:
-        if reject_any_overage or any(s > 0 for _, s in short):
-            scope = next((l.scope for l, s in short if s > 0), ledgers[0].scope)
-            raise ProtocolError(
-                ErrorCode.BUDGET_EXCEEDED,
-                f"Actual {actual} exceeds what is available for scope {scope} and the overage policy is REJECT",
-                details={"scope": scope},
-            )
+        scope = next(l.scope for l, s in short if s > 0)
+        raise ProtocolError(
+            ErrorCode.BUDGET_EXCEEDED,
+            f"Actual {actual} exceeds what is available for scope {scope} and the overage policy is REJECT",
+            details={"scope": scope},
+        )
     if policy == ALLOW_WITH_OVERDRAFT:
         for led, s in short:
             if led.debt + s > led.overdraft_limit:

@@ -763,6 +763,9 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
     """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
     row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id=?", (cmd.reservation_id,)).fetchone()
     res = _reservation(row) if row else None
+    # Ownership before replay: another tenant must never see this tenant's stored responses.
+    if res is not None and cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
     owner = res["tenant_id"] if res else cmd.tenant
     if owner is not None:
         replay = _replay(conn, owner, endpoint, cmd.idempotency_key, cmd.payload_hash)
@@ -770,8 +773,6 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
             return res or {}, _replayed(conn, replay, now)
     if res is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
-    if cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
-        raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
     tenant = _tenant_state(conn, res["tenant_id"])
     if tenant and tenant.get("status") == "CLOSED":
         raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {res['tenant_id']} is closed")
