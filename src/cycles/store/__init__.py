@@ -1,4 +1,4 @@
-"""Stores, chosen by URL: `sqlite:///path/to/file.db` (embedded, the default)."""
+"""Stores, chosen by URL: `sqlite:///path/to/file.db` (embedded, the default) or `redis://host:port/db`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ def open_store(url: str) -> Store:
         if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {sync}")
         return SQLiteStore(path, synchronous=sync, busy_timeout_ms=int(query.get("busy_timeout_ms", "10000")))
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db")
+    if parsed.scheme in ("redis", "rediss"):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db or redis://host:port/db")
 
 
 __all__ = ["Store", "default_data_dir", "default_store_url", "open_store"]
