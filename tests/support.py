@@ -94,7 +94,8 @@ class Tenant:
     key: str
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.server.base_url, headers={"X-Cycles-API-Key": self.key}, timeout=30, **kw)
+        kw.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.server.base_url, headers={"X-Cycles-API-Key": self.key}, **kw)
 
     def budget(self, scope_suffix: str = "", amount: int = 1_000_000, unit: str = USD, *,
                overdraft_limit: int | None = None, commit_overage_policy: str | None = None) -> dict[str, Any]:
