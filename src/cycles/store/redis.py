@@ -19,6 +19,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
@@ -74,7 +76,7 @@ class RedisStore(Store):
         self._offset = clock_offset_ms or (lambda: 0)
         self.r = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
                                    socket_timeout=socket_timeout_s, retry_on_timeout=False,
-                                   health_check_interval=0)
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
         common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
         self.scripts = {
             name: self.r.register_script(common + "\n" + resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text())
