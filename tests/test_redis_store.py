@@ -218,3 +218,47 @@ def test_redis_killed_under_load_loses_nothing_and_charges_nothing_twice(rs: Red
         for o in outcomes[:: max(1, len(outcomes) // 50)]:
             r = c.get(f"/v1/reservations/{o['rid']}").json()
             assert r["status"] == "COMMITTED" and r["committed"]["amount"] == o["charged"]
+
+
+def test_tls_and_password_in_the_url(tmp_path: Path) -> None:
+    """`rediss://:password@host:port/0` reaches a Redis that requires TLS and a password."""
+    import shutil
+    import subprocess
+
+    from redis_support import redis_binary
+    from support import free_port
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([redis_binary(), "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                             "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                             "--requirepass", "s3cret", "--save", "", "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        probe = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                probe.ping()
+                break
+            except redis.RedisError:
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"rediss://:wrong@127.0.0.1:{port}/0?ssl_ca_certs={cert}").ping()
+        srv = start_server(url, tmp_path)
+        try:
+            t = new_tenant(srv)
+            t.budget("", 1_000)
+            with t.client() as c:
+                _cycle(t, c)
+            assert t.balance("")["spent"]["amount"] == 100
+        finally:
+            srv.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
