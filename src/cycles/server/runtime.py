@@ -74,7 +74,8 @@ async def create_reservation(request: Request, ctx: Ctx) -> Response:
     try:
         out = await st.store.reserve(cmd)
     except ProtocolError as err:
-        st.metrics.decision("reserve", "DENY", err.code.value)
+        if err.status == 409:  # budget and governance denials, not malformed or unauthorized requests
+            st.metrics.decision("reserve", "DENY", err.code.value)
         raise
     body = render.reservation_create(out)
     if not out.replay:
