@@ -1,0 +1,135 @@
+"""Fixtures of the black-box conformance suite: the published runcycles SDK drives our server.
+
+* `sdk_python` (session): `.venv-conformance/bin/python` with runcycles==0.5.3 installed in its own
+  virtualenv, so the SDK is never importable from our package's environment (and vice versa).
+* `proxy`: a recording reverse proxy in front of the session server. At teardown every response it
+  recorded is checked with the SDK's own validators (drivers/validate.py); any problem fails the test.
+* `sdk`: runs a driver script from drivers/ with the conformance python, pointed at the proxy, with a
+  fresh tenant and a private journal dir, and returns the JSON the driver printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from support import Server, Tenant
+
+from .proxy import RecordingProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv-conformance"
+DRIVERS = Path(__file__).resolve().parent / "drivers"
+SDK_VERSION = "0.5.3"
+RESULT_MARKER = "@@CONFORMANCE-RESULT@@ "
+
+
+def _venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def _sdk_ready(py: Path) -> bool:
+    if not py.exists():
+        return False
+    probe = f"import runcycles; assert runcycles.__version__ == {SDK_VERSION!r}"
+    return subprocess.run([str(py), "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def sdk_python() -> str:
+    """The conformance venv's python, creating the venv and installing runcycles==0.5.3 if needed."""
+    py = _venv_python()
+    if not _sdk_ready(py):
+        base = shutil.which("python3") or "python3"
+        subprocess.run([base, "-m", "venv", str(VENV)], check=True, timeout=300)
+        install = subprocess.run(
+            [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"runcycles=={SDK_VERSION}"],
+            capture_output=True, text=True, timeout=600)
+        if install.returncode != 0:
+            pytest.fail(f"pip install runcycles=={SDK_VERSION} failed:\n{install.stdout}\n{install.stderr}")
+        if not _sdk_ready(py):
+            pytest.fail(f"runcycles {SDK_VERSION} is not importable from {py} after installation")
+    return str(py)
+
+
+def run_driver(python: str, script: str, params: dict[str, Any], workdir: Path, timeout: float = 120) -> dict[str, Any]:
+    """Run drivers/<script>.py with the conformance python; return the JSON object it printed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    home = workdir / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),  # the SDK's default journal dir lives under HOME; keep it inside tmp
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "CONFORMANCE_PARAMS": json.dumps(params),
+        "CONFORMANCE_LOG_LEVEL": os.environ.get("CONFORMANCE_LOG_LEVEL", "WARNING"),
+    }
+    proc = subprocess.run([python, str(DRIVERS / f"{script}.py")], env=env, cwd=str(workdir),
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or len(lines) != 1:
+        pytest.fail(f"driver {script} exited {proc.returncode} with {len(lines)} result lines\n"
+                    f"params={params}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+    result = json.loads(lines[0][len(RESULT_MARKER):])
+    result["_stderr"] = proc.stderr
+    return result
+
+
+def validate_exchanges(python: str, exchanges: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """Run the SDK's validators (drivers/validate.py) over recorded exchanges."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "exchanges.json"
+    path.write_text(json.dumps(exchanges))
+    return run_driver(python, "validate", {"exchanges_file": str(path)}, workdir)
+
+
+@pytest.fixture
+def proxy(server: Server, sdk_python: str, tmp_path: Path) -> Iterator[RecordingProxy]:
+    rec = RecordingProxy(server.base_url).start()
+    try:
+        yield rec
+    finally:
+        rec.stop()
+    exchanges = rec.dump()
+    if exchanges:
+        report = validate_exchanges(sdk_python, exchanges, tmp_path / "validate")
+        assert report["checked"] == len(exchanges)
+        assert not report["problems"], (
+            "responses rejected by runcycles 0.5.3's validators:\n" + json.dumps(report["problems"], indent=1))
+
+
+@dataclass
+class Sdk:
+    """Runs drivers against the proxy with one tenant's credentials and a private journal dir."""
+
+    python: str
+    proxy: RecordingProxy
+    tenant: Tenant
+    tmp: Path
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.tmp / "journal"
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        return {"base_url": self.proxy.base_url, "api_key": self.tenant.key, "tenant": self.tenant.tenant_id,
+                "journal_dir": str(self.journal_dir), **extra}
+
+    def run(self, script: str, *, timeout: float = 120, **extra: Any) -> dict[str, Any]:
+        result = run_driver(self.python, script, self.params(**extra), self.tmp / f"run-{len(self.runs)}", timeout)
+        self.runs.append(result)
+        return result
+
+
+@pytest.fixture
+def sdk(sdk_python: str, proxy: RecordingProxy, tenant: Tenant, tmp_path: Path) -> Sdk:
+    return Sdk(sdk_python, proxy, tenant, tmp_path)
