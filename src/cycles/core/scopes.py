@@ -45,7 +45,7 @@ def parse(scope: str) -> list[tuple[str, str]]:
         idx = LEVELS.index(level)
         if idx <= last:
             raise ScopeError(f"scope levels must follow the order {' → '.join(LEVELS)} without repeats")
-        if not _VALUE.match(value):
+        if not _VALUE.fullmatch(value):  # fullmatch: `$` alone would accept a trailing newline
             raise ScopeError(f"scope value {value!r} must match ^[a-zA-Z0-9_.-]+$ (at most 128 characters)")
         last = idx
         pairs.append((level, value.lower()))

@@ -73,6 +73,11 @@ class TenantCreateRequest(Wire):
     max_reservation_extensions: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     reservation_expiry_policy: ExpiryPolicy | None = None
 
+    def __post_init__(self) -> None:
+        # Python's `$` also matches before a trailing newline; the pattern alone lets "acme\n" through.
+        if self.tenant_id.endswith("\n"):
+            raise ValueError("tenant_id must match ^[a-z0-9-]+$")
+
 
 class TenantUpdateRequest(Wire):
     name: Name | None = None

@@ -54,6 +54,13 @@ class Subject(Wire):
     toolset: SubjectValue | None = None
     dimensions: Annotated[dict[DimensionKey, DimensionValue], Meta(max_length=16)] | None = None
 
+    def __post_init__(self) -> None:
+        # Python's `$` also matches before a trailing newline, so the pattern alone lets "acme\n" through.
+        for level in ("tenant", "workspace", "app", "workflow", "agent", "toolset"):
+            value = getattr(self, level)
+            if value is not None and value.endswith("\n"):
+                raise ValueError(f"subject.{level} must match ^[a-zA-Z0-9_.-]+$")
+
 
 class Action(Wire):
     kind: Annotated[str, Meta(max_length=64)]

@@ -112,6 +112,8 @@ def decode(raw: bytes, typ: type[T]) -> T:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Malformed JSON: {exc}") from None
+    except UnicodeDecodeError:  # msgspec raises it (not DecodeError) for invalid UTF-8 inside strings
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Malformed JSON: invalid UTF-8") from None
     except RecursionError:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "Malformed JSON: nested too deeply") from None
 
