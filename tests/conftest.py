@@ -9,13 +9,7 @@ import pytest
 
 from support import Server, Tenant, new_tenant, start_server
 
-STORES = ["sqlite"]
-
-
-def store_url(kind: str, tmp: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp / 'cycles.db'}"
-    raise ValueError(kind)
+STORES = ["sqlite", "redis"]
 
 
 @pytest.fixture(scope="session", params=STORES)
@@ -24,10 +18,28 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(store_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for the session (database 0 serves the session's `cycles serve`)."""
+    from redis_support import RedisServer
+
+    rs = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield rs.url
+    rs.stop()
+
+
+def store_url(kind: str, tmp: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp / 'cycles.db'}"
+    if kind == "redis":
+        return request.getfixturevalue("redis_url")
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def server(store_kind: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
     """One server per store kind for the whole session; tests isolate themselves with fresh tenants."""
     tmp = tmp_path_factory.mktemp(f"server-{store_kind}")
-    srv = start_server(store_url(store_kind, tmp), tmp)
+    srv = start_server(store_url(store_kind, tmp, request), tmp)
     yield srv
     srv.stop()
 
@@ -38,16 +50,20 @@ def tenant(server: Server) -> Tenant:
 
 
 @pytest.fixture
-def make_store(store_kind: str, tmp_path: Path):
+def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest):
     """Build a store of the current kind directly (no server), optionally with an injected clock."""
-    from cycles.store.sqlite import SQLiteStore
-
     made = []
 
     def make(clock=None, name: str = "direct"):
         if store_kind == "sqlite":
+            from cycles.store.sqlite import SQLiteStore
+
             kwargs = {"clock": clock} if clock is not None else {}
             store = SQLiteStore(str(tmp_path / f"{name}.db"), **kwargs)
+        elif store_kind == "redis":
+            from cycles.store.redis import RedisStore
+
+            store = RedisStore(request.getfixturevalue("redis_url"), clock=clock)
         else:
             raise ValueError(store_kind)
         made.append(store)

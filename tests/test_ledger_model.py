@@ -57,7 +57,32 @@ def _sqlite(directory: str, clock: Callable[[], int]) -> Store:
     return SQLiteStore(os.path.join(directory, "ledger.db"), synchronous="OFF", clock=clock)
 
 
-STORE_FACTORIES: dict[str, Callable[[str, Callable[[], int]], Store]] = {"sqlite": _sqlite}
+_REDIS: dict[str, Any] = {}
+
+
+def _redis(directory: str, clock: Callable[[], int]) -> Store:
+    """A RedisStore on database 15 of a private redis-server, flushed for every machine.
+
+    Redis takes time from TIME inside its scripts; the store's test clock replaces it with the model's.
+    """
+    import atexit
+    from pathlib import Path
+
+    import redis as redis_py
+
+    from cycles.store.redis import RedisStore
+    from redis_support import RedisServer
+
+    if "server" not in _REDIS:
+        rs = RedisServer(Path(tempfile.mkdtemp(prefix="cycles-model-redis-"))).start()
+        atexit.register(rs.stop)
+        _REDIS["server"] = rs
+    url = f"redis://127.0.0.1:{_REDIS['server'].port}/15"
+    redis_py.Redis.from_url(url).flushdb()
+    return RedisStore(url, clock=clock)
+
+
+STORE_FACTORIES: dict[str, Callable[[str, Callable[[], int]], Store]] = {"sqlite": _sqlite, "redis": _redis}
 
 
 def open_store(kind: str, directory: str, clock: Callable[[], int]) -> Store:
@@ -98,9 +123,10 @@ targets = st.sampled_from(["active"] * 6 + ["any", "done", "unknown"])
 
 
 class Rejected(Exception):
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, *, keep: bool = False) -> None:
         super().__init__(code)
         self.code = code
+        self.keep = keep  # the store keeps part of the work (expiries done before a denial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +226,12 @@ class Model:
 
     def settle(self, scopes: list[str], unit: str, held: int, actual: int, policy: str, *, commit: bool) -> int:
         """Charge `actual` against scopes holding `held` for it; returns the amount charged."""
+        charged = self._settle(scopes, unit, held, actual, policy, commit=commit)
+        if any(self.budgets[(s, unit)].spent > INT64_MAX for s in scopes):
+            raise Rejected("INVALID_REQUEST")  # the store refuses to overflow spent (changes roll back)
+        return charged
+
+    def _settle(self, scopes: list[str], unit: str, held: int, actual: int, policy: str, *, commit: bool) -> int:
         bs = [self.budgets[(s, unit)] for s in scopes]
         over = actual - held
         if over > 0 and commit and policy == "REJECT":
@@ -254,12 +286,15 @@ class Model:
                 return {"decision": "DENY", "reason": "BUDGET_NOT_FOUND", "ledgers": []}
             raise Rejected("NOT_FOUND")
         reason = self.denial(led, unit, amount)
-        if reason and self.expire(now):
-            reason = self.denial(led, unit, amount)
+        expired = 0
+        if reason:
+            expired = self.expire(now)
+            if expired:
+                reason = self.denial(led, unit, amount)
         if reason:
             if evaluate:
                 return {"decision": "DENY", "reason": reason, "ledgers": led}
-            raise Rejected(reason)
+            raise Rejected(reason, keep=bool(expired))
         if evaluate:
             return {"decision": "ALLOW", "ledgers": led}
         ttl = min(p["ttl"] or DEFAULT_TTL, MAX_TTL)
@@ -323,7 +358,7 @@ class Model:
             b.debt -= repaid
             b.spent += repaid
             b.allocated += amount
-        if b.allocated > INT64_MAX or b.spent > INT64_MAX:
+        if b.allocated > INT64_MAX or b.spent > INT64_MAX or b.remaining < -INT64_MAX - 1:
             raise Rejected("INVALID_REQUEST")
         b.over = b.debt > b.overdraft_limit
         if b.allocated - b.spent - b.reserved < 0:
@@ -516,6 +551,8 @@ class LedgerMachine(RuleBasedStateMachine):
             expected, expected_err = getattr(model, kind if kind != "decide" else "reserve")(p, self.now), None
         except Rejected as rej:
             expected, expected_err = None, rej.code
+            if rej.keep:
+                self.model = model
         assert err == expected_err, f"{p}: store answered {err or 'success'}, model predicts {expected_err or 'success'}"
         self.history.append(p)
         if err is not None:

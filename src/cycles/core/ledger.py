@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..protocol.models import INT64_MAX
+from ..protocol.models import INT64_MAX, INT64_MIN
 
 REJECT = "REJECT"
 ALLOW_IF_AVAILABLE = "ALLOW_IF_AVAILABLE"
@@ -93,6 +93,18 @@ class Settlement:
 
 
 def settle(
+    ledgers: Sequence[Ledger], held: int, actual: int, policy: str, *, reject_any_overage: bool
+) -> Settlement:
+    """See `_settle`; also refuses a charge that would take `spent` past the int64 range."""
+    out = _settle(ledgers, held, actual, policy, reject_any_overage=reject_any_overage)
+    for led in out.ledgers:
+        if led.spent > INT64_MAX:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                f"charging {actual} would take spent past the int64 range for scope {led.scope}")
+    return out
+
+
+def _settle(
     ledgers: Sequence[Ledger], held: int, actual: int, policy: str, *, reject_any_overage: bool
 ) -> Settlement:
     """Charge `actual` against scopes that hold `held` for it (held is 0 for a direct event).
@@ -188,4 +200,6 @@ def fund(led: Ledger, operation: str, amount: int, spent: int | None = None) -> 
         )
     else:  # decoding restricts the operation to the enum
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"unknown funding operation {operation}")
+    if new.remaining < INT64_MIN:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{operation} would push remaining below the int64 range")
     return replace(new, is_over_limit=new.debt > new.overdraft_limit)

@@ -69,11 +69,11 @@ def _opt(value: Any) -> str:
 
 class RedisStore(Store):
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
-                 socket_timeout_s: float = 2.0, clock_offset_ms: Callable[[], int] | None = None) -> None:
+                 socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None) -> None:
         self.url = url
         self.retention_ms = retention_ms
-        # Tests move time forward with an offset added to Redis TIME inside the scripts; 0 in production.
-        self._offset = clock_offset_ms or (lambda: 0)
+        # Production time is Redis TIME inside the scripts; tests that drive time pass their own clock.
+        self._test_clock = clock
         self.r = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
                                    socket_timeout=socket_timeout_s, retry_on_timeout=False,
                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
@@ -93,7 +93,7 @@ class RedisStore(Store):
 
     async def _script(self, name: str, tenant: str, args: list[Any]) -> Any:
         p = prefix(tenant)
-        raw = await self._call(lambda: self.scripts[name](keys=[p + "tenant"], args=[p, tenant, self.retention_ms, self._offset(), *args]))
+        raw = await self._call(lambda: self.scripts[name](keys=[p + "tenant"], args=[p, tenant, self.retention_ms, self._test_clock() if self._test_clock else 0, *args]))
         out = _decode(raw)
         if isinstance(out, dict) and "err" in out:
             details = out.get("details")
@@ -106,7 +106,7 @@ class RedisStore(Store):
         result = out["result"]
         if isinstance(result, str):
             result = _decode(result)
-        return Outcome(result, replay=bool(out["replay"]), now_ms=int(out["now"]),
+        return Outcome(_normalize(result), replay=bool(out["replay"]), now_ms=int(out["now"]),
                        reservation_active=bool(out["active"]))
 
     # ---- lifecycle ----
@@ -121,8 +121,10 @@ class RedisStore(Store):
             return False
 
     async def now_ms(self) -> int:
+        if self._test_clock is not None:
+            return self._test_clock()
         sec, usec = await self._call(self.r.time)
-        return int(sec) * 1000 + int(usec) // 1000 + self._offset()
+        return int(sec) * 1000 + int(usec) // 1000
 
     # ---- settings, tenants, keys ----
 
@@ -220,12 +222,7 @@ class RedisStore(Store):
         out = await self._script("fund", cmd.tenant, [
             cmd.idempotency_key or "", cmd.payload_hash, cmd.scope, cmd.unit, cmd.operation, str(cmd.amount),
             _opt(cmd.spent)])
-        outcome = self._outcome(out)
-        r = outcome.result
-        r["previous"] = [int(v) for v in r["previous"]]
-        r["new"] = [int(v) for v in r["new"]]
-        r["timestamp_ms"] = int(r["timestamp_ms"])
-        return outcome
+        return self._outcome(out)
 
     # ---- runtime ----
 
@@ -328,6 +325,27 @@ class RedisStore(Store):
 
     async def purge_idempotency(self, older_than_ms: int) -> int:
         return 0  # idempotency keys carry their own TTL (PEXPIRE retention_ms)
+
+
+_RESULT_INTS = ("amount", "expires_at_ms", "charged", "released", "actual", "timestamp_ms")
+
+
+def _normalize(result: dict[str, Any]) -> dict[str, Any]:
+    """Scripts send int64 values as decimal strings (cjson keeps 14 digits); give callers the same
+    result records as every other store: ints, and lists where Lua's empty table became an object."""
+    for key in _RESULT_INTS:
+        if isinstance(result.get(key), str):
+            result[key] = int(result[key])
+    for key in ("previous", "new"):
+        if key in result:
+            result[key] = [int(v) for v in result[key]]
+    if "balances" in result:
+        rows = result["balances"] if isinstance(result["balances"], list) else []
+        result["balances"] = [[r[0], r[1], *(int(v) for v in r[2:7]), bool(r[7])] for r in rows]
+    for key in ("affected_scopes",):
+        if isinstance(result.get(key), dict):
+            result[key] = []
+    return result
 
 
 def _reservation(h: dict[str, str]) -> dict[str, Any]:

@@ -110,6 +110,15 @@ class _Busy(Exception):
     """Another process holds the write lock; the transaction did not start."""
 
 
+class _CommitThenRaise(Exception):
+    """Commit what the transaction did so far, then answer with `error` (used when a denied reserve
+    expired overdue leases first: those expiries stand, as on every other store)."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def _ledger(row: Sequence[Any]) -> L.Ledger:
     return L.Ledger(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
 
@@ -197,6 +206,9 @@ class SQLiteStore(Store):
             result = fn(conn, self._clock())
             conn.execute("COMMIT")
             return result
+        except _CommitThenRaise as outcome:
+            conn.execute("COMMIT")
+            raise outcome.error from None
         except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")
@@ -419,12 +431,17 @@ class SQLiteStore(Store):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
                                 details={"scope": cmd.scope_path, "unit": cmd.unit})
         denial = L.check_reserve(ledgers, cmd.amount)
-        if denial is not None and _expire_due(conn, now, 1000, tenant=cmd.tenant):
-            ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
-            denial = L.check_reserve(ledgers, cmd.amount)
+        expired = 0
+        if denial is not None:
+            expired = _expire_due(conn, now, 1000, tenant=cmd.tenant)
+            if expired:
+                ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
+                denial = L.check_reserve(ledgers, cmd.amount)
         if denial is not None:
             if evaluate_only:
                 return deny(denial.code.value, ledgers)
+            if expired:
+                raise _CommitThenRaise(denial.error())
             raise denial.error()
 
         caps = None  # policies are the source of caps (admin plane); none yet

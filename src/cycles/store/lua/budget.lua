@@ -1,4 +1,4 @@
--- create a budget ledger. ARGV: 1 prefix, 2 tenant, 3 unused, 4 clock offset, 5 scope, 6 unit, 7 ledger id, 8 allocated,
+-- create a budget ledger. ARGV: 1 prefix, 2 tenant, 3 unused, 4 test clock, 5 scope, 6 unit, 7 ledger id, 8 allocated,
 -- 9 overdraft_limit, 10 commit overage policy ('' = none), 11 extra json
 local tenant_id, scope, unit = ARGV[2], ARGV[5], ARGV[6]
 local now = now_ms()

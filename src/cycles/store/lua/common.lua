@@ -52,12 +52,15 @@ end
 
 local ZERO = {0, 0}
 local INT64_MAX = I('9223372036854775807')
+local INT64_MIN = I('-9223372036854775808')
 
--- ARGV[4] is a clock offset in ms: always 0 in production, set by tests that move time forward.
-local CLOCK_OFFSET = tonumber(ARGV[4]) or 0
+-- ARGV[4] is a test clock in epoch ms: always 0 in production (time is Redis TIME); tests that
+-- drive time themselves pass their clock's value.
+local TEST_NOW = tonumber(ARGV[4]) or 0
 local function now_ms()
+  if TEST_NOW > 0 then return TEST_NOW end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + CLOCK_OFFSET
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 local function fail(code, msg, details)
@@ -224,7 +227,7 @@ local function check_reserve(ls, amount)
 end
 
 -- Charge `actual` against ledgers holding `held` for it; mutates ls. Returns charged or nil, error.
-local function settle(ls, held, actual, policy, reject_any)
+local function settle_unchecked(ls, held, actual, policy, reject_any)
   local delta = isub(actual, held)
   local function plain()
     for _, l in ipairs(ls) do l.reserved = isub(l.reserved, held); l.spent = iadd(l.spent, actual) end
@@ -273,6 +276,17 @@ local function settle(ls, held, actual, policy, reject_any)
     l.reserved = isub(l.reserved, held)
     l.spent = iadd(l.spent, charged)
     if icmp(shorts[i], ZERO) > 0 then l.is_over_limit = true end
+  end
+  return charged
+end
+
+local function settle(ls, held, actual, policy, reject_any)
+  local charged, err = settle_unchecked(ls, held, actual, policy, reject_any)
+  if err then return nil, err end
+  for _, l in ipairs(ls) do
+    if icmp(l.spent, INT64_MAX) > 0 then
+      return nil, fail('INVALID_REQUEST', 'charging ' .. S(actual) .. ' would take spent past the int64 range for scope ' .. l.scope)
+    end
   end
   return charged
 end

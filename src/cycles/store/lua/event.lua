@@ -1,4 +1,4 @@
--- post-only accounting event. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 clock offset, 5 key, 6 payload hash, 7 unit,
+-- post-only accounting event. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 test clock, 5 key, 6 payload hash, 7 unit,
 -- 8 amount, 9 scope_path, 10 scopes (json), 11 overage policy, 12 event id, 13 subject json, 14 action json,
 -- 15 extra json (metadata, metrics, client time)
 local tenant_id, retention, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6]

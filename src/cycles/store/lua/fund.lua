@@ -1,4 +1,4 @@
--- budget funding. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 clock offset, 5 key ('' = none), 6 payload hash, 7 scope,
+-- budget funding. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 test clock, 5 key ('' = none), 6 payload hash, 7 scope,
 -- 8 unit, 9 operation, 10 amount, 11 spent ('' = none)
 local tenant_id, retention, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6]
 local scope, unit, op, amount = ARGV[7], ARGV[8], ARGV[9], I(ARGV[10])
@@ -42,6 +42,9 @@ elseif op == 'REPAY_DEBT' then
   l.allocated = iadd(l.allocated, amount)
 else
   return fail('INVALID_REQUEST', 'unknown funding operation ' .. op)
+end
+if icmp(remaining(l), INT64_MIN) < 0 then
+  return fail('INVALID_REQUEST', op .. ' would push remaining below the int64 range')
 end
 l.is_over_limit = icmp(l.debt, l.overdraft_limit) > 0
 save_ledger(l, now)

@@ -1,4 +1,4 @@
--- reserve (live and dry run) and decide. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 clock offset, 5 endpoint, 6 key,
+-- reserve (live and dry run) and decide. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 test clock, 5 endpoint, 6 key,
 -- 7 payload hash, 8 unit, 9 amount, 10 scope_path, 11 scopes (json), 12 dry_run (1/0), 13 ttl_ms, 14 grace_ms,
 -- 15 overage policy, 16 subject (json), 17 action (json), 18 metadata (json), 19 reservation id
 local tenant_id, retention, endpoint, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7]

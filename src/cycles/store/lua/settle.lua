@@ -1,5 +1,5 @@
 -- commit / release / extend of one reservation. ARGV: 1 prefix, 2 owner tenant (from the reservation id),
--- 3 retention_ms, 4 clock offset, 5 endpoint, 6 reservation id, 7 key, 8 payload hash, 9 caller tenant ('' = admin),
+-- 3 retention_ms, 4 test clock, 5 endpoint, 6 reservation id, 7 key, 8 payload hash, 9 caller tenant ('' = admin),
 -- 10 actual (commit) or extend_by_ms (extend), 11 unit (commit), 12 metadata json (commit)
 local tenant_id, retention, endpoint, rid, key, payload_hash, caller =
   ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]

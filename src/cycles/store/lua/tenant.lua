@@ -1,5 +1,5 @@
 -- create (ARGV 5 = 'create') or update (ARGV 5 = 'update') a tenant record. ARGV: 1 prefix, 2 tenant,
--- 3 unused, 4 clock offset, 5 mode, 6 record json (create) or changes json (update), 7 now iso (update)
+-- 3 unused, 4 test clock, 5 mode, 6 record json (create) or changes json (update), 7 now iso (update)
 local tenant_id, mode = ARGV[2], ARGV[5]
 local raw = redis.call('GET', k_tenant())
 if mode == 'create' then
