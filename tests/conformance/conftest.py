@@ -83,12 +83,14 @@ def run_driver(python: str, script: str, params: dict[str, Any], workdir: Path, 
     return result
 
 
-def validate_exchanges(python: str, exchanges: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+def validate_exchanges(python: str, exchanges: list[dict[str, Any]], workdir: Path,
+                       no_trace_in_errors: bool = False) -> dict[str, Any]:
     """Run the SDK's validators (drivers/validate.py) over recorded exchanges."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "exchanges.json"
     path.write_text(json.dumps(exchanges))
-    return run_driver(python, "validate", {"exchanges_file": str(path)}, workdir)
+    return run_driver(python, "validate", {"exchanges_file": str(path), "no_trace_in_errors": no_trace_in_errors},
+                      workdir)
 
 
 @pytest.fixture
@@ -100,7 +102,8 @@ def proxy(server: Server, sdk_python: str, tmp_path: Path) -> Iterator[Recording
         rec.stop()
     exchanges = rec.dump()
     if exchanges:
-        report = validate_exchanges(sdk_python, exchanges, tmp_path / "validate")
+        report = validate_exchanges(sdk_python, exchanges, tmp_path / "validate",
+                                    no_trace_in_errors=getattr(server, "no_trace_in_errors", False))
         assert report["checked"] == len(exchanges)
         assert not report["problems"], (
             "responses rejected by runcycles 0.5.3's validators:\n" + json.dumps(report["problems"], indent=1))

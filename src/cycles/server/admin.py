@@ -211,6 +211,9 @@ async def fund_budget(request: Request, ctx: Ctx) -> Response:
     scope = _budget_scope(scope_raw, tenant)
     raw = await read_body(request)
     req = decode(raw, a.BudgetFundingRequest)
+    header = request.headers.get("x-idempotency-key")
+    if header is not None and header != req.idempotency_key:
+        raise bad("X-Idempotency-Key header and body idempotency_key must match")
     _same_unit(unit, req.amount, req.spent)
     payload = hashlib.sha256(scope.encode() + b"\x00" + unit.encode() + b"\x00" + m.canonical(req)).hexdigest()
     cmd = FundCommand(tenant=tenant, scope=scope, unit=unit, operation=req.operation, amount=req.amount.amount,

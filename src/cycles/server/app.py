@@ -45,11 +45,12 @@ async def _sweeper(store: Store, interval_s: float) -> None:
 
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
-               sweep_interval_s: float = 1.0) -> Starlette:
+               sweep_interval_s: float = 1.0, error_trace_id: bool = True) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
-    state = AppState(store=store, auth=Authenticator(store, admin_key), metrics=metrics)
+    state = AppState(store=store, auth=Authenticator(store, admin_key), metrics=metrics,
+                     error_trace_id=error_trace_id)
 
     routes: list[Route | Mount] = [
         Route(op.path, endpoint(op.operation_id, metrics.observe)(op.handler), methods=[op.method]) for op in OPS
@@ -127,6 +128,7 @@ def create_app_from_env() -> Starlette:
         store_url=os.environ.get("CYCLES_STORE_URL"),
         admin_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
+        error_trace_id=os.environ.get("CYCLES_ERROR_TRACE_ID", "1") != "0",
     )
 
 

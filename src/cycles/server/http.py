@@ -34,6 +34,7 @@ class Ctx:
     tenant: str | None = None
     route: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)
+    trace_in_errors: bool = True
 
 
 def trace_from(headers: Any) -> tuple[str, str]:
@@ -54,8 +55,9 @@ def trace_from(headers: Any) -> tuple[str, str]:
 
 def new_ctx(request: Request) -> Ctx:
     trace_id, flags = trace_from(request.headers)
+    state = getattr(request.app.state, "cycles", None)
     return Ctx(request_id="req_" + os.urandom(12).hex(), trace_id=trace_id, trace_flags=flags,
-               started=time.perf_counter())
+               started=time.perf_counter(), trace_in_errors=getattr(state, "error_trace_id", True))
 
 
 def _headers(ctx: Ctx) -> dict[str, str]:
@@ -71,8 +73,10 @@ def json_response(ctx: Ctx, obj: Any, status: int = 200) -> Response:
 
 
 def error_response(ctx: Ctx, err: ProtocolError) -> Response:
+    # trace_id in the body is what the spec asks; strict clients that forbid unknown keys (runcycles
+    # 0.5.3) can have it left out with --no-error-trace-id. The X-Cycles-Trace-Id header always carries it.
     body = m.ErrorResponse(error=err.code.value, message=err.message, request_id=ctx.request_id,
-                           trace_id=ctx.trace_id, details=err.details or None)
+                           trace_id=ctx.trace_id if ctx.trace_in_errors else None, details=err.details or None)
     headers = _headers(ctx)
     headers.update(err.headers)
     return Response(m.encode(body), status_code=err.status, media_type="application/json", headers=headers)

@@ -59,10 +59,9 @@ def _rid(request: Request) -> str:
 
 
 async def create_reservation(request: Request, ctx: Ctx) -> Response:
-    raw = await read_body(request)
-    req = decode(raw, m.ReservationCreateRequest)
-    check_idempotency_header(request, req.idempotency_key)
     principal = await _auth(request, ctx, "reservations:create")
+    req = decode(await read_body(request), m.ReservationCreateRequest)
+    check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
     cmd = ReserveCommand(
         tenant=principal.tenant_id or "", endpoint="reserve", idempotency_key=req.idempotency_key,
@@ -84,10 +83,9 @@ async def create_reservation(request: Request, ctx: Ctx) -> Response:
 
 
 async def decide(request: Request, ctx: Ctx) -> Response:
-    raw = await read_body(request)
-    req = decode(raw, m.DecisionRequest)
-    check_idempotency_header(request, req.idempotency_key)
     principal = await _auth(request, ctx, "reservations:create")
+    req = decode(await read_body(request), m.DecisionRequest)
+    check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
     cmd = ReserveCommand(
         tenant=principal.tenant_id or "", endpoint="decide", idempotency_key=req.idempotency_key,
@@ -104,11 +102,10 @@ async def decide(request: Request, ctx: Ctx) -> Response:
 
 async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
     rid = _rid(request)
-    raw = await read_body(request)
-    typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
-    req = decode(raw, typ)
-    check_idempotency_header(request, req.idempotency_key)
     principal = await _auth(request, ctx, f"reservations:{kind}", allow_admin=(kind == "release"))
+    typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
+    req = decode(await read_body(request), typ)
+    check_idempotency_header(request, req.idempotency_key)
     cmd = SettleCommand(
         tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
         idempotency_key=req.idempotency_key, payload_hash=_hash(rid.encode(), m.canonical(req)),
@@ -234,10 +231,9 @@ async def balances(request: Request, ctx: Ctx) -> Response:
 
 
 async def create_event(request: Request, ctx: Ctx) -> Response:
-    raw = await read_body(request)
-    req = decode(raw, m.EventCreateRequest)
-    check_idempotency_header(request, req.idempotency_key)
     principal = await _auth(request, ctx, "reservations:commit")
+    req = decode(await read_body(request), m.EventCreateRequest)
+    check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
     cmd = EventCommand(
         tenant=principal.tenant_id or "", idempotency_key=req.idempotency_key, payload_hash=_hash(m.canonical(req)),

@@ -16,6 +16,7 @@ class AppState:
     store: Store
     auth: Authenticator
     metrics: Metrics
+    error_trace_id: bool = True
 
 
 def state_of(request: Request) -> AppState:

@@ -83,7 +83,7 @@ def strict(model: Any, body: Any) -> str | None:
         return f"{model.__name__} rejects the body: {exc}"
 
 
-def check(ex: dict[str, Any], counts: dict[str, int]) -> list[str]:
+def check(ex: dict[str, Any], counts: dict[str, int], no_trace_in_errors: bool = False) -> list[str]:
     problems: list[str] = []
     method, path, status = ex["method"], ex["path"], ex["status"]
     headers = ex["response_headers"]
@@ -109,11 +109,17 @@ def check(ex: dict[str, Any], counts: dict[str, int]) -> list[str]:
         if extra:
             problems.append(f"error body has keys outside the spec/SDK set: {sorted(extra)}")
         trace_id = body.get("trace_id")
-        if not isinstance(trace_id, str) or not TRACE_ID.match(trace_id):
+        if no_trace_in_errors:
+            # server run with --no-error-trace-id: the body must parse as the SDK sees it, untouched
+            if "trace_id" in body:
+                problems.append("error body carries trace_id although the server runs with --no-error-trace-id")
+            if not TRACE_ID.match(headers.get("x-cycles-trace-id") or ""):
+                problems.append("no valid X-Cycles-Trace-Id header on an error response")
+        elif not isinstance(trace_id, str) or not TRACE_ID.match(trace_id):
             problems.append(f"error body trace_id {trace_id!r} is not 32 lowercase hex (spec MUST)")
         elif trace_id != headers.get("x-cycles-trace-id"):
             problems.append("error body trace_id differs from the X-Cycles-Trace-Id header")
-        sdk_view = {k: v for k, v in body.items() if k != "trace_id"}
+        sdk_view = body if no_trace_in_errors else {k: v for k, v in body.items() if k != "trace_id"}
         try:
             parsed = ErrorResponse.model_validate(sdk_view)
         except Exception as exc:  # noqa: BLE001
@@ -161,7 +167,7 @@ def main() -> None:
     for ex in exchanges:
         if ex["status"] >= 400 and isinstance(ex["response_json"], dict) and "trace_id" in ex["response_json"]:
             with_trace += 1
-        for msg in check(ex, counts):
+        for msg in check(ex, counts, bool(p.get("no_trace_in_errors"))):
             problems.append({"seq": ex["seq"], "method": ex["method"], "path": ex["path"], "status": ex["status"],
                              "problem": msg, "body": ex["response_text"][:400]})
     emit({"checked": len(exchanges), "kinds": counts, "problems": problems,
