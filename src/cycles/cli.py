@@ -34,6 +34,15 @@ async def bootstrap_admin_key(store_url: str) -> str | None:
         await store.close()
 
 
+from .demos.cli import app as demo_app  # noqa: E402
+
+app.add_typer(demo_app, name="demo")
+
+from .mcp.cli import app as mcp_app  # noqa: E402
+
+app.add_typer(mcp_app, name="mcp")
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
@@ -44,6 +53,9 @@ def serve(
         "(default $CYCLES_DATA_DIR, else $XDG_DATA_HOME/cycles, else ~/.local/share/cycles)."),
     workers: int = typer.Option(1, min=1, max=64, help="Server processes sharing the store."),
     sweep_interval_ms: int = typer.Option(1000, min=0, help="How often expired leases are swept (0 disables)."),
+    error_trace_id: bool = typer.Option(
+        True, envvar="CYCLES_ERROR_TRACE_ID", help="Put trace_id in error bodies, as the spec asks. --no-error-trace-id leaves it to the "
+        "X-Cycles-Trace-Id header, for strict clients such as runcycles 0.5.3 that reject unknown keys."),
     access_log: bool = typer.Option(False, help="Log every request."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -58,6 +70,7 @@ def serve(
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
+    os.environ["CYCLES_ERROR_TRACE_ID"] = "1" if error_trace_id else "0"
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                   loop="auto", http="auto", timeout_graceful_shutdown=5)
     if workers == 1:

@@ -63,13 +63,7 @@ def time_param(params: Any, name: str) -> int | None:
     raw = params.get(name)
     if raw is None or raw.strip() == "":
         return None
-    try:
-        parsed = datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise bad(f"{name} must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return int(parsed.timestamp() * 1000)
+    return parse_iso(raw, name)
 
 
 def iso(ms: int) -> str:
@@ -78,10 +72,11 @@ def iso(ms: int) -> str:
 
 
 def parse_iso(value: str, name: str) -> int:
+    """An ISO 8601 date-time as epoch ms (UTC when no offset is given)."""
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise bad(f"{name} must be an ISO 8601 date-time") from None
+        raise bad(f"{name} must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return int(parsed.timestamp() * 1000)
