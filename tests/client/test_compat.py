@@ -465,3 +465,17 @@ def test_same_program_real_runcycles_vs_compat(server, tmp_path):
     assert ref.pop("commit_again_error") in (None, "RESERVATION_FINALIZED")
     assert ours.pop("commit_again_error") == "RESERVATION_FINALIZED"
     assert ours == ref
+
+
+def test_caps_and_metrics_helpers_match_runcycles() -> None:
+    from cycles.client.context import CyclesMetrics
+    from cycles.protocol.models import Caps
+
+    assert Caps(tool_allowlist=["search"]).is_tool_allowed("search")
+    assert not Caps(tool_allowlist=["search"], tool_denylist=["search"]).is_tool_allowed("email")
+    assert not Caps(tool_denylist=["email"]).is_tool_allowed("email")
+    assert Caps(tool_denylist=["email"]).is_tool_allowed("search")
+    assert Caps().is_tool_allowed("anything")
+    metrics = CyclesMetrics()
+    metrics.put_custom("cache_hit", True)
+    assert metrics.custom == {"cache_hit": True} and not metrics.is_empty()

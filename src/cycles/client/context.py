@@ -42,6 +42,11 @@ class CyclesMetrics:
     model_version: str | None = None
     custom: dict[str, Any] | None = None
 
+    def put_custom(self, key: str, value: Any) -> None:
+        if self.custom is None:
+            self.custom = {}
+        self.custom[key] = value
+
     def is_empty(self) -> bool:
         return all(v is None for v in (self.tokens_input, self.tokens_output, self.latency_ms, self.model_version,
                                        self.custom))

@@ -75,6 +75,12 @@ class Caps(Wire):
     tool_denylist: list[Annotated[str, Meta(max_length=256)]] | None = None
     cooldown_ms: Int64 | None = None
 
+    def is_tool_allowed(self, tool: str) -> bool:
+        """Spec precedence: a non-empty allowlist admits only its tools; else the denylist excludes."""
+        if self.tool_allowlist:
+            return tool in self.tool_allowlist
+        return not (self.tool_denylist and tool in self.tool_denylist)
+
 
 class StandardMetrics(Wire):
     tokens_input: Int64 | None = None
