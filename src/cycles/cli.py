@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
 from typing import Optional
 
@@ -81,9 +82,88 @@ def serve(
     metrics_dir = tempfile.mkdtemp(prefix="cycles-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run("cycles.server.app:create_app_from_env", factory=True, workers=workers, **common)
+        raise typer.Exit(_run_workers(workers, common))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _listener(host: str, port: int, *, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+def _worker_main(common: dict) -> None:
+    """One server process with its own SO_REUSEPORT listener."""
+    import uvicorn
+
+    from .server.app import create_app_from_env
+
+    options = {k: v for k, v in common.items() if k not in ("host", "port")}
+    sock = _listener(common["host"], common["port"], listen=True)
+    uvicorn.Server(uvicorn.Config(create_app_from_env(), **options)).run(sockets=[sock])
+
+
+def _run_workers(workers: int, common: dict) -> int:
+    """Run N worker processes, each listening on its own SO_REUSEPORT socket.
+
+    With one shared listening socket (uvicorn's --workers), a burst of keep-alive connections lands
+    mostly on one process; separate SO_REUSEPORT listeners let the kernel spread them evenly. A worker
+    that dies is restarted; SIGTERM or SIGINT stops them all.
+    """
+    import multiprocessing
+    import signal
+    import time
+
+    try:  # holds the port (bound, not listening, so it takes no connections) and fails early if taken
+        guard = _listener(common["host"], common["port"], listen=False)
+    except OSError as exc:
+        typer.echo(f"cannot listen on {common['host']}:{common['port']}: {exc}", err=True)
+        return 1
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs = [ctx.Process(target=_worker_main, args=(common,), daemon=False) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    restarts: list[float] = []
+    code = 0
+    try:
+        while not stopping:
+            time.sleep(0.25)
+            for i, proc in enumerate(procs):
+                if proc.is_alive() or stopping:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5:
+                    typer.echo("workers keep exiting; stopping", err=True)
+                    stopping, code = True, 1
+                    break
+                typer.echo(f"worker {proc.pid} exited with {proc.exitcode}; restarting", err=True)
+                procs[i] = ctx.Process(target=_worker_main, args=(common,), daemon=False)
+                procs[i].start()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+        guard.close()
+    return code
 
 
 @app.command()

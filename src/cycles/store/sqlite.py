@@ -15,6 +15,7 @@ import asyncio
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -137,6 +138,8 @@ class SQLiteStore(Store):
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
         self._inode: int | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # ---- connection ----
 
@@ -145,9 +148,37 @@ class SQLiteStore(Store):
         if self._conn is None:
             self._conn = self._connect()
             self._inode = os.stat(self.path).st_ino
-        else:
-            self._check_file()
+            self._start_checkpointer()
         return self._conn
+
+    def _start_checkpointer(self) -> None:
+        # Requests never checkpoint (wal_autocheckpoint=0): a checkpoint inside a request's COMMIT
+        # stalls the event loop for milliseconds, and with several processes it never completes and
+        # repeats on every commit. A background thread copies the WAL back instead; PASSIVE never
+        # waits for a lock, and TRUNCATE (tried now and then) keeps the WAL file small.
+        if self._checkpointer is not None or self.path == ":memory:":
+            return
+        self._stop.clear()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="cycles-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self, interval_s: float = 0.2) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+            conn.execute("PRAGMA busy_timeout=0")
+        except sqlite3.Error:
+            return
+        ticks = 0
+        try:
+            while not self._stop.wait(interval_s):
+                ticks += 1
+                mode = "TRUNCATE" if ticks % 25 == 0 else "PASSIVE"
+                try:
+                    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                except sqlite3.Error:
+                    pass  # busy or file gone: the next tick tries again
+        finally:
+            conn.close()
 
     def _check_file(self) -> None:
         # An open connection keeps working on a file that was moved or deleted; writing there would
@@ -175,11 +206,16 @@ class SQLiteStore(Store):
             # Lock waits are handled by _awrite with short async back-off instead of SQLite's
             # busy handler, whose sleeps are whole milliseconds and block the event loop.
             conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc
         return conn
 
     async def close(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(5)
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -187,6 +223,7 @@ class SQLiteStore(Store):
     async def health(self) -> bool:
         try:
             self.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+            self._check_file()
             return True
         except (sqlite3.Error, StoreUnavailable):
             return False
@@ -196,6 +233,7 @@ class SQLiteStore(Store):
 
     def _write_once(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
         conn = self.conn
+        self._check_file()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
