@@ -6,6 +6,7 @@ replays byte-identical: only `remaining_ttl_ms`, a volatile observation, is reco
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..core.ledger import Ledger
@@ -106,8 +107,6 @@ def event(out: Outcome) -> m.EventCreateResponse:
 
 def reservation(rec: dict[str, Any], include: frozenset[str] = frozenset({"metadata", "committed_metadata"}),
                 detail: bool = False) -> m.ReservationSummary:
-    import json
-
     unit = rec["unit"]
     cls = m.ReservationDetail if detail else m.ReservationSummary
     committed = rec.get("committed")

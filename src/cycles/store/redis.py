@@ -209,13 +209,11 @@ class RedisStore(Store):
                 continue
             start = f"{after[1]}|{after[2]}" if after is not None and t == after[0] else None
             for row in await self._budget_rows(t, await self._members(t, start)):
-                led = row["ledger"]
                 if not _budget_matches(row, filters):
                     continue
                 if len(items) == limit:
                     return Page(items, True)
                 items.append(row)
-                del led
         return Page(items, False)
 
     async def fund(self, cmd: FundCommand) -> Outcome:

@@ -278,14 +278,15 @@ class SQLiteStore(Store):
                 delay = min(delay * 2, 0.001)  # transactions last ~0.1 ms: poll often, never sleep long
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        for attempt in range(200):
+        attempt = 0
+        while True:  # WAL readers are rarely busy (only while another process recovers the WAL index)
             try:
                 return self.conn.execute(sql, tuple(params)).fetchall()
             except sqlite3.OperationalError as exc:
-                if not _locked(exc) or attempt == 199:
+                attempt += 1
+                if not _locked(exc) or attempt >= 200:
                     raise StoreUnavailable(str(exc)) from exc
                 time.sleep(0.0005)
-        raise StoreUnavailable("unreachable")
 
     # ---- settings, tenants, keys ----
 
@@ -733,9 +734,8 @@ def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int
     result_json, rid = replay
     active = False
     if rid:
-        row = conn.execute("SELECT status, deadline_ms, expires_at_ms FROM reservations WHERE reservation_id=?",
-                           (rid,)).fetchone()
-        active = bool(row) and row[0] == "ACTIVE" and now <= row[2]
+        row = conn.execute("SELECT status, expires_at_ms FROM reservations WHERE reservation_id=?", (rid,)).fetchone()
+        active = bool(row) and row[0] == "ACTIVE" and now <= row[1]
     return Outcome(_decode(result_json), replay=True, now_ms=now, reservation_active=active)
 
 
