@@ -47,29 +47,3 @@ def server(store_kind: str, tmp_path_factory: pytest.TempPathFactory, request: p
 @pytest.fixture
 def tenant(server: Server) -> Tenant:
     return new_tenant(server)
-
-
-@pytest.fixture
-def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest):
-    """Build a store of the current kind directly (no server), optionally with an injected clock."""
-    made = []
-
-    def make(clock=None, name: str = "direct"):
-        if store_kind == "sqlite":
-            from cycles.store.sqlite import SQLiteStore
-
-            kwargs = {"clock": clock} if clock is not None else {}
-            store = SQLiteStore(str(tmp_path / f"{name}.db"), **kwargs)
-        elif store_kind == "redis":
-            from cycles.store.redis import RedisStore
-
-            store = RedisStore(request.getfixturevalue("redis_url"), clock=clock)
-        else:
-            raise ValueError(store_kind)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        if getattr(store, "_conn", None) is not None:
-            store._conn.close()

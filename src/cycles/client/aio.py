@@ -17,7 +17,7 @@ from .config import CyclesConfig
 from .context import CyclesContext, HeartbeatEvent
 from .heartbeat import LeaseSchedule
 from .journal import Journal
-from .sync import Lease, Timing, record_event
+from .sync import Lease, Timing, after_extend, record_event
 
 log = logging.getLogger("cycles.client")
 
@@ -284,18 +284,9 @@ class AsyncHeartbeat:
             record_event(lease, err, "stop")
             lease.stopped = True
             return
-        lease.retry_key = None
-        ctx.expires_at_ms = resp.expires_at_ms
-        ctx.remaining_ttl_ms = resp.remaining_ttl_ms
-        ctx.extensions += 1
-        if lease.stopped:
-            return
-        d = lease.schedule.on_success(resp.remaining_ttl_ms, resp.expires_at_ms, timing.rtt_ms, timing.received_at)
-        if d.delay_s is None:
-            record_event(lease, d.reason, "stop")
-            lease.stopped = True
-        else:
-            self._schedule(lease, d.delay_s)
+        delay = after_extend(lease, resp, timing)
+        if delay is not None:
+            self._schedule(lease, delay)
 
     def shutdown(self) -> None:
         for lease in list(self._handles):

@@ -12,7 +12,7 @@ import email.utils
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, TypeVar
 from urllib.parse import quote
 

@@ -59,6 +59,39 @@ class _GuardBase:
         return recovery.build_record(self.client.config.base_url, self.ctx.reservation_id, commit, self.spec.subject,
                                      self.spec.action, self.spec.metadata)
 
+    def _heartbeat(self) -> Any:
+        return self.client.heartbeat
+
+    def _stop_heartbeat(self) -> None:
+        if self.lease is not None:
+            self._heartbeat().stop(self.lease)
+
+    def _entered(self, resp: m.ReservationCreateResponse, timing: Timing) -> CyclesContext:
+        """Turn a live create response into the call's context and start its heartbeat."""
+        if resp.decision == "DENY":
+            raise deny_error(resp)
+        spec = self.spec
+        self.ctx = CyclesContext.from_response(resp, estimate=spec.estimate, unit=spec.unit, key=spec.keys.reservation)
+        if self.heartbeat and resp.reservation_id:
+            self.lease = self._heartbeat().start(self.ctx, resp, spec.ttl_ms, timing, self.on_heartbeat_event)
+        self.started = time.monotonic()
+        return self.ctx
+
+    def _shadow_entered(self, resp: m.ReservationCreateResponse | None, err: Exception | None) -> CyclesContext:
+        if err is not None:
+            log.warning("shadow evaluation failed (the function still runs): %s", err)
+        self.ctx = _shadow_context(self.spec, resp, err)
+        self.started = time.monotonic()
+        return self.ctx
+
+    def _finish(self) -> bool:
+        """Mark the call settled and stop its heartbeat; False when it already was."""
+        if self.finished:
+            return False
+        self.finished = True
+        self._stop_heartbeat()
+        return True
+
     def _log_outcome(self) -> None:
         o = self.outcome
         if o is not None and o.kind != recovery.SUCCESS:
@@ -70,35 +103,22 @@ class SyncGuard(_GuardBase):
         spec = self.spec
         if self.shadow:
             try:
-                resp = self.client.create_reservation(spec.create_request(dry_run=True))
-                self.ctx = _shadow_context(spec, resp, None)
+                return self._shadow_entered(self.client.create_reservation(spec.create_request(dry_run=True)), None)
             except e.CyclesError as err:
-                log.warning("shadow evaluation failed (the function still runs): %s", err)
-                self.ctx = _shadow_context(spec, None, err)
-            self.started = time.monotonic()
-            return self.ctx
+                return self._shadow_entered(None, err)
         timing = Timing()
         from . import core
 
         resp = self.client._run(core.call(core.create_reservation(spec.create_request()), self.client.policy),
                                 timing=timing)
-        if resp.decision == "DENY":
-            raise deny_error(resp)
-        self.ctx = CyclesContext.from_response(resp, estimate=spec.estimate, unit=spec.unit, key=spec.keys.reservation)
-        if self.heartbeat and resp.reservation_id:
-            self.lease = self.client._hb().start(self.ctx, resp, spec.ttl_ms, timing, self.on_heartbeat_event)
-        self.started = time.monotonic()
-        return self.ctx
+        return self._entered(resp, timing)
 
-    def _stop_heartbeat(self) -> None:
-        if self.lease is not None:
-            self.client._hb().stop(self.lease)
+    def _heartbeat(self) -> Any:
+        return self.client._hb()  # the sync client starts its heartbeat thread on first use
 
     def commit(self, actual: int, actual_source: str | None = None) -> recovery.Outcome | None:
-        if self.finished:
+        if not self._finish():
             return self.outcome
-        self.finished = True
-        self._stop_heartbeat()
         if self.shadow or self.ctx is None:
             return None
         self.outcome = self.client.settler.settle(self._record(actual, actual_source))
@@ -106,11 +126,7 @@ class SyncGuard(_GuardBase):
         return self.outcome
 
     def release(self, reason: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._stop_heartbeat()
-        if self.shadow or self.ctx is None or self.ctx.reservation_id is None:
+        if not self._finish() or self.shadow or self.ctx is None or self.ctx.reservation_id is None:
             return
         try:
             self.client.release_reservation(self.ctx.reservation_id, self.spec.release_request(reason))
@@ -126,13 +142,10 @@ class AsyncGuard(_GuardBase):
         spec = self.spec
         if self.shadow:
             try:
-                resp = await self.client.create_reservation(spec.create_request(dry_run=True))
-                self.ctx = _shadow_context(spec, resp, None)
+                return self._shadow_entered(await self.client.create_reservation(spec.create_request(dry_run=True)),
+                                            None)
             except e.CyclesError as err:
-                log.warning("shadow evaluation failed (the function still runs): %s", err)
-                self.ctx = _shadow_context(spec, None, err)
-            self.started = time.monotonic()
-            return self.ctx
+                return self._shadow_entered(None, err)
         timing = Timing()
         create = asyncio.ensure_future(self.client._run(
             core.call(core.create_reservation(spec.create_request()), self.client.policy), timing=timing))
@@ -142,13 +155,7 @@ class AsyncGuard(_GuardBase):
             # Cancelled while the create was in flight: let it finish, then release what it may hold.
             asyncio.ensure_future(self._release_after(create))
             raise
-        if resp.decision == "DENY":
-            raise deny_error(resp)
-        self.ctx = CyclesContext.from_response(resp, estimate=spec.estimate, unit=spec.unit, key=spec.keys.reservation)
-        if self.heartbeat and resp.reservation_id:
-            self.lease = self.client.heartbeat.start(self.ctx, resp, spec.ttl_ms, timing, self.on_heartbeat_event)
-        self.started = time.monotonic()
-        return self.ctx
+        return self._entered(resp, timing)
 
     async def _release_after(self, create: "asyncio.Future[Any]") -> None:
         try:
@@ -161,15 +168,9 @@ class AsyncGuard(_GuardBase):
             except BaseException as err:  # noqa: BLE001
                 log.warning("release of %s after cancellation failed: %s", resp.reservation_id, err)
 
-    def _stop_heartbeat(self) -> None:
-        if self.lease is not None:
-            self.client.heartbeat.stop(self.lease)
-
     async def commit(self, actual: int, actual_source: str | None = None) -> recovery.Outcome | None:
-        if self.finished:
+        if not self._finish():
             return self.outcome
-        self.finished = True
-        self._stop_heartbeat()
         if self.shadow or self.ctx is None:
             return None
         record = self._record(actual, actual_source)
@@ -179,11 +180,7 @@ class AsyncGuard(_GuardBase):
         return self.outcome
 
     async def release(self, reason: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._stop_heartbeat()
-        if self.shadow or self.ctx is None or self.ctx.reservation_id is None:
+        if not self._finish() or self.shadow or self.ctx is None or self.ctx.reservation_id is None:
             return
         task = asyncio.ensure_future(self.client.release_reservation(self.ctx.reservation_id,
                                                                      self.spec.release_request(reason)))

@@ -317,6 +317,22 @@ def record_event(lease: Lease, err: BaseException | str, disposition: str) -> No
             log.warning("heartbeat event callback failed", exc_info=True)
 
 
+def after_extend(lease: Lease, resp: m.ReservationExtendResponse, timing: Timing) -> float | None:
+    """Record a successful extend on the lease's context; the delay until the next beat, or None to stop."""
+    ctx = lease.ctx
+    lease.retry_key = None
+    ctx.expires_at_ms = resp.expires_at_ms
+    ctx.remaining_ttl_ms = resp.remaining_ttl_ms
+    ctx.extensions += 1
+    if lease.stopped:
+        return None
+    d = lease.schedule.on_success(resp.remaining_ttl_ms, resp.expires_at_ms, timing.rtt_ms, timing.received_at)
+    if d.delay_s is None:
+        record_event(lease, d.reason, "stop")
+        lease.stopped = True
+    return d.delay_s
+
+
 class SyncHeartbeat:
     """One scheduler thread per client (started at the first lease that needs an extend) and a small
     pool for the extends themselves; no thread is created per guarded call."""
@@ -395,18 +411,9 @@ class SyncHeartbeat:
             record_event(lease, err, "stop")
             lease.stopped = True
             return
-        lease.retry_key = None
-        ctx.expires_at_ms = resp.expires_at_ms
-        ctx.remaining_ttl_ms = resp.remaining_ttl_ms
-        ctx.extensions += 1
-        if lease.stopped:
-            return
-        d = lease.schedule.on_success(resp.remaining_ttl_ms, resp.expires_at_ms, timing.rtt_ms, timing.received_at)
-        if d.delay_s is None:
-            record_event(lease, d.reason, "stop")
-            lease.stopped = True
-        else:
-            self._push(lease, d.delay_s)
+        delay = after_extend(lease, resp, timing)
+        if delay is not None:
+            self._push(lease, delay)
 
     def shutdown(self) -> None:
         with self._cond:
