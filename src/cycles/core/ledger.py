@@ -203,3 +203,33 @@ def fund(led: Ledger, operation: str, amount: int, spent: int | None = None) -> 
     if new.remaining < INT64_MIN:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{operation} would push remaining below the int64 range")
     return replace(new, is_over_limit=new.debt > new.overdraft_limit)
+
+
+def configure(led: Ledger, changes: dict) -> Ledger:
+    """Apply a settings change or status transition (freeze, unfreeze, close) to one ledger.
+
+    `from_status` lists the statuses the transition may start from. CLOSED is terminal. A FROZEN
+    ledger still takes settings changes (the operator may raise its overdraft limit to thaw safely).
+    """
+    if led.status == "CLOSED":
+        raise ProtocolError(ErrorCode.BUDGET_CLOSED, f"Budget is closed for scope {led.scope}")
+    new = led
+    status = changes.get("status")
+    if status is not None and status != led.status:
+        allowed = changes.get("from_status")
+        if allowed and led.status not in allowed:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                f"Budget for scope {led.scope} is {led.status}; cannot become {status}", status=409)
+        new = replace(new, status=status)
+    elif status is not None:
+        code = ErrorCode.BUDGET_FROZEN if status == "FROZEN" else ErrorCode.INVALID_REQUEST
+        raise ProtocolError(code, f"Budget for scope {led.scope} is already {status}", status=409)
+    if changes.get("allocated") is not None:
+        new = replace(new, allocated=changes["allocated"])
+        if new.remaining < INT64_MIN:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "allocated would push remaining below the int64 range")
+    if changes.get("overdraft_limit") is not None:
+        # As with funding: a changed limit re-decides the flag from the debt.
+        new = replace(new, overdraft_limit=changes["overdraft_limit"])
+        new = replace(new, is_over_limit=new.debt > new.overdraft_limit)
+    return new

@@ -70,3 +70,32 @@ def matches_filter(scope: str, wanted: Mapping[str, str], include_children: bool
         return True
     deepest = max(LEVELS.index(level) for level in wanted)
     return all(LEVELS.index(level) <= deepest for level in pairs)
+
+
+def within_filter(scope: str, scope_filter: list[str] | tuple[str, ...]) -> bool:
+    """Whether an API key restricted by `scope_filter` may act on `scope`.
+
+    Entries of one level (`workspace:eng`, `workspace:ops`) are alternatives; entries of different
+    levels must all hold (`workspace:eng` + `agent:*` = an agent inside workspace eng). `level:*`
+    requires the level to be present. An entry with `/` is a policy-style pattern that the scope or
+    one of its ancestors must match.
+    """
+    if not scope_filter:
+        return True
+    from .policies import matches
+
+    pairs = dict(parse(scope)) if scope else {}
+    chain = ["/".join(scope.split("/")[:i]) for i in range(1, scope.count("/") + 2)] if scope else []
+    by_level: dict[str, list[str]] = {}
+    for entry in scope_filter:
+        if "/" in entry:
+            if not any(matches(entry, s) for s in chain):
+                return False
+            continue
+        level, _, value = entry.partition(":")
+        by_level.setdefault(level, []).append(value.lower())
+    for level, values in by_level.items():
+        have = pairs.get(level)
+        if have is None or not ("*" in values or have in values):
+            return False
+    return True

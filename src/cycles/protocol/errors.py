@@ -28,6 +28,16 @@ class ErrorCode(str, Enum):
     DUPLICATE_RESOURCE = "DUPLICATE_RESOURCE"
     TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
     BUDGET_NOT_FOUND = "BUDGET_NOT_FOUND"
+    TENANT_SUSPENDED = "TENANT_SUSPENDED"
+    POLICY_VIOLATION = "POLICY_VIOLATION"
+    INSUFFICIENT_PERMISSIONS = "INSUFFICIENT_PERMISSIONS"
+    KEY_REVOKED = "KEY_REVOKED"
+    KEY_EXPIRED = "KEY_EXPIRED"
+    WEBHOOK_NOT_FOUND = "WEBHOOK_NOT_FOUND"
+    WEBHOOK_URL_INVALID = "WEBHOOK_URL_INVALID"
+    EVENT_NOT_FOUND = "EVENT_NOT_FOUND"
+    REPLAY_IN_PROGRESS = "REPLAY_IN_PROGRESS"
+    COUNT_MISMATCH = "COUNT_MISMATCH"
 
 
 # The status each code travels with (cycles-protocol-v0 §ERROR SEMANTICS).
@@ -49,6 +59,16 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.MAX_EXTENSIONS_EXCEEDED: 409,
     ErrorCode.TENANT_CLOSED: 409,
     ErrorCode.DUPLICATE_RESOURCE: 409,
+    ErrorCode.TENANT_SUSPENDED: 409,
+    ErrorCode.POLICY_VIOLATION: 409,
+    ErrorCode.INSUFFICIENT_PERMISSIONS: 403,
+    ErrorCode.KEY_REVOKED: 409,
+    ErrorCode.KEY_EXPIRED: 401,
+    ErrorCode.WEBHOOK_NOT_FOUND: 404,
+    ErrorCode.WEBHOOK_URL_INVALID: 400,
+    ErrorCode.EVENT_NOT_FOUND: 404,
+    ErrorCode.REPLAY_IN_PROGRESS: 409,
+    ErrorCode.COUNT_MISMATCH: 409,
     ErrorCode.RESERVATION_EXPIRED: 410,
     ErrorCode.LIMIT_EXCEEDED: 429,
     ErrorCode.INTERNAL_ERROR: 500,
@@ -81,3 +101,10 @@ def invalid(message: str, **details: Any) -> ProtocolError:
 
 class StoreUnavailable(Exception):
     """The store cannot be reached; answered as 503 so clients retry with the same key."""
+
+
+class VersionConflict(ProtocolError):
+    """A read-modify-write lost a race with another writer; the caller re-reads and retries."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(ErrorCode.DUPLICATE_RESOURCE, f"{what} changed concurrently; retry the request", status=409)

@@ -19,20 +19,19 @@ from ..store.base import FundCommand
 from .auth import KEY_PREFIX_LEN, Principal, hash_secret, new_tenant_key
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
+from . import audit
 from .state import state_of
 
 KEY_LIFETIME_MS = 90 * 24 * 3600 * 1000
 
 
 async def _admin(request: Request, ctx: Ctx) -> Principal:
-    return await state_of(request).auth.authenticate(request.headers, allow_admin=True, allow_tenant=False)
+    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 async def _tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
-    principal = await state_of(request).auth.authenticate(request.headers, allow_admin=True)
+    principal = await audit.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
-    if principal.tenant_id:
-        ctx.tenant = principal.tenant_id
     return principal
 
 
@@ -44,6 +43,7 @@ def _tenant_wire(rec: dict[str, Any]) -> a.Tenant:
 async def create_tenant(request: Request, ctx: Ctx) -> Response:
     await _admin(request, ctx)
     req = decode(await read_body(request), a.TenantCreateRequest)
+    audit.target_tenant(ctx, req.tenant_id)
     st = state_of(request)
     now = iso(await st.store.now_ms())
     record = msgspec.to_builtins(req)
@@ -78,8 +78,20 @@ async def update_tenant(request: Request, ctx: Ctx) -> Response:
     if len(tenant_id) > 64:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id[:64]} not found")
     changes = msgspec.to_builtins(req)
+    audit.target_tenant(ctx, tenant_id)
     rec = await st.store.update_tenant(tenant_id, changes, iso(await st.store.now_ms()))
+    if rec.get("cascade") == "PENDING":
+        await finish_cascade(st.store, tenant_id)
+        rec = await st.store.get_tenant(tenant_id) or rec
     return json_response(ctx, _tenant_wire(rec))
+
+
+async def finish_cascade(store: Any, tenant_id: str) -> None:
+    """Run a CLOSED tenant's cascade to the end in bounded atomic steps. The CLOSED flip committed
+    first, so every mutation of the tenant's objects is already refused while this runs; a crash
+    leaves the tenant marked PENDING and startup finishes it."""
+    while not await store.cascade_close(tenant_id):
+        pass
 
 
 async def create_api_key(request: Request, ctx: Ctx) -> Response:
@@ -97,6 +109,8 @@ async def create_api_key(request: Request, ctx: Ctx) -> Response:
         raise bad("expires_at must be in the future")
     secret = new_tenant_key()
     key_id = "key_" + secrets.token_hex(8)
+    audit.resource(ctx, key_id)
+    audit.target_tenant(ctx, req.tenant_id)
     permissions = list(dict.fromkeys(req.permissions)) if req.permissions is not None else list(a.DEFAULT_PERMISSIONS)
     record = {
         "key_id": key_id, "key_prefix": secret[:KEY_PREFIX_LEN], "tenant_id": req.tenant_id, "name": req.name,

@@ -18,6 +18,7 @@ from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store import Store, default_store_url, open_store
 from . import openapi
+from .audit import hooks as audit_hooks
 from .auth import Authenticator
 from .http import endpoint, error_response, json_response, new_ctx
 from .metrics import Metrics
@@ -29,8 +30,10 @@ log = logging.getLogger("cycles.server")
 IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000  # outlives the longest lease (24 h TTL + extensions)
 
 
-async def _sweeper(store: Store, interval_s: float) -> None:
+async def _sweeper(state: AppState, interval_s: float) -> None:
+    store = state.store
     purge_every = max(1, int(3600 / interval_s))
+    touch_every = max(1, int(10 / interval_s))
     ticks = 0
     while True:
         await asyncio.sleep(interval_s)
@@ -38,22 +41,36 @@ async def _sweeper(store: Store, interval_s: float) -> None:
             while await store.expire_due(500) == 500:
                 await asyncio.sleep(0)
             ticks += 1
+            if ticks % touch_every == 0:
+                await state.auth.flush_last_used()
             if ticks % purge_every == 0:
-                await store.purge_idempotency(await store.now_ms() - IDEMPOTENCY_RETENTION_MS)
+                now = await store.now_ms()
+                await store.purge_idempotency(now - IDEMPOTENCY_RETENTION_MS)
+                await store.purge_audit(now - state.audit_retention_ms)
         except Exception:  # noqa: BLE001 - a failed sweep is retried on the next tick
             log.warning("expiry sweep failed", exc_info=True)
 
 
+async def _resume_cascades(store: Store) -> None:
+    from .admin import finish_cascade
+
+    for tenant in await store.pending_cascades():
+        log.warning("finishing the close cascade of tenant %s (interrupted earlier)", tenant)
+        await finish_cascade(store, tenant)
+
+
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
-               sweep_interval_s: float = 1.0, error_trace_id: bool = True) -> Starlette:
+               sweep_interval_s: float = 1.0, error_trace_id: bool = True,
+               audit_retention_days: int = 90) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
     state = AppState(store=store, auth=Authenticator(store, admin_key), metrics=metrics,
-                     error_trace_id=error_trace_id)
+                     error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000)
 
     routes: list[Route | Mount] = [
-        Route(op.path, endpoint(op.operation_id, metrics.observe)(op.handler), methods=[op.method]) for op in OPS
+        Route(op.path, endpoint(op.operation_id, metrics.observe, audit_hooks(op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler),
+              methods=[op.method]) for op in OPS
     ]
 
     async def health(request: Request) -> Response:
@@ -106,10 +123,16 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.auth.load()
-        task = asyncio.create_task(_sweeper(store, sweep_interval_s)) if sweep_interval_s > 0 else None
+        try:
+            await _resume_cascades(store)
+        except Exception:  # noqa: BLE001 - the store may be down at startup; the next start retries
+            log.warning("could not resume close cascades", exc_info=True)
+        task = asyncio.create_task(_sweeper(state, sweep_interval_s)) if sweep_interval_s > 0 else None
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await state.auth.flush_last_used()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -129,6 +152,7 @@ def create_app_from_env() -> Starlette:
         admin_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
         error_trace_id=os.environ.get("CYCLES_ERROR_TRACE_ID", "1") != "0",
+        audit_retention_days=int(os.environ.get("CYCLES_AUDIT_RETENTION_DAYS", "90")),
     )
 
 

@@ -56,10 +56,19 @@ class Principal:
     tenant_id: str | None
     key_id: str | None
     permissions: frozenset[str]
+    scope_filter: tuple[str, ...] = ()
+    name: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.kind == "admin"
+
+    def require_scope(self, scope: str) -> None:
+        """Refuse a scope outside the key's scope_filter (403, never a hint of what exists there)."""
+        from ..core.scopes import within_filter
+
+        if self.scope_filter and not within_filter(scope, self.scope_filter):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"API key scope_filter does not allow scope {scope}")
 
     def require(self, permission: str) -> None:
         if self.is_admin or has_permission(self.permissions, permission):
@@ -83,6 +92,8 @@ class Authenticator:
         self._admin_key = admin_key
         self._admin_hash: str | None = None
         self._verified: dict[bytes, str] = {}
+        # last_used_at without a write per request: remembered here, written in batches by the sweeper
+        self.last_used: dict[str, int] = {}
 
     async def load(self) -> None:
         if self._admin_key is None:
@@ -123,7 +134,14 @@ class Authenticator:
             if not verify_secret(presented, record["secret_hash"]):
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
             self._remember(fingerprint, record["key_id"])
-        return principal_of(record)
+        principal = principal_of(record)
+        self.last_used[record["key_id"]] = int(time.time() * 1000)
+        return principal
+
+    async def flush_last_used(self) -> None:
+        if self.last_used:
+            batch, self.last_used = self.last_used, {}
+            await self.store.touch_api_keys(batch)
 
     async def authenticate(self, headers: Any, *, allow_admin: bool = False, allow_tenant: bool = True) -> Principal:
         tenant_key = headers.get("x-cycles-api-key")
@@ -142,4 +160,5 @@ def principal_of(record: dict[str, Any]) -> Principal:
     expires = record.get("expires_at_ms")
     if expires is not None and time.time() * 1000 >= expires:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key has expired")
-    return Principal("tenant", record["tenant_id"], record["key_id"], frozenset(record.get("permissions") or ()))
+    return Principal("tenant", record["tenant_id"], record["key_id"], frozenset(record.get("permissions") or ()),
+                     tuple(record.get("scope_filter") or ()), record.get("name"))

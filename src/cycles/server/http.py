@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
+from ..store.base import reset_journal
 
 log = logging.getLogger("cycles.server")
 
@@ -35,6 +36,10 @@ class Ctx:
     route: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)
     trace_in_errors: bool = True
+    principal: Any = None  # set once the request authenticated
+    auth_failed: bool = False
+    audit: dict[str, Any] | None = None  # this request's audit row, filled as the request goes
+    journal: list[dict[str, Any]] | None = None  # rows waiting for the request's write transaction
 
 
 def trace_from(headers: Any) -> tuple[str, str]:
@@ -136,16 +141,24 @@ Handler = Callable[[Request, Ctx], Awaitable[Response]]
 Observer = Callable[[Ctx, str, int], None]
 
 
-def endpoint(route: str, observe: Observer | None = None) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Wrap a handler: correlation ids on every response, protocol errors as spec bodies, never a traceback."""
+Auditor = Callable[[Request, Ctx, Response, "ProtocolError | None"], Awaitable[None]]
+
+
+def endpoint(route: str, observe: Observer | None = None, audit: tuple[Callable[[Request, Ctx], Any], Auditor] | None = None,
+             ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a handler: correlation ids on every response, protocol errors as spec bodies, never a
+    traceback, and (with `audit`: a begin and a finish hook) the request's audit row."""
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             ctx = new_ctx(request)
             ctx.route = route
+            token = audit[0](request, ctx) if audit else None
+            failure: ProtocolError | None = None
             try:
                 response = await handler(request, ctx)
             except ProtocolError as err:
+                failure = err
                 response = error_response(ctx, err)
             except StoreUnavailable as exc:
                 log.warning("store unavailable on %s: %s", route, exc)
@@ -155,6 +168,14 @@ def endpoint(route: str, observe: Observer | None = None) -> Callable[[Handler],
             except Exception:  # noqa: BLE001 - the last line of defence answers with the spec body
                 log.exception("unhandled error on %s (request_id=%s)", route, ctx.request_id)
                 response = error_response(ctx, ProtocolError(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+            if audit:
+                try:
+                    await audit[1](request, ctx, response, failure)
+                except Exception:  # noqa: BLE001 - the change itself committed with its row; this is a failure row
+                    log.warning("could not write the audit row of %s (request_id=%s)", route, ctx.request_id,
+                                exc_info=True)
+                finally:
+                    reset_journal(token)
             if observe is not None:
                 observe(ctx, request.method, response.status_code)
             return response

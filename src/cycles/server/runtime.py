@@ -19,6 +19,7 @@ from .http import Ctx, check_idempotency_header, decode, json_response, read_bod
 from .params import (
     bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
 )
+from . import audit, policies
 from .state import state_of
 
 RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
@@ -26,10 +27,8 @@ SORT_KEYS = ("reservation_id", "tenant", "scope_path", "status", "reserved", "cr
 
 
 async def _auth(request: Request, ctx: Ctx, permission: str, *, allow_admin: bool = False) -> Principal:
-    principal = await state_of(request).auth.authenticate(request.headers, allow_admin=allow_admin)
+    principal = await audit.authenticate(request, ctx, allow_admin=allow_admin)
     principal.require(permission)
-    if principal.tenant_id:
-        ctx.tenant = principal.tenant_id
     return principal
 
 
@@ -51,6 +50,17 @@ def _subject(subject: m.Subject, principal: Principal) -> tuple[dict[str, Any], 
     return fields, path, scopes
 
 
+async def _govern(store: Any, principal: Principal, cmd: ReserveCommand) -> None:
+    """Apply the key's scope_filter and the tenant's policies to a reservation request."""
+    principal.require_scope(cmd.scope_path)
+    res = await policies.resolve_for(store, cmd.tenant, cmd.scopes)
+    cmd.caps = res.caps
+    cmd.policy = res.store_args()
+    for lim in res.limits:
+        bucket = (lim.bucket, lim.limit, lim.policy_id, lim.scope)
+        (cmd.limits if lim.kind == "reserve" else cmd.commit_limits).append(bucket)
+
+
 def _rid(request: Request) -> str:
     rid = request.path_params["reservation_id"]
     if not 1 <= len(rid) <= 128:
@@ -70,6 +80,7 @@ async def create_reservation(request: Request, ctx: Ctx) -> Response:
         ttl_ms=req.ttl_ms, grace_ms=req.grace_period_ms, overage_policy=req.overage_policy, metadata=req.metadata,
     )
     st = state_of(request)
+    await _govern(st.store, principal, cmd)
     try:
         out = await st.store.reserve(cmd)
     except ProtocolError as err:
@@ -93,6 +104,7 @@ async def decide(request: Request, ctx: Ctx) -> Response:
         unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, metadata=req.metadata,
     )
     st = state_of(request)
+    await _govern(st.store, principal, cmd)
     out = await st.store.reserve(cmd)
     body = render.decision(out)
     if not out.replay:

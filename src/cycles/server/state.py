@@ -17,6 +17,7 @@ class AppState:
     auth: Authenticator
     metrics: Metrics
     error_trace_id: bool = True
+    audit_retention_ms: int = 90 * 86_400_000
 
 
 def state_of(request: Request) -> AppState:

@@ -10,8 +10,39 @@ keeps, so a replay renders byte-for-byte the same body, except for volatile fiel
 from __future__ import annotations
 
 import abc
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+
+# Journal entries (audit rows, later events) that the next successful write transaction of this
+# request writes together with its change: a change never lands without its record. Entries a
+# request's transactions did not take are written on their own afterwards (failures, no-op replays).
+_JOURNAL: ContextVar[list[dict[str, Any]] | None] = ContextVar("cycles_journal", default=None)
+
+
+def start_journal(entries: list[dict[str, Any]]) -> Any:
+    return _JOURNAL.set(entries)
+
+
+def reset_journal(token: Any) -> None:
+    _JOURNAL.reset(token)
+
+
+def pending_journal() -> list[dict[str, Any]]:
+    """Entries waiting for a transaction; a store empties the list once its transaction committed."""
+    return _JOURNAL.get() or []
+
+
+def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> list[dict[str, Any]]:
+    """Fill what only the transaction knows: the time, and the id of what a reserve created."""
+    out = []
+    for entry in entries:
+        rec = dict(entry)
+        rec.setdefault("timestamp_ms", now_ms)
+        if rec.get("resource_id") is None and isinstance(result, dict) and result.get("reservation_id"):
+            rec["resource_id"] = result["reservation_id"]
+        out.append(rec)
+    return out
 
 
 @dataclass(slots=True)
@@ -39,6 +70,12 @@ class ReserveCommand:
     grace_ms: int | None = None
     overage_policy: str | None = None
     metadata: dict[str, Any] | None = None
+    caps: dict[str, Any] | None = None
+    policy: dict[str, Any] = field(default_factory=dict)  # Resolution.store_args(): TTL, extensions, overage
+    # rate limit buckets [(bucket, limit, policy_id, scope)]: reserve ones are checked now, commit ones
+    # are kept on the reservation and checked when it is committed
+    limits: list[tuple[str, int, str, str]] = field(default_factory=list)
+    commit_limits: list[tuple[str, int, str, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -97,6 +134,18 @@ class ReservationQuery:
     sort_dir: str = "desc"
     limit: int = 50
     after: tuple[Any, str] | None = None
+
+
+@dataclass(slots=True)
+class AuditScan:
+    """A time-ordered window of the audit log; filters beyond these are applied by the caller."""
+
+    tenant: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+    descending: bool = True
+    after: tuple[int, str] | None = None  # (timestamp_ms, log_id) of the last row already returned
+    limit: int = 500
 
 
 @dataclass(slots=True)
@@ -191,3 +240,65 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def purge_idempotency(self, older_than_ms: int) -> int: ...
+
+    # ---- admin plane ----
+
+    @abc.abstractmethod
+    async def append_journal(self, entries: list[dict[str, Any]]) -> None:
+        """Write journal entries on their own (records of requests that changed nothing)."""
+
+    @abc.abstractmethod
+    async def scan_audit(self, scan: AuditScan) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def purge_audit(self, older_than_ms: int) -> int: ...
+
+    @abc.abstractmethod
+    async def list_tenants(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def list_api_keys(self, tenant: str | None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def update_api_key(self, key_id: str, changes: dict[str, Any], *, guard_tenant: bool = True) -> dict[str, Any]:
+        """Apply changes to a key record; a REVOKED key accepts no change; a CLOSED tenant's keys answer
+        TENANT_CLOSED unless guard_tenant is False (the close cascade revoking them)."""
+
+    @abc.abstractmethod
+    async def touch_api_keys(self, last_used: dict[str, int]) -> None:
+        """Record last use times (batched by the caller; a later time never goes backwards)."""
+
+    @abc.abstractmethod
+    async def get_doc(self, kind: str, doc_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def list_docs(self, kind: str, tenant: str | None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def save_doc(self, kind: str, tenant: str, doc_id: str, record: dict[str, Any] | None,
+                       expect_version: int | None, *, guard_tenant: bool = True) -> dict[str, Any] | None:
+        """Create (expect_version None: must not exist), replace or delete (record None) a document
+        whose stored `version` equals expect_version; bumps `version`. A lost race answers 409."""
+
+    @abc.abstractmethod
+    async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def update_budget(self, tenant: str, scope: str, unit: str, changes: dict[str, Any],
+                            *, guard_tenant: bool = True) -> dict[str, Any]:
+        """Change a ledger's settings or status. Keys: status (with `from_status` the allowed current
+        statuses), allocated, overdraft_limit, commit_overage_policy, extra (merged). CLOSED is terminal;
+        closing returns nothing held (reservations settle against the closed ledger as usual)."""
+
+    @abc.abstractmethod
+    async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
+        """One bounded, atomic step of a CLOSED tenant's cascade: release open reservations, close
+        budgets, revoke keys, disable webhooks. Returns True (and marks the tenant's cascade DONE)
+        when nothing is left. Safe to repeat and to run from several processes at once."""
+
+    @abc.abstractmethod
+    async def pending_cascades(self) -> list[str]:
+        """Tenants whose close cascade has not finished (a crash stopped it): resumed at startup."""

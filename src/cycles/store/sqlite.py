@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import msgspec
 
 from ..core import ledger as L
-from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
+from ..core import policies as P
+from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
 from .base import (
+    AuditScan,
     EventCommand,
     FundCommand,
     Outcome,
@@ -32,6 +34,8 @@ from .base import (
     ReserveCommand,
     SettleCommand,
     Store,
+    pending_journal,
+    stamp_journal,
 )
 
 SCHEMA = """
@@ -60,7 +64,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     deadline_ms INTEGER NOT NULL, overage_policy TEXT NOT NULL, idempotency_key TEXT,
     metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
     extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
-    s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT
+    s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT, commit_limits TEXT
 );
 CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
 CREATE INDEX IF NOT EXISTS reservations_active_deadline ON reservations (status, deadline_ms);
@@ -71,6 +75,19 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant_id, endpoint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at_ms);
+CREATE TABLE IF NOT EXISTS audit (
+    log_id TEXT PRIMARY KEY, timestamp_ms INTEGER NOT NULL, tenant_id TEXT NOT NULL, record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (timestamp_ms, log_id);
+CREATE INDEX IF NOT EXISTS audit_tenant_time ON audit (tenant_id, timestamp_ms, log_id);
+CREATE TABLE IF NOT EXISTS docs (
+    kind TEXT NOT NULL, doc_id TEXT NOT NULL, tenant_id TEXT NOT NULL, version INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (kind, doc_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS docs_tenant ON docs (kind, tenant_id);
+CREATE TABLE IF NOT EXISTS rate_counters (
+    bucket TEXT NOT NULL, window INTEGER NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (bucket, window)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, scope_path TEXT NOT NULL, subject TEXT NOT NULL,
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
@@ -202,6 +219,7 @@ class SQLiteStore(Store):
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            _migrate(conn)
             conn.execute("COMMIT")
             # Lock waits are handled by _awrite with short async back-off instead of SQLite's
             # busy handler, whose sleeps are whole milliseconds and block the event loop.
@@ -240,9 +258,14 @@ class SQLiteStore(Store):
             if _locked(exc):
                 raise _Busy() from exc
             raise StoreUnavailable(f"store error: {exc}") from exc
+        journal = pending_journal()
         try:
-            result = fn(conn, self._clock())
+            now = self._clock()
+            result = fn(conn, now)
+            if journal:
+                _insert_journal(conn, stamp_journal(journal, now, getattr(result, "result", None)))
             conn.execute("COMMIT")
+            journal.clear()
             return result
         except _CommitThenRaise as outcome:
             conn.execute("COMMIT")
@@ -333,6 +356,7 @@ class SQLiteStore(Store):
                 record["suspended_at"] = now_iso
             if status == "CLOSED":
                 record["closed_at"] = now_iso
+                record["cascade"] = "PENDING"  # finished by cascade_close, resumed after a crash
             record.update(changes)
             record["updated_at"] = now_iso
             conn.execute("UPDATE tenants SET status=?, record=? WHERE tenant_id=?",
@@ -463,6 +487,8 @@ class SQLiteStore(Store):
                 return deny("TENANT_SUSPENDED")
             raise ProtocolError(ErrorCode.FORBIDDEN, f"Tenant {cmd.tenant} is suspended; new reservations are refused")
 
+        if cmd.limits and not evaluate_only:
+            _rate_check(conn, cmd.limits, now)
         ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit)
         if not ledgers:
             if evaluate_only:
@@ -483,34 +509,40 @@ class SQLiteStore(Store):
                 raise _CommitThenRaise(denial.error())
             raise denial.error()
 
-        caps = None  # policies are the source of caps (admin plane); none yet
+        caps = cmd.caps
         decision = "ALLOW_WITH_CAPS" if caps else "ALLOW"
         if evaluate_only:
             result = {**base, "decision": decision, "caps": caps, "balances": [balance_record(l) for l in ledgers]}
             _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
-        ttl = cmd.ttl_ms or (tenant or {}).get("default_reservation_ttl_ms") or DEFAULT_TTL_MS
-        max_ttl = (tenant or {}).get("max_reservation_ttl_ms")
+        # Precedence for every setting: the request, then the governing policy, then the budget
+        # (overage only), then the tenant, then the built-in default.
+        pol, t = cmd.policy, tenant or {}
+        ttl = cmd.ttl_ms or pol.get("default_ttl_ms") or t.get("default_reservation_ttl_ms") or DEFAULT_TTL_MS
+        max_ttl = pol.get("max_ttl_ms") or t.get("max_reservation_ttl_ms")
         if max_ttl:
             ttl = min(ttl, max_ttl)
         grace = DEFAULT_GRACE_MS if cmd.grace_ms is None else cmd.grace_ms
-        policy = (cmd.overage_policy or _budget_policy(conn, cmd.tenant, ledgers)
-                  or (tenant or {}).get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
-        max_ext = (tenant or {}).get("max_reservation_extensions")
+        policy = (cmd.overage_policy or pol.get("overage_policy") or _budget_policy(conn, cmd.tenant, ledgers)
+                  or t.get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
+        max_ext = pol.get("max_extensions", t.get("max_reservation_extensions"))
         max_ext = DEFAULT_MAX_EXTENSIONS if max_ext is None else max_ext
+        if cmd.limits:
+            _rate_count(conn, cmd.limits, now)
         held = L.hold(ledgers, cmd.amount)
         _write_ledgers(conn, cmd.tenant, held, now)
         rid = new_id("rsv")
         expires = now + ttl
         subj = cmd.subject
         conn.execute(
-            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
              cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
-             0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS)),
+             0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
+             _dumps(cmd.commit_limits) if cmd.commit_limits else None),
         )
         result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
                   "balances": [balance_record(l) for l in held]}
@@ -528,8 +560,13 @@ class SQLiteStore(Store):
                     f"Commit unit {cmd.unit} does not match the reservation unit {res['unit']}",
                     details={"scope": res["scope_path"], "requested_unit": cmd.unit, "expected_units": [res["unit"]]},
                 )
+            limits = _commit_limits(conn, cmd.reservation_id)
+            if limits:
+                _rate_check(conn, limits, now)
             ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
             settled = L.settle(ledgers, res["amount"], cmd.actual or 0, res["overage_policy"], reject_any_overage=True)
+            if limits:
+                _rate_count(conn, limits, now)
             _write_ledgers(conn, res["tenant_id"], settled.ledgers, now)
             conn.execute(
                 "UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, finalized_at_ms=? "
@@ -693,6 +730,226 @@ class SQLiteStore(Store):
         return await self._awrite(
             lambda conn, now: conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
         )
+
+
+    # ---- admin plane ----
+
+    async def append_journal(self, entries: list[dict[str, Any]]) -> None:
+        def tx(conn: sqlite3.Connection, now: int) -> None:
+            _insert_journal(conn, stamp_journal(entries, now, None))
+
+        await self._awrite(tx)
+
+    async def scan_audit(self, scan: AuditScan) -> list[dict[str, Any]]:
+        where, params = [], []
+        if scan.tenant is not None:
+            where.append("tenant_id=?")
+            params.append(scan.tenant)
+        if scan.from_ms is not None:
+            where.append("timestamp_ms >= ?")
+            params.append(scan.from_ms)
+        if scan.to_ms is not None:
+            where.append("timestamp_ms <= ?")
+            params.append(scan.to_ms)
+        op, direction = ("<", "DESC") if scan.descending else (">", "ASC")
+        if scan.after is not None:
+            where.append(f"(timestamp_ms, log_id) {op} (?, ?)")
+            params += list(scan.after)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        rows = self._read(f"SELECT record FROM audit {clause} ORDER BY timestamp_ms {direction}, log_id {direction} "
+                          "LIMIT ?", (*params, scan.limit))
+        return [_decode(r[0]) for r in rows]
+
+    async def purge_audit(self, older_than_ms: int) -> int:
+        return await self._awrite(
+            lambda conn, now: conn.execute("DELETE FROM audit WHERE timestamp_ms < ?", (older_than_ms,)).rowcount)
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        return [_decode(r[0]) for r in self._read("SELECT record FROM tenants ORDER BY tenant_id")]
+
+    async def list_api_keys(self, tenant: str | None) -> list[dict[str, Any]]:
+        if tenant is None:
+            rows = self._read("SELECT record FROM api_keys ORDER BY created_at_ms, key_id")
+        else:
+            rows = self._read("SELECT record FROM api_keys WHERE tenant_id=? ORDER BY created_at_ms, key_id", (tenant,))
+        return [_decode(r[0]) for r in rows]
+
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM api_keys WHERE key_id=?", (key_id,))
+        return _decode(rows[0][0]) if rows else None
+
+    async def update_api_key(self, key_id: str, changes: dict[str, Any], *, guard_tenant: bool = True) -> dict[str, Any]:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
+            row = conn.execute("SELECT record FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+            if row is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"API key {key_id} not found")
+            record = _decode(row[0])
+            if guard_tenant:
+                _guard_tenant_open(conn, record["tenant_id"])
+            if record.get("status") == "REVOKED":
+                raise ProtocolError(ErrorCode.KEY_REVOKED, f"API key {key_id} is revoked", status=409)
+            record.update(changes)
+            conn.execute("UPDATE api_keys SET record=? WHERE key_id=?", (_dumps(record), key_id))
+            return record
+
+        return await self._awrite(tx)
+
+    async def touch_api_keys(self, last_used: dict[str, int]) -> None:
+        def tx(conn: sqlite3.Connection, now: int) -> None:
+            for key_id, at_ms in last_used.items():
+                row = conn.execute("SELECT record FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+                if row is None:
+                    continue
+                record = _decode(row[0])
+                if (record.get("last_used_at_ms") or 0) < at_ms:
+                    record["last_used_at_ms"] = at_ms
+                    conn.execute("UPDATE api_keys SET record=? WHERE key_id=?", (_dumps(record), key_id))
+
+        await self._awrite(tx)
+
+    async def get_doc(self, kind: str, doc_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM docs WHERE kind=? AND doc_id=?", (kind, doc_id))
+        return _decode(rows[0][0]) if rows else None
+
+    async def list_docs(self, kind: str, tenant: str | None) -> list[dict[str, Any]]:
+        if tenant is None:
+            rows = self._read("SELECT record FROM docs WHERE kind=? ORDER BY doc_id", (kind,))
+        else:
+            rows = self._read("SELECT record FROM docs WHERE kind=? AND tenant_id=? ORDER BY doc_id", (kind, tenant))
+        return [_decode(r[0]) for r in rows]
+
+    async def save_doc(self, kind: str, tenant: str, doc_id: str, record: dict[str, Any] | None,
+                       expect_version: int | None, *, guard_tenant: bool = True) -> dict[str, Any] | None:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any] | None:
+            if guard_tenant:
+                _guard_tenant_open(conn, tenant)
+            row = conn.execute("SELECT version FROM docs WHERE kind=? AND doc_id=?", (kind, doc_id)).fetchone()
+            current = row[0] if row else None
+            if current != expect_version:
+                raise _doc_conflict(kind, doc_id, current, expect_version)
+            if record is None:
+                conn.execute("DELETE FROM docs WHERE kind=? AND doc_id=?", (kind, doc_id))
+                return None
+            stored = {**record, "version": (current or 0) + 1}
+            conn.execute("INSERT OR REPLACE INTO docs (kind, doc_id, tenant_id, version, record) VALUES (?,?,?,?,?)",
+                         (kind, doc_id, tenant, stored["version"], _dumps(stored)))
+            return stored
+
+        return await self._awrite(tx)
+
+    async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
+        rows = _budget_rows(self.conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
+        return rows[0] if rows else None
+
+    async def update_budget(self, tenant: str, scope: str, unit: str, changes: dict[str, Any],
+                            *, guard_tenant: bool = True) -> dict[str, Any]:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any]:
+            if guard_tenant:
+                _guard_tenant_open(conn, tenant)
+            rows = _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
+            if not rows:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for scope {scope} and unit {unit}")
+            row = rows[0]
+            led, extra = row["ledger"], row["extra"]
+            new = L.configure(led, changes)
+            if changes.get("extra"):
+                extra = {**extra, **changes["extra"]}
+                extra = {k: v for k, v in extra.items() if v is not None}
+            policy = changes["commit_overage_policy"] if "commit_overage_policy" in changes else row["commit_overage_policy"]
+            conn.execute(
+                "UPDATE budgets SET allocated=?, overdraft_limit=?, is_over_limit=?, status=?, commit_overage_policy=?, "
+                "extra=?, updated_at_ms=? WHERE tenant_id=? AND scope=? AND unit=?",
+                (new.allocated, new.overdraft_limit, int(new.is_over_limit), new.status, policy, _dumps(extra), now,
+                 tenant, scope, unit))
+            return _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))[0]
+
+        return await self._awrite(tx)
+
+    async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
+        def tx(conn: sqlite3.Connection, now: int) -> bool:
+            record = _tenant_state(conn, tenant)
+            if record is None or record["status"] != "CLOSED":
+                return True
+            rows = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE tenant_id=? AND status='ACTIVE' LIMIT ?",
+                                (tenant, batch)).fetchall()
+            for r in rows:
+                res = _reservation(r)
+                ledgers = _scope_ledgers(conn, tenant, _decode(res["budgeted_scopes"]), res["unit"])
+                _write_ledgers(conn, tenant, L.unhold(ledgers, res["amount"]), now)
+                conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
+                             (now, res["reservation_id"]))
+            if len(rows) == batch:
+                return False
+            conn.execute("UPDATE budgets SET status='CLOSED', updated_at_ms=? WHERE tenant_id=? AND status!='CLOSED'",
+                         (now, tenant))
+            for key_id, raw in conn.execute("SELECT key_id, record FROM api_keys WHERE tenant_id=?", (tenant,)).fetchall():
+                key = _decode(raw)
+                if key.get("status") != "REVOKED":
+                    key.update(status="REVOKED", revoked_at_ms=now, revoked_reason="tenant closed")
+                    conn.execute("UPDATE api_keys SET record=? WHERE key_id=?", (_dumps(key), key_id))
+            for doc_id, raw in conn.execute("SELECT doc_id, record FROM docs WHERE kind='webhook' AND tenant_id=?",
+                                            (tenant,)).fetchall():
+                hook = _decode(raw)
+                if hook.get("status") != "DISABLED":
+                    hook.update(status="DISABLED", version=hook.get("version", 0) + 1)
+                    conn.execute("UPDATE docs SET record=?, version=? WHERE kind='webhook' AND doc_id=?",
+                                 (_dumps(hook), hook["version"], doc_id))
+            record["cascade"] = "DONE"
+            conn.execute("UPDATE tenants SET record=? WHERE tenant_id=?", (_dumps(record), tenant))
+            return True
+
+        return await self._awrite(tx)
+
+    async def pending_cascades(self) -> list[str]:
+        rows = self._read("SELECT tenant_id, record FROM tenants WHERE status='CLOSED'")
+        return [t for t, raw in rows if _decode(raw).get("cascade") == "PENDING"]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring files written by earlier versions up to the current schema."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
+    if "commit_limits" not in cols:
+        conn.execute("ALTER TABLE reservations ADD COLUMN commit_limits TEXT")
+
+
+def _commit_limits(conn: sqlite3.Connection, rid: str) -> list[Any]:
+    row = conn.execute("SELECT commit_limits FROM reservations WHERE reservation_id=?", (rid,)).fetchone()
+    return _decode(row[0]) if row and row[0] else []
+
+
+def _rate_check(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: int) -> None:
+    """Refuse with 429 when one more event would exceed any bucket's per-minute limit."""
+    window = now // P.WINDOW_MS
+    for bucket, limit, policy_id, scope in limits:
+        counts = dict(conn.execute("SELECT window, count FROM rate_counters WHERE bucket=? AND window IN (?, ?)",
+                                   (bucket, window - 1, window)).fetchall())
+        prev, cur = counts.get(window - 1, 0), counts.get(window, 0)
+        scaled, _ = P.window_count(prev, cur, now)
+        if scaled + P.WINDOW_MS > limit * P.WINDOW_MS:
+            raise P.rate_error(bucket, limit, policy_id, scope, P.retry_after_ms(prev, cur, limit, now))
+
+
+def _rate_count(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: int) -> None:
+    window = now // P.WINDOW_MS
+    for bucket, *_ in limits:
+        conn.execute("INSERT INTO rate_counters (bucket, window, count) VALUES (?, ?, 1) "
+                     "ON CONFLICT (bucket, window) DO UPDATE SET count = count + 1", (bucket, window))
+        conn.execute("DELETE FROM rate_counters WHERE bucket=? AND window < ?", (bucket, window - 1))
+
+
+def _doc_conflict(kind: str, doc_id: str, current: int | None, expected: int | None) -> ProtocolError:
+    if expected is None:
+        return ProtocolError(ErrorCode.DUPLICATE_RESOURCE, f"{kind} {doc_id} already exists")
+    if current is None:
+        return ProtocolError(ErrorCode.NOT_FOUND, f"{kind} {doc_id} not found")
+    return VersionConflict(f"{kind} {doc_id}")
+
+
+def _insert_journal(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
+    conn.executemany(
+        "INSERT INTO audit (log_id, timestamp_ms, tenant_id, record) VALUES (?,?,?,?)",
+        [(e["log_id"], e["timestamp_ms"], e["tenant_id"], _dumps(e)) for e in entries],
+    )
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:

@@ -1,0 +1,109 @@
+"""The audit log: one row per authenticated mutation and per failed authentication.
+
+A mutation's row rides in the journal of its request and is written by the store inside the same
+transaction as the change (no change without its row). Rows of requests that changed nothing (a
+refused request, an idempotent replay of a create) are written on their own when the request ends.
+Reads are not audited, except failed authentications on any route.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..protocol.errors import ProtocolError
+from ..store.base import start_journal
+from .http import Ctx
+from .state import state_of
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ADMIN_SENTINEL = "__admin__"
+UNAUTH_SENTINEL = "__unauth__"
+_ID_PARAMS = ("reservation_id", "tenant_id", "key_id", "policy_id", "subscription_id", "event_id")
+RESOURCE_TYPES = {"Tenants": "tenant", "Budgets": "budget", "API Keys": "api_key", "Policies": "policy",
+                  "Reservations": "reservation", "Decisions": "decision", "Events": "event", "Webhooks": "webhook",
+                  "Operators": "admin_key", "Configuration": "config"}
+
+
+def new_log_id() -> str:
+    return "log_" + secrets.token_hex(12)
+
+
+def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Request, Ctx], Any], Any]:
+    resource_type = RESOURCE_TYPES.get(tag, tag.lower())
+
+    def begin(request: Request, ctx: Ctx) -> Any:
+        ctx.journal = []
+        ctx.audit = {
+            "journal": "audit", "log_id": new_log_id(), "operation": operation, "resource_type": resource_type,
+            "request_id": ctx.request_id, "trace_id": ctx.trace_id, "status": success_status,
+            "source_ip": request.client.host if request.client else None,
+            "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
+        }
+        for name in _ID_PARAMS:
+            if name in request.path_params:
+                ctx.audit["resource_id"] = str(request.path_params[name])[:256]
+                break
+        return start_journal(ctx.journal)
+
+    async def finish(request: Request, ctx: Ctx, response: Response, failure: ProtocolError | None) -> None:
+        row = ctx.audit
+        if row is None:
+            return
+        if ctx.principal is not None:
+            if request.method not in MUTATING or not ctx.journal:
+                return  # a read, or the mutation's transaction already wrote the row
+            row["status"] = response.status_code
+        elif ctx.auth_failed:
+            row.update(tenant_id=UNAUTH_SENTINEL, status=response.status_code)
+        else:
+            return  # refused before authentication was attempted (unknown route shape, body too large)
+        if response.status_code >= 400:
+            row["error_code"] = failure.code.value if failure else "INTERNAL_ERROR"
+        ctx.journal.clear()
+        await state_of(request).store.append_journal([row])
+
+    return begin, finish
+
+
+def authenticated(request: Request, ctx: Ctx, principal: Any) -> None:
+    """Called by authentication: from now on the request's mutations carry its row."""
+    ctx.principal = principal
+    row = ctx.audit
+    if row is None:
+        return
+    row["tenant_id"] = ADMIN_SENTINEL if principal.is_admin else principal.tenant_id
+    row["key_id"] = principal.key_id
+    if request.method in MUTATING and ctx.journal is not None and row not in ctx.journal:
+        ctx.journal.append(row)
+
+
+def target_tenant(ctx: Ctx, tenant: str | None) -> None:
+    """Name the tenant an admin-key mutation acted on (its row's tenant_id is the admin sentinel)."""
+    if ctx.audit is not None and tenant:
+        ctx.audit.setdefault("metadata", {})["target_tenant_id"] = tenant
+
+
+def resource(ctx: Ctx, resource_id: str | None) -> None:
+    if ctx.audit is not None and resource_id:
+        ctx.audit["resource_id"] = resource_id
+
+
+async def authenticate(request: Request, ctx: Ctx, *, allow_admin: bool = False, allow_tenant: bool = True) -> Any:
+    """Authenticate the request and note the outcome for its audit row."""
+    from ..protocol.errors import ErrorCode
+
+    try:
+        principal = await state_of(request).auth.authenticate(request.headers, allow_admin=allow_admin,
+                                                              allow_tenant=allow_tenant)
+    except ProtocolError as err:
+        if err.code == ErrorCode.UNAUTHORIZED:
+            ctx.auth_failed = True
+        raise
+    authenticated(request, ctx, principal)
+    if principal.tenant_id:
+        ctx.tenant = principal.tenant_id
+    return principal
