@@ -419,3 +419,48 @@ def test_cascade_interrupted_by_a_crash_is_finished_at_startup(kind: str, tmp_pa
             await store.close()
 
     asyncio.run(check_done())
+
+
+# ---- operator identity ----
+
+def test_named_operator_keys_audit_permissions_and_bootstrap_rotation(tmp_path: Any, request: pytest.FixtureRequest) -> None:
+    """Each operator has an own key, audited under its id, limited by granular admin permissions;
+    the bootstrap key can be turned off without a restart once named keys exist."""
+    from conftest import store_url
+    from support import start_server
+
+    srv = start_server(store_url("sqlite", tmp_path, request), tmp_path)
+    try:
+        with srv.admin() as c:
+            r = c.post("/v1/admin/operator-keys", json={"name": "alice"})
+            assert r.status_code == 201, r.text
+            alice = r.json()["key_secret"]
+            assert alice.startswith("cyc_op_") and "secret_hash" not in r.text
+            viewer = c.post("/v1/admin/operator-keys", json={"name": "viewer", "permissions": ["admin:read"]}).json()
+        a = httpx.Client(base_url=srv.base_url, headers={"X-Admin-API-Key": alice})
+        v = httpx.Client(base_url=srv.base_url, headers={"X-Admin-API-Key": viewer["key_secret"]})
+        tid = "op-" + uuid.uuid4().hex[:8]
+        r = a.post("/v1/admin/tenants", json={"tenant_id": tid, "name": "x"})
+        assert r.status_code == 201
+        assert v.get("/v1/admin/tenants").status_code == 200
+        r = v.post("/v1/admin/tenants", json={"tenant_id": tid + "-2", "name": "x"})
+        assert r.status_code == 403 and r.json()["error"] == "INSUFFICIENT_PERMISSIONS"
+        # no escalation: a viewer cannot mint a writer
+        assert v.post("/v1/admin/operator-keys", json={"name": "evil", "permissions": ["*"]}).status_code == 403
+        rows = [row for row in a.get("/v1/admin/audit/logs", params={"operation": "createTenant"}).json()["logs"]
+                if row.get("metadata", {}).get("target_tenant_id") == tid]
+        assert rows and rows[0]["key_id"].startswith("op_") and rows[0]["tenant_id"] == "__admin__"
+        # the bootstrap key cannot disable itself; alice can, and the bootstrap key stops working at once
+        with srv.admin() as c:
+            assert c.post("/v1/admin/operator-keys/bootstrap/disable").status_code == 400
+        assert a.post("/v1/admin/operator-keys/bootstrap/disable").status_code == 200
+        with srv.admin() as c:
+            assert c.get("/v1/admin/tenants").status_code == 401
+        assert a.get("/v1/admin/tenants").status_code == 200
+        # revoking takes effect at once
+        assert a.delete(f"/v1/admin/operator-keys/{viewer['key']['key_id']}").status_code == 200
+        assert v.get("/v1/admin/tenants").status_code == 401
+        listed = a.get("/v1/admin/operator-keys").json()
+        assert listed["bootstrap_disabled"] is True and {k["status"] for k in listed["keys"]} == {"ACTIVE", "REVOKED"}
+    finally:
+        srv.stop()

@@ -106,4 +106,20 @@ async def authenticate(request: Request, ctx: Ctx, *, allow_admin: bool = False,
     authenticated(request, ctx, principal)
     if principal.tenant_id:
         ctx.tenant = principal.tenant_id
+    if principal.is_admin and ctx.audit is not None:
+        ctx.audit.setdefault("metadata", {})["actor_type"] = "admin" if not allow_tenant else "admin_on_behalf_of"
+        principal.require_admin(admin_permission(ctx.audit["resource_type"], request.method))
     return principal
+
+
+_ADMIN_RESOURCES = {"tenant": "tenants", "budget": "budgets", "policy": "policies", "api_key": "apikeys",
+                    "webhook": "webhooks", "event": "events", "audit": "audit"}
+
+
+def admin_permission(resource_type: str, method: str) -> str:
+    """The granular admin permission a route needs: admin:<resource>:read for reads, :write otherwise."""
+    access = "read" if method in ("GET", "HEAD") else "write"
+    resource = _ADMIN_RESOURCES.get(resource_type)
+    if resource is None or (resource == "audit" and access == "write"):
+        return f"admin:{access}"
+    return f"admin:{resource}:{access}"

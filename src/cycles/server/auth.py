@@ -21,6 +21,10 @@ from ..store.base import Store
 
 KEY_PREFIX_LEN = 14  # "cyc_live_" + 5 characters, as in the reference
 ADMIN_HASH_SETTING = "admin_key_hash"
+BOOTSTRAP_DISABLED_SETTING = "bootstrap_admin_disabled"
+OPERATOR_KIND = "operator_key"
+OPERATOR_KEY_PREFIX = "cyc_op_"
+OPERATOR_PREFIX_LEN = 16  # "cyc_op_" + 9 characters
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _CACHE_MAX = 10_000
 
@@ -46,6 +50,10 @@ def new_tenant_key() -> str:
     return "cyc_live_" + secrets.token_urlsafe(24)
 
 
+def new_operator_key() -> str:
+    return OPERATOR_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 def new_admin_key() -> str:
     return "cyc_admin_" + secrets.token_urlsafe(32)
 
@@ -69,6 +77,16 @@ class Principal:
 
         if self.scope_filter and not within_filter(scope, self.scope_filter):
             raise ProtocolError(ErrorCode.FORBIDDEN, f"API key scope_filter does not allow scope {scope}")
+
+    @property
+    def is_superuser(self) -> bool:
+        return "*" in self.permissions
+
+    def require_admin(self, permission: str) -> None:
+        """Operator keys carry granular admin permissions; the bootstrap key carries them all."""
+        if self.is_superuser or has_permission(self.permissions, permission):
+            return
+        raise ProtocolError(ErrorCode.INSUFFICIENT_PERMISSIONS, f"Admin key lacks the {permission} permission")
 
     def require(self, permission: str) -> None:
         if self.is_admin or has_permission(self.permissions, permission):
@@ -108,9 +126,18 @@ class Authenticator:
         self._verified[fingerprint] = key_id
 
     async def admin(self, presented: str) -> Principal:
+        """The bootstrap key (env, or the hash stored at first start) or a named operator key.
+
+        CYCLES_ADMIN_API_KEY may list two keys separated by a comma while a rotation rolls out; once
+        every operator has a named key, `bootstrap_disabled` turns the bootstrap key off."""
+        if len(presented) > 512:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+        if presented.startswith(OPERATOR_KEY_PREFIX):
+            return await self._operator(presented)
         fingerprint = hashlib.sha256(b"admin:" + presented.encode()).digest()
         if self._admin_key is not None:
-            ok = hmac.compare_digest(presented.encode(), self._admin_key.encode())
+            ok = any(hmac.compare_digest(presented.encode(), k.strip().encode())
+                     for k in self._admin_key.split(",") if k.strip())
         elif self._cached(fingerprint, "admin"):
             ok = True
         else:
@@ -119,9 +146,28 @@ class Authenticator:
             ok = self._admin_hash is not None and verify_secret(presented, self._admin_hash)
             if ok:
                 self._remember(fingerprint, "admin")
+        if ok and await self.store.get_setting(BOOTSTRAP_DISABLED_SETTING) == "1":
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "The bootstrap admin key is disabled; use a named operator key")
         if not ok:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
-        return Principal("admin", None, "admin", frozenset({"*"}))
+        return Principal("admin", None, "bootstrap", frozenset({"*"}), name="bootstrap")
+
+    async def _operator(self, presented: str) -> Principal:
+        record = await self.store.get_doc(OPERATOR_KIND, presented[:OPERATOR_PREFIX_LEN])
+        if record is None:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+        fingerprint = hashlib.sha256(b"operator:" + presented.encode()).digest()
+        if not self._cached(fingerprint, record["key_id"]):
+            if not verify_secret(presented, record["secret_hash"]):
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+            self._remember(fingerprint, record["key_id"])
+        if record.get("status") != "ACTIVE":
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Admin API key is revoked")
+        expires = record.get("expires_at_ms")
+        if expires is not None and time.time() * 1000 >= expires:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Admin API key has expired")
+        return Principal("admin", None, record["key_id"], frozenset(record.get("permissions") or ()),
+                         name=record.get("name"))
 
     async def tenant(self, presented: str) -> Principal:
         if len(presented) < KEY_PREFIX_LEN or len(presented) > 512:

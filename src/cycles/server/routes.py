@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..protocol import admin as a
 from ..protocol import models as m
-from . import admin, governance, policies, runtime
+from . import admin, governance, operators, policies, runtime
 from ..protocol import governance as g
 
 
@@ -131,4 +131,14 @@ OPS: tuple[Op, ...] = (
         ("from", "date-time", ""), ("to", "date-time", ""), ("search", "string", ""), ("trace_id", "string", ""),
         ("request_id", "string", ""), ("sort_dir", "string", "asc or desc"), ("limit", "integer", "1..200"),
         ("cursor", "string", ""))),
+    Op("POST", "/v1/admin/operator-keys", "createOperatorKey", "Create a named admin key (secret shown once)",
+       "Operators", operators.create_operator_key, operators.OperatorKeyCreateRequest,
+       {201: operators.OperatorKeyCreateResponse}, ("AdminKeyAuth",)),
+    Op("GET", "/v1/admin/operator-keys", "listOperatorKeys", "List named admin keys", "Operators",
+       operators.list_operator_keys, None, {200: operators.OperatorKeyListResponse}, ("AdminKeyAuth",)),
+    Op("DELETE", "/v1/admin/operator-keys/{key_id}", "revokeOperatorKey", "Revoke a named admin key", "Operators",
+       operators.revoke_operator_key, None, {200: operators.OperatorKey}, ("AdminKeyAuth",)),
+    Op("POST", "/v1/admin/operator-keys/bootstrap/disable", "disableBootstrapKey",
+       "Turn off the bootstrap admin key (named keys keep working)", "Operators", operators.disable_bootstrap, None,
+       {200: None}, ("AdminKeyAuth",)),
 )
