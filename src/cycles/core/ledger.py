@@ -233,3 +233,27 @@ def configure(led: Ledger, changes: dict) -> Ledger:
         new = replace(new, overdraft_limit=changes["overdraft_limit"])
         new = replace(new, is_over_limit=new.debt > new.overdraft_limit)
     return new
+
+
+ROLLOVER_POLICIES = ("NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED")
+
+
+def rollover(led: Ledger, policy: str, base: int) -> Ledger:
+    """Start a new budget period on one ledger.
+
+    `base` is one period's allocation. Spent starts again from 0; what is reserved stays held (those
+    actions are in flight and settle in the new period) and debt stays owed. Unused budget, what
+    nobody spent, reserved or owes (`max(0, remaining)`), is
+      NONE: dropped (use it or lose it),
+      CARRY_FORWARD: added to the new period's allocation,
+      CAP_AT_ALLOCATED: added, but at most one period's allocation (balance never above 2 × base).
+    """
+    unused = max(0, led.remaining)
+    if policy == "CARRY_FORWARD":
+        carried = unused
+    elif policy == "CAP_AT_ALLOCATED":
+        carried = min(unused, base)
+    else:
+        carried = 0
+    new = replace(led, allocated=_int64(base + carried, "allocated"), spent=0)
+    return replace(new, is_over_limit=new.debt > new.overdraft_limit)

@@ -137,6 +137,9 @@ class BudgetCreateRequest(Wire):
     period_start: Timestamp | None = None
     period_end: Timestamp | None = None
     metadata: Metadata | None = None
+    # Extensions: calendar periods. Without an interval, every period lasts as long as the first.
+    period_interval: Literal["DAILY", "WEEKLY", "MONTHLY", "QUARTERLY", "YEARLY"] | None = None
+    period_timezone: Annotated[str, Meta(max_length=64)] | None = None
 
 
 class BudgetLedger(Wire):

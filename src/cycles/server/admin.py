@@ -159,6 +159,32 @@ def _same_unit(unit: str, *amounts: m.Amount | None) -> None:
                                 details={"requested_unit": amount.unit, "expected_units": [unit]})
 
 
+def _period(req: a.BudgetCreateRequest) -> dict[str, Any]:
+    """The period fields of a new budget (stored in its extra). A budget without period_start has
+    no periods; with one it renews at every boundary by its rollover_policy (default NONE)."""
+    from ..core import periods
+
+    if req.period_start is None:
+        if req.period_end or req.period_interval or req.period_timezone or req.rollover_policy not in (None, "NONE"):
+            raise bad("period_start is required with period_end, period_interval, period_timezone or a rollover_policy")
+        return {"rollover_policy": req.rollover_policy} if req.rollover_policy else {}
+    start = parse_iso(req.period_start, "period_start")
+    try:
+        if req.period_end is None:
+            if req.period_interval is None:
+                raise periods.PeriodError("period_end or period_interval is required with period_start")
+            end = periods.boundary(start, start, 1, req.period_interval, req.period_timezone)
+        else:
+            end = parse_iso(req.period_end, "period_end")
+        periods.validate(start, end, req.period_interval, req.period_timezone)
+    except periods.PeriodError as exc:
+        raise bad(str(exc)) from None
+    return {"rollover_policy": req.rollover_policy or "NONE", "period_start": iso(start), "period_end": iso(end),
+            "period_interval": req.period_interval, "period_timezone": req.period_timezone,
+            "period_anchor_ms": start, "period_first_end_ms": end, "period_end_ms": end, "period_index": 0,
+            "period_allocation": req.allocated.amount}
+
+
 async def create_budget(request: Request, ctx: Ctx) -> Response:
     principal = await _tenant_or_admin(request, ctx, "budgets:write")
     req = decode(await read_body(request), a.BudgetCreateRequest)
@@ -171,8 +197,8 @@ async def create_budget(request: Request, ctx: Ctx) -> Response:
             raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
         tenant = principal.tenant_id or ""
     _same_unit(req.unit, req.allocated, req.overdraft_limit)
-    extra = {k: v for k, v in (("rollover_policy", req.rollover_policy), ("period_start", req.period_start),
-                               ("period_end", req.period_end), ("metadata", req.metadata)) if v is not None}
+    extra: dict[str, Any] = {"metadata": req.metadata} if req.metadata is not None else {}
+    extra.update(_period(req))
     record = {"tenant_id": tenant, "scope": _budget_scope(req.scope, tenant), "unit": req.unit,
               "allocated": req.allocated.amount,
               "overdraft_limit": req.overdraft_limit.amount if req.overdraft_limit else 0,

@@ -23,6 +23,7 @@ from .auth import Authenticator
 from .http import endpoint, error_response, json_response, new_ctx
 from .metrics import Metrics
 from .routes import OPS
+from .scheduler import roll_due
 from .state import AppState
 
 log = logging.getLogger("cycles.server")
@@ -40,6 +41,7 @@ async def _sweeper(state: AppState, interval_s: float) -> None:
         try:
             while await store.expire_due(500) == 500:
                 await asyncio.sleep(0)
+            await roll_due(store)
             ticks += 1
             if ticks % touch_every == 0:
                 await state.auth.flush_last_used()

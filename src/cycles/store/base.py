@@ -294,6 +294,17 @@ class Store(abc.ABC):
         closing returns nothing held (reservations settle against the closed ledger as usual)."""
 
     @abc.abstractmethod
+    async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Budget rows (as get_budget) whose period ended at or before now_ms, oldest first."""
+
+    @abc.abstractmethod
+    async def rollover_budget(self, tenant: str, scope: str, unit: str, expected_end_ms: int,
+                              period: dict[str, Any]) -> dict[str, Any] | None:
+        """Start the next period (`period`: the new period_* fields of extra, incl. period_end_ms)
+        with `core.ledger.rollover`, only if the stored period still ends at expected_end_ms; None
+        when another process did it first. Returns {before, after, extra}."""
+
+    @abc.abstractmethod
     async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
         """One bounded, atomic step of a CLOSED tenant's cascade: release open reservations, close
         budgets, revoke keys, disable webhooks. Returns True (and marks the tenant's cascade DONE)

@@ -396,10 +396,10 @@ class SQLiteStore(Store):
             ledger_id = new_id("ldg")
             conn.execute(
                 "INSERT INTO budgets (tenant_id, scope, unit, ledger_id, allocated, overdraft_limit, "
-                "commit_overage_policy, extra, created_at_ms, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "commit_overage_policy, extra, created_at_ms, updated_at_ms, period_end_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (record["tenant_id"], record["scope"], record["unit"], ledger_id, record["allocated"],
                  record.get("overdraft_limit", 0), record.get("commit_overage_policy"),
-                 _dumps(record.get("extra") or {}), now, now),
+                 _dumps(record.get("extra") or {}), now, now, (record.get("extra") or {}).get("period_end_ms")),
             )
             return _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?",
                                 (record["tenant_id"], record["scope"], record["unit"]))[0]
@@ -447,6 +447,8 @@ class SQLiteStore(Store):
             before = _ledger(row)
             after = L.fund(before, cmd.operation, cmd.amount, cmd.spent)
             _write_ledgers(conn, cmd.tenant, [after], now)
+            if cmd.operation in ("RESET", "RESET_SPENT"):
+                _set_period_allocation(conn, cmd.tenant, cmd.scope, cmd.unit, cmd.amount)
             result = {
                 "operation": cmd.operation, "unit": cmd.unit, "timestamp_ms": now,
                 "previous": [before.allocated, before.remaining, before.debt, before.spent],
@@ -865,6 +867,35 @@ class SQLiteStore(Store):
 
         return await self._awrite(tx)
 
+    async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._read("SELECT tenant_id, scope, unit FROM budgets WHERE period_end_ms IS NOT NULL AND period_end_ms <= ? "
+                          "AND status != 'CLOSED' ORDER BY period_end_ms LIMIT ?", (now_ms, limit))
+        out = []
+        for tenant, scope, unit in rows:
+            rec = await self.get_budget(tenant, scope, unit)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    async def rollover_budget(self, tenant: str, scope: str, unit: str, expected_end_ms: int,
+                              period: dict[str, Any]) -> dict[str, Any] | None:
+        def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any] | None:
+            rows = _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
+            if not rows or rows[0]["extra"].get("period_end_ms") != expected_end_ms or rows[0]["ledger"].status == "CLOSED":
+                return None  # another process rolled it over first (or it was closed): exactly once
+            row = rows[0]
+            extra = row["extra"]
+            before = row["ledger"]
+            after = L.rollover(before, extra.get("rollover_policy") or "NONE", extra.get("period_allocation", before.allocated))
+            extra = {**extra, **period}
+            conn.execute("UPDATE budgets SET allocated=?, spent=?, is_over_limit=?, extra=?, period_end_ms=?, updated_at_ms=? "
+                         "WHERE tenant_id=? AND scope=? AND unit=?",
+                         (after.allocated, after.spent, int(after.is_over_limit), _dumps(extra), extra["period_end_ms"],
+                          now, tenant, scope, unit))
+            return {"before": before, "after": after, "extra": extra}
+
+        return await self._awrite(tx)
+
     async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
         def tx(conn: sqlite3.Connection, now: int) -> bool:
             record = _tenant_state(conn, tenant)
@@ -910,6 +941,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
     if "commit_limits" not in cols:
         conn.execute("ALTER TABLE reservations ADD COLUMN commit_limits TEXT")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(budgets)")}
+    if "period_end_ms" not in cols:
+        conn.execute("ALTER TABLE budgets ADD COLUMN period_end_ms INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS budgets_period_end ON budgets (period_end_ms) WHERE period_end_ms IS NOT NULL")
 
 
 def _commit_limits(conn: sqlite3.Connection, rid: str) -> list[Any]:
@@ -943,6 +978,14 @@ def _doc_conflict(kind: str, doc_id: str, current: int | None, expected: int | N
     if current is None:
         return ProtocolError(ErrorCode.NOT_FOUND, f"{kind} {doc_id} not found")
     return VersionConflict(f"{kind} {doc_id}")
+
+
+def _set_period_allocation(conn: sqlite3.Connection, tenant: str, scope: str, unit: str, amount: int) -> None:
+    row = conn.execute("SELECT extra FROM budgets WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit)).fetchone()
+    extra = _decode(row[0])
+    if "period_allocation" in extra:
+        extra["period_allocation"] = amount
+        conn.execute("UPDATE budgets SET extra=? WHERE tenant_id=? AND scope=? AND unit=?", (_dumps(extra), tenant, scope, unit))
 
 
 def _insert_journal(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
