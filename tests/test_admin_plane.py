@@ -464,3 +464,30 @@ def test_named_operator_keys_audit_permissions_and_bootstrap_rotation(tmp_path: 
         assert listed["bootstrap_disabled"] is True and {k["status"] for k in listed["keys"]} == {"ACTIVE", "REVOKED"}
     finally:
         srv.stop()
+
+
+def test_overview_counts_follow_every_change(server: Server) -> None:
+    def counts() -> dict[str, Any]:
+        with server.admin() as c:
+            r = c.get("/v1/admin/overview")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    before = counts()
+    t = new_tenant(server)
+    t.budget(amount=10, unit=TOK, overdraft_limit=5)
+    rid = reserve(t, 10, overage_policy="ALLOW_WITH_OVERDRAFT").json()["reservation_id"]
+    with t.client() as c:
+        c.post(f"/v1/reservations/{rid}/commit", json={"idempotency_key": "c", "actual": {"unit": TOK, "amount": 13}})
+    after = counts()
+    assert after["tenant_counts"]["active"] == before["tenant_counts"]["active"] + 1
+    assert after["budget_counts"]["total"] == before["budget_counts"]["total"] + 1
+    assert after["budget_counts"]["with_debt"] == before["budget_counts"]["with_debt"] + 1
+    assert after["budget_counts"]["by_unit"][TOK] == before["budget_counts"]["by_unit"].get(TOK, 0) + 1
+    assert any(d["scope"] == f"tenant:{t.tenant_id}" and d["debt"] == 3 for d in after["debt_scopes"])
+    with server.admin() as c:
+        c.patch(f"/v1/admin/tenants/{t.tenant_id}", json={"status": "CLOSED"})
+    closed = counts()
+    assert closed["tenant_counts"]["closed"] == after["tenant_counts"]["closed"] + 1
+    assert closed["budget_counts"]["closed"] == after["budget_counts"]["closed"] + 1
+    assert closed["tenant_counts"]["total"] == after["tenant_counts"]["total"]

@@ -178,3 +178,61 @@ class AuthIntrospectResponse(Wire):
     scope_filter: list[str] | None = None
 
 
+
+
+class TenantCounts(Wire):
+    total: int
+    active: int
+    suspended: int
+    closed: int
+
+
+class BudgetCounts(Wire):
+    total: int
+    active: int
+    frozen: int
+    closed: int
+    over_limit: int
+    with_debt: int
+    by_unit: dict[str, int]
+
+
+class OverLimitScope(Wire):
+    scope: str
+    unit: str
+    allocated: int
+    remaining: int
+    debt: int
+
+
+class DebtScope(Wire):
+    scope: str
+    unit: str
+    debt: int
+    overdraft_limit: int
+
+
+class WebhookCounts(Wire):
+    total: int
+    active: int
+    disabled: int
+    with_failures: int
+
+
+class EventCounts(Wire):
+    total_recent: int
+    by_category: dict[str, int]
+
+
+class AdminOverviewResponse(Wire):
+    as_of: str
+    event_window_seconds: int
+    tenant_counts: TenantCounts
+    budget_counts: BudgetCounts
+    over_limit_scopes: list[OverLimitScope]
+    debt_scopes: list[DebtScope]
+    webhook_counts: WebhookCounts
+    failing_webhooks: list[dict[str, Any]]
+    event_counts: EventCounts
+    recent_denials: list[dict[str, Any]]
+    recent_expiries: list[dict[str, Any]]

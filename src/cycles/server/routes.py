@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..protocol import admin as a
 from ..protocol import models as m
-from . import admin, governance, operators, policies, runtime
+from . import admin, bulk, governance, operators, policies, runtime
 from ..protocol import governance as g
 
 
@@ -141,4 +141,12 @@ OPS: tuple[Op, ...] = (
     Op("POST", "/v1/admin/operator-keys/bootstrap/disable", "disableBootstrapKey",
        "Turn off the bootstrap admin key (named keys keep working)", "Operators", operators.disable_bootstrap, None,
        {200: None}, ("AdminKeyAuth",)),
+    Op("POST", "/v1/admin/tenants/bulk-action", "bulkActionTenants",
+       "Apply a lifecycle action to every tenant matching a filter", "Tenants", bulk.bulk_action_tenants,
+       bulk.TenantBulkActionRequest, {200: bulk.TenantBulkActionResponse}, ("AdminKeyAuth",)),
+    Op("POST", "/v1/admin/budgets/bulk-action", "bulkActionBudgets",
+       "Apply a balance-mutation to every budget matching a filter", "Budgets", bulk.bulk_action_budgets,
+       bulk.BudgetBulkActionRequest, {200: bulk.BudgetBulkActionResponse}, ("AdminKeyAuth",)),
+    Op("GET", "/v1/admin/overview", "getAdminOverview", "Operational overview from maintained counters", "Dashboard",
+       governance.overview, None, {200: g.AdminOverviewResponse}, ("AdminKeyAuth",)),
 )

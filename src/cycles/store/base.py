@@ -305,6 +305,15 @@ class Store(abc.ABC):
         when another process did it first. Returns {before, after, extra}."""
 
     @abc.abstractmethod
+    async def counters(self) -> dict[str, int]:
+        """Counts kept up to date with every change (not computed per call): 'tenants.<STATUS>',
+        'budgets.<STATUS>', 'budgets.unit.<UNIT>', 'budgets.over_limit', 'budgets.with_debt'."""
+
+    @abc.abstractmethod
+    async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
+        """Budget rows that are over limit (kind 'over_limit') or in debt ('debt'), most debt first."""
+
+    @abc.abstractmethod
     async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
         """One bounded, atomic step of a CLOSED tenant's cascade: release open reservations, close
         budgets, revoke keys, disable webhooks. Returns True (and marks the tenant's cascade DONE)

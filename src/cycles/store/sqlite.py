@@ -95,6 +95,32 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
+# Counters for the overview, kept by triggers in the same transaction as every change they count.
+COUNTER_TRIGGERS = """
+CREATE TRIGGER counters_tenant_insert AFTER INSERT ON tenants BEGIN
+  INSERT INTO counters VALUES ('tenants.' || NEW.status, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;;
+CREATE TRIGGER counters_tenant_status AFTER UPDATE OF status ON tenants WHEN OLD.status != NEW.status BEGIN
+  UPDATE counters SET value = value - 1 WHERE name = 'tenants.' || OLD.status;
+  INSERT INTO counters VALUES ('tenants.' || NEW.status, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;;
+CREATE TRIGGER counters_budget_insert AFTER INSERT ON budgets BEGIN
+  INSERT INTO counters VALUES ('budgets.' || NEW.status, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
+  INSERT INTO counters VALUES ('budgets.unit.' || NEW.unit, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
+  INSERT INTO counters VALUES ('budgets.over_limit', NEW.is_over_limit) ON CONFLICT (name) DO UPDATE SET value = value + NEW.is_over_limit;
+  INSERT INTO counters VALUES ('budgets.with_debt', NEW.debt > 0) ON CONFLICT (name) DO UPDATE SET value = value + (NEW.debt > 0);
+END;;
+CREATE TRIGGER counters_budget_change AFTER UPDATE OF status, is_over_limit, debt ON budgets
+WHEN OLD.status != NEW.status OR OLD.is_over_limit != NEW.is_over_limit OR (OLD.debt > 0) != (NEW.debt > 0) BEGIN
+  UPDATE counters SET value = value - 1 WHERE name = 'budgets.' || OLD.status;
+  INSERT INTO counters VALUES ('budgets.' || NEW.status, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1;
+  INSERT INTO counters VALUES ('budgets.over_limit', NEW.is_over_limit - OLD.is_over_limit)
+    ON CONFLICT (name) DO UPDATE SET value = value + NEW.is_over_limit - OLD.is_over_limit;
+  INSERT INTO counters VALUES ('budgets.with_debt', (NEW.debt > 0) - (OLD.debt > 0))
+    ON CONFLICT (name) DO UPDATE SET value = value + (NEW.debt > 0) - (OLD.debt > 0);
+END
+"""
+
 _LEDGER_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, commit_overage_policy"
 _RES_COLS = (
     "reservation_id, tenant_id, status, subject, action, unit, amount, scope_path, affected_scopes, "
@@ -896,6 +922,13 @@ class SQLiteStore(Store):
 
         return await self._awrite(tx)
 
+    async def counters(self) -> dict[str, int]:
+        return {name: value for name, value in self._read("SELECT name, value FROM counters")}
+
+    async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
+        where = "is_over_limit = 1" if kind == "over_limit" else "debt > 0"
+        return _budget_rows(self.conn, f"WHERE {where} ORDER BY debt DESC LIMIT ?", (limit,))
+
     async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
         def tx(conn: sqlite3.Connection, now: int) -> bool:
             record = _tenant_state(conn, tenant)
@@ -945,6 +978,19 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "period_end_ms" not in cols:
         conn.execute("ALTER TABLE budgets ADD COLUMN period_end_ms INTEGER")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_period_end ON budgets (period_end_ms) WHERE period_end_ms IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS budgets_over_limit ON budgets (debt DESC) WHERE is_over_limit = 1")
+    conn.execute("CREATE INDEX IF NOT EXISTS budgets_with_debt ON budgets (debt DESC) WHERE debt > 0")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone() is None:
+        conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
+        for stmt in COUNTER_TRIGGERS.split(";;"):
+            if stmt.strip():
+                conn.execute(stmt)
+        # counts of a file written before counters existed, taken once
+        conn.execute("INSERT INTO counters SELECT 'tenants.' || status, count(*) FROM tenants GROUP BY status")
+        conn.execute("INSERT INTO counters SELECT 'budgets.' || status, count(*) FROM budgets GROUP BY status")
+        conn.execute("INSERT INTO counters SELECT 'budgets.unit.' || unit, count(*) FROM budgets GROUP BY unit")
+        conn.execute("INSERT INTO counters SELECT 'budgets.over_limit', count(*) FROM budgets WHERE is_over_limit = 1")
+        conn.execute("INSERT INTO counters SELECT 'budgets.with_debt', count(*) FROM budgets WHERE debt > 0")
 
 
 def _commit_limits(conn: sqlite3.Connection, rid: str) -> list[Any]:
