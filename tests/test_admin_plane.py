@@ -491,3 +491,39 @@ def test_overview_counts_follow_every_change(server: Server) -> None:
     assert closed["tenant_counts"]["closed"] == after["tenant_counts"]["closed"] + 1
     assert closed["budget_counts"]["closed"] == after["budget_counts"]["closed"] + 1
     assert closed["tenant_counts"]["total"] == after["tenant_counts"]["total"]
+
+
+def test_budget_list_utilization_search_and_sort(server: Server, tenant: Tenant) -> None:
+    for i, spent in enumerate((0, 25, 50, 99)):
+        tenant.budget(f"workspace:w{i}", amount=100, unit=TOK)
+        if spent:
+            rid = reserve(tenant, spent, subject=tenant.subject(workspace=f"w{i}")).json()
+            assert "reservation_id" in rid, rid
+    # the tenant budget is missing, so each reservation charges only its workspace budget
+    with tenant.client() as c:
+        for r in c.get("/v1/reservations", params={"status": "ACTIVE"}).json()["reservations"]:
+            c.post(f"/v1/reservations/{r['reservation_id']}/commit",
+                   json={"idempotency_key": r["reservation_id"], "actual": r["reserved"]})
+    base = {"tenant_id": tenant.tenant_id}
+    with server.admin() as c:
+        def scopes(**params: Any) -> list[str]:
+            r = c.get("/v1/admin/budgets", params={**base, **params})
+            assert r.status_code == 200, r.text
+            return [l["scope"].rsplit(":", 1)[1] for l in r.json()["ledgers"]]
+
+        assert scopes(utilization_min="0.25", utilization_max="0.5", sort_by="utilization", sort_dir="asc") == ["w1", "w2"]
+        assert scopes(sort_by="utilization") == ["w3", "w2", "w1", "w0"]
+        assert scopes(search="W2") == ["w2"]
+        seen, cursor = [], None
+        while True:
+            r = c.get("/v1/admin/budgets", params={**base, "sort_by": "utilization", "limit": 1,
+                                                   **({"cursor": cursor} if cursor else {})}).json()
+            seen += [l["scope"].rsplit(":", 1)[1] for l in r["ledgers"]]
+            if not r["has_more"]:
+                break
+            cursor = r["next_cursor"]
+        assert seen == ["w3", "w2", "w1", "w0"]
+        for bad_value in ("1.5", "-0.1", "nan", "abc", "1e400"):
+            assert c.get("/v1/admin/budgets", params={**base, "utilization_min": bad_value}).status_code == 400
+        assert c.get("/v1/admin/budgets", params={**base, "utilization_min": "0.9",
+                                                  "utilization_max": "0.1"}).status_code == 400

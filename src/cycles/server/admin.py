@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from fractions import Fraction
 from typing import Any
 
 import msgspec
@@ -207,6 +208,82 @@ async def create_budget(request: Request, ctx: Ctx) -> Response:
     return json_response(ctx, ledger_wire(rec), status=201)
 
 
+BUDGET_SORTS = ("tenant_id", "scope", "unit", "status", "commit_overage_policy", "utilization", "debt")
+MAX_SORTED_BUDGETS = 20_000
+
+
+def _fraction(q: Any, name: str) -> Fraction | None:
+    """A utilization bound in [0, 1], kept exact: amounts are never compared through floats."""
+    raw = q.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = Fraction(raw.strip())
+    except (ValueError, ZeroDivisionError):
+        raise bad(f"{name} must be a number between 0 and 1") from None
+    if not 0 <= value <= 1:
+        raise bad(f"{name} must be between 0 and 1")
+    return value
+
+
+def utilization(rec: dict[str, Any]) -> Fraction:
+    led = rec["ledger"]
+    return Fraction(led.spent, led.allocated) if led.allocated > 0 else Fraction(0)
+
+
+def _sort_value(rec: dict[str, Any], sort_by: str) -> Any:
+    led = rec["ledger"]
+    return {"tenant_id": rec["tenant_id"], "scope": led.scope, "unit": led.unit, "status": led.status,
+            "commit_overage_policy": rec.get("commit_overage_policy") or "", "utilization": utilization(rec),
+            "debt": led.debt}[sort_by]
+
+
+async def _list_budgets_sorted(request: Request, ctx: Ctx, tenant: str | None, filters: dict[str, Any],
+                               ext: dict[str, Any], limit: int) -> Response:
+    """Filters and orders the store cannot index: hydrate the candidates (bounded), then keyset-page."""
+    store = state_of(request).store
+    rows: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = await store.list_budgets(tenant, filters, 1000, after)
+        rows += page.items
+        if len(rows) > MAX_SORTED_BUDGETS:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"More than {MAX_SORTED_BUDGETS} budgets match; narrow the "
+                                "filters (tenant_id, scope_prefix, unit, status)", status=400)
+        if not page.has_more:
+            break
+        last = page.items[-1]
+        after = (last["tenant_id"], last["ledger"].scope, last["ledger"].unit)
+    lo, hi, search = ext["utilization_min"], ext["utilization_max"], ext["search"]
+    rows = [r for r in rows if (lo is None or utilization(r) >= lo) and (hi is None or utilization(r) <= hi)
+            and (search is None or search in r["tenant_id"].lower() or search in r["ledger"].scope.lower())]
+    sort_by = ext["sort_by"] or "utilization"
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (_sort_value(r, sort_by), r["tenant_id"], r["ledger"].scope, r["ledger"].unit)
+
+    rows.sort(key=key, reverse=ext["desc"])
+    fh = filter_hash({"t": tenant, **filters, **{k: str(v) for k, v in ext.items()}})
+    cursor = decode_cursor(request.query_params.get("cursor"), fh)
+    if cursor is not None:
+        k = cursor.get("k")
+        if not (isinstance(k, list) and len(k) == 4 and all(isinstance(x, str) for x in k)):
+            raise bad("cursor is not a cursor this server issued")
+        try:
+            first = Fraction(k[0]) if sort_by == "utilization" else int(k[0]) if sort_by == "debt" else k[0]
+        except ValueError:
+            raise bad("cursor is not a cursor this server issued") from None
+        mark = (first, k[1], k[2], k[3])
+        rows = [r for r in rows if (key(r) < mark if ext["desc"] else key(r) > mark)]
+    page_rows, more = rows[:limit], len(rows) > limit
+    next_cursor = None
+    if more:
+        last_key = key(page_rows[-1])
+        next_cursor = encode_cursor({"k": [str(last_key[0]), *last_key[1:]], "f": fh})
+    return json_response(ctx, a.BudgetListResponse(ledgers=[ledger_wire(r) for r in page_rows],
+                                                   next_cursor=next_cursor, has_more=more))
+
+
 async def list_budgets(request: Request, ctx: Ctx) -> Response:
     principal = await _tenant_or_admin(request, ctx, "budgets:read")
     q = request.query_params
@@ -219,6 +296,15 @@ async def list_budgets(request: Request, ctx: Ctx) -> Response:
         "has_debt": bool_param(q, "has_debt"),
     }
     limit = int_param(q, "limit", default=50, lo=1, hi=100)
+    extended = {"utilization_min": _fraction(q, "utilization_min"), "utilization_max": _fraction(q, "utilization_max"),
+                "search": (str_param(q, "search", max_length=128) or "").strip().lower() or None,
+                "sort_by": enum_param(q, "sort_by", BUDGET_SORTS),
+                "desc": (enum_param(q, "sort_dir", ("asc", "desc")) or "desc") == "desc"}
+    lo, hi = extended["utilization_min"], extended["utilization_max"]
+    if lo is not None and hi is not None and lo > hi:
+        raise bad("utilization_min must not exceed utilization_max")
+    if any(extended[k] is not None for k in ("utilization_min", "utilization_max", "search", "sort_by")):
+        return await _list_budgets_sorted(request, ctx, tenant, filters, extended, limit)
     fh = filter_hash({"t": tenant, **filters})
     cursor = decode_cursor(q.get("cursor"), fh)
     after = None
