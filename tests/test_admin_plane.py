@@ -527,3 +527,22 @@ def test_budget_list_utilization_search_and_sort(server: Server, tenant: Tenant)
             assert c.get("/v1/admin/budgets", params={**base, "utilization_min": bad_value}).status_code == 400
         assert c.get("/v1/admin/budgets", params={**base, "utilization_min": "0.9",
                                                   "utilization_max": "0.1"}).status_code == 400
+
+
+def test_suspended_tenant_is_read_only_but_in_flight_work_settles(server: Server) -> None:
+    t = new_tenant(server, ALL_TENANT_PERMISSIONS + ["policies:write", "policies:read"])
+    t.budget(amount=100, unit=TOK)
+    rid = reserve(t, 10).json()["reservation_id"]
+    with server.admin() as c:
+        assert c.patch(f"/v1/admin/tenants/{t.tenant_id}", json={"status": "SUSPENDED"}).json()["suspended_at"]
+    with t.client() as c:
+        assert reserve(t).status_code == 403
+        r = c.post("/v1/admin/policies", json={"name": "n", "scope_pattern": "*"})
+        assert r.status_code == 409 and r.json()["error"] == "TENANT_SUSPENDED"
+        assert c.get("/v1/balances", params={"tenant": t.tenant_id}).status_code == 200
+        r = c.post(f"/v1/reservations/{rid}/commit", json={"idempotency_key": "c", "actual": {"unit": TOK, "amount": 4}})
+        assert r.status_code == 200
+    assert t.fund("", "CREDIT", 5, unit=TOK).status_code == 200  # operators still act on it
+    with server.admin() as c:
+        assert c.patch(f"/v1/admin/tenants/{t.tenant_id}", json={"status": "ACTIVE"}).status_code == 200
+    assert reserve(t).status_code == 200

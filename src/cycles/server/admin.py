@@ -33,7 +33,17 @@ async def _admin(request: Request, ctx: Ctx) -> Principal:
 async def _tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
     principal = await audit.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
+    if permission.endswith(":write") and not principal.is_admin:
+        await refuse_if_suspended(request, principal.tenant_id or "")
     return principal
+
+
+async def refuse_if_suspended(request: Request, tenant_id: str) -> None:
+    """A SUSPENDED tenant is read-only for its own keys (operators can still act on it); in-flight
+    reservations may still be committed or released so no spend is lost."""
+    rec = await state_of(request).store.get_tenant(tenant_id)
+    if rec is not None and rec.get("status") == "SUSPENDED":
+        raise ProtocolError(ErrorCode.TENANT_SUSPENDED, f"Tenant {tenant_id} is suspended; its keys are read-only")
 
 
 def _tenant_wire(rec: dict[str, Any]) -> a.Tenant:

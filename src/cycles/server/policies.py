@@ -14,6 +14,7 @@ from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
 from . import audit
+from .admin import refuse_if_suspended
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
@@ -26,6 +27,8 @@ MAX_POLICIES_PER_TENANT = 1000
 async def _principal(request: Request, ctx: Ctx, permission: str) -> Principal:
     principal = await audit.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
+    if permission.endswith(":write") and not principal.is_admin:
+        await refuse_if_suspended(request, principal.tenant_id or "")
     return principal
 
 
