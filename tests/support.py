@@ -20,6 +20,7 @@ ALL_TENANT_PERMISSIONS = [
     "reservations:list", "balances:read", "budgets:read", "budgets:write",
 ]
 USD = "USD_MICROCENTS"
+WEBHOOK_KEY = "dGVzdC13ZWJob29rLXNlY3JldC1rZXktMzItYnl0ZXM="  # base64 of 32 test bytes
 
 
 def free_port() -> int:
@@ -65,6 +66,9 @@ def start_server(store_url: str, log_dir: Path, *, workers: int = 1, sweep_inter
     env.pop("CYCLES_ADMIN_API_KEY", None)
     if admin_key is not None:
         env["CYCLES_ADMIN_API_KEY"] = admin_key
+    # Webhook secrets are sealed with a key; Redis-backed servers must be given one (the embedded
+    # store would make its own key file).
+    env.setdefault("CYCLES_WEBHOOK_SECRET_KEY", WEBHOOK_KEY)
     env.update(extra_env or {})
     log_path = log_dir / f"server-{port}.log"
     args = [cycles_bin(), "serve", "--port", str(port), "--store", store_url, "--workers", str(workers),

@@ -35,6 +35,10 @@ def parse_pattern(pattern: str) -> tuple[list[tuple[str, str]], bool]:
     if not pattern or pattern != pattern.strip() or len(pattern) > 1024:
         raise PatternError("scope_pattern must be a non-empty pattern such as 'tenant:acme/workspace:eng/*'")
     parts = pattern.split("/")
+    if len(parts) > 1 and parts[0] == "*":
+        parts = parts[1:]  # "*/agent:x": any prefix, which an unanchored pattern already means
+        if parts[0].startswith("tenant:"):
+            raise PatternError("a pattern starting with '*/' cannot name a tenant")
     descendants = parts[-1] == "*"
     if descendants:
         parts = parts[:-1]

@@ -236,3 +236,31 @@ class AdminOverviewResponse(Wire):
     event_counts: EventCounts
     recent_denials: list[dict[str, Any]]
     recent_expiries: list[dict[str, Any]]
+
+
+class EventActor(Wire):
+    type: Literal["admin", "api_key", "admin_on_behalf_of", "system", "scheduler"]
+    key_id: str | None = None
+    source_ip: str | None = None
+
+
+class Event(Wire):
+    event_id: str
+    event_type: str
+    category: str
+    timestamp: str
+    tenant_id: str
+    source: str
+    scope: str | None = None
+    actor: EventActor | None = None
+    data: dict[str, Any] | None = None
+    correlation_id: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class EventListResponse(Wire):
+    events: list[Event]
+    has_more: bool
+    next_cursor: str | None = None

@@ -20,7 +20,8 @@ from ..store.base import FundCommand
 from .auth import KEY_PREFIX_LEN, Principal, hash_secret, new_tenant_key
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
-from . import audit
+from . import audit, events
+from ..core import events as E
 from .state import state_of
 
 KEY_LIFETIME_MS = 90 * 24 * 3600 * 1000
@@ -64,6 +65,8 @@ async def create_tenant(request: Request, ctx: Ctx) -> Response:
     record.setdefault("max_reservation_ttl_ms", 3_600_000)
     record.setdefault("max_reservation_extensions", 10)
     record.setdefault("reservation_expiry_policy", "AUTO_RELEASE")
+    events.emit(ctx, "tenant.created", req.tenant_id, data={"tenant_id": req.tenant_id, "new_status": "ACTIVE"},
+                only_if_created=True)
     stored, created = await st.store.create_tenant(record)
     if not created and stored.get("name") != req.name:
         raise ProtocolError(ErrorCode.DUPLICATE_RESOURCE, f"Tenant {req.tenant_id} exists with a different name")
@@ -90,11 +93,37 @@ async def update_tenant(request: Request, ctx: Ctx) -> Response:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant_id[:64]} not found")
     changes = msgspec.to_builtins(req)
     audit.target_tenant(ctx, tenant_id)
+    before = await st.store.get_tenant(tenant_id)
+    if before is not None:
+        _tenant_events(ctx, before, changes)
     rec = await st.store.update_tenant(tenant_id, changes, iso(await st.store.now_ms()))
     if rec.get("cascade") == "PENDING":
         await finish_cascade(st.store, tenant_id)
         rec = await st.store.get_tenant(tenant_id) or rec
     return json_response(ctx, _tenant_wire(rec))
+
+
+_SETTINGS = ("default_commit_overage_policy", "default_reservation_ttl_ms", "max_reservation_ttl_ms",
+             "max_reservation_extensions")
+
+
+def _tenant_events(ctx: Ctx, before: dict[str, Any], changes: dict[str, Any]) -> None:
+    """The events of a tenant PATCH: one for a status transition, one for changed defaults, one for
+    other changed fields. The store refuses a change to a CLOSED tenant, and then none is written."""
+    tenant = before["tenant_id"]
+    old, new = before.get("status"), changes.get("status")
+    if new and new != old:
+        kind = {"SUSPENDED": "tenant.suspended", "CLOSED": "tenant.closed", "ACTIVE": "tenant.reactivated"}[new]
+        corr = f"tenant_close_cascade:{tenant}:{ctx.request_id}" if new == "CLOSED" else None
+        events.emit(ctx, kind, tenant, data={"tenant_id": tenant, "previous_status": old, "new_status": new},
+                    correlation_id=corr)
+    changed = sorted(k for k, v in changes.items() if k != "status" and before.get(k) != v)
+    settings = [k for k in changed if k in _SETTINGS]
+    others = [k for k in changed if k not in _SETTINGS]
+    if settings:
+        events.emit(ctx, "tenant.settings_changed", tenant, data={"tenant_id": tenant, "changed_fields": settings})
+    if others:
+        events.emit(ctx, "tenant.updated", tenant, data={"tenant_id": tenant, "changed_fields": others})
 
 
 async def finish_cascade(store: Any, tenant_id: str) -> None:
@@ -122,7 +151,10 @@ async def create_api_key(request: Request, ctx: Ctx) -> Response:
     key_id = "key_" + secrets.token_hex(8)
     audit.resource(ctx, key_id)
     audit.target_tenant(ctx, req.tenant_id)
+
     permissions = list(dict.fromkeys(req.permissions)) if req.permissions is not None else list(a.DEFAULT_PERMISSIONS)
+    events.emit(ctx, "api_key.created", req.tenant_id, data={"key_id": key_id, "key_name": req.name,
+                                                            "new_status": "ACTIVE", "permissions": permissions})
     record = {
         "key_id": key_id, "key_prefix": secret[:KEY_PREFIX_LEN], "tenant_id": req.tenant_id, "name": req.name,
         "description": req.description, "permissions": permissions, "scope_filter": req.scope_filter,
@@ -214,6 +246,9 @@ async def create_budget(request: Request, ctx: Ctx) -> Response:
               "allocated": req.allocated.amount,
               "overdraft_limit": req.overdraft_limit.amount if req.overdraft_limit else 0,
               "commit_overage_policy": req.commit_overage_policy, "extra": extra}
+    events.emit(ctx, "budget.created", tenant, scope=record["scope"],
+                data={"scope": record["scope"], "unit": req.unit, "operation": "CREATE",
+                      "new_state": {"allocated": req.allocated.amount, "overdraft_limit": record["overdraft_limit"]}})
     rec = await state_of(request).store.create_budget(record)
     return json_response(ctx, ledger_wire(rec), status=201)
 
@@ -355,6 +390,9 @@ async def fund_budget(request: Request, ctx: Ctx) -> Response:
     cmd = FundCommand(tenant=tenant, scope=scope, unit=unit, operation=req.operation, amount=req.amount.amount,
                       spent=req.spent.amount if req.spent else None, idempotency_key=req.idempotency_key,
                       payload_hash=payload, reason=req.reason)
+    events.emit(ctx, E.FUNDING_EVENTS[req.operation], tenant, scope=scope, data_from_result=True,
+                data={"scope": scope, "unit": unit, "reason": req.reason,
+                      "spent_override_provided": req.spent is not None if req.operation == "RESET_SPENT" else None})
     out = await state_of(request).store.fund(cmd)
     r = out.result
     u = r["unit"]

@@ -63,12 +63,13 @@ async def _resume_cascades(store: Store) -> None:
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
                sweep_interval_s: float = 1.0, error_trace_id: bool = True,
-               audit_retention_days: int = 90) -> Starlette:
+               audit_retention_days: int = 90, local: bool = False) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
-    state = AppState(store=store, auth=Authenticator(store, admin_key), metrics=metrics,
-                     error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000)
+    state = AppState(store=store, auth=Authenticator(store, admin_key, local=local), metrics=metrics,
+                     error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
+                     secret_box=_secret_box())
 
     routes: list[Route | Mount] = [
         Route(op.path, endpoint(op.operation_id, metrics.observe, audit_hooks(op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler),
@@ -145,6 +146,15 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
                     exception_handlers={HTTPException: http_error, Exception: http_error})
     app.state.cycles = state
     return app
+
+
+def _secret_box() -> object | None:
+    from ..webhooks.crypto import SecretBox, SecretKeyMissing
+
+    try:
+        return SecretBox.from_env()
+    except SecretKeyMissing:
+        return None  # `cycles serve` refuses to start without one; in-process apps just cannot seal
 
 
 def create_app_from_env() -> Starlette:

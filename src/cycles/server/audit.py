@@ -53,18 +53,21 @@ def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Requ
         row = ctx.audit
         if row is None:
             return
-        if ctx.principal is not None:
-            if request.method not in MUTATING or not ctx.journal:
-                return  # a read, or the mutation's transaction already wrote the row
+        journal = ctx.journal or []
+        # Events that record an observation (a denial, a failed authentication) are written even
+        # though no change took them; events of a change that did not happen are dropped.
+        leftover = [e for e in journal if e.get("journal") == "event" and e.get("observation")]
+        if row in journal:
             row["status"] = response.status_code
-        elif ctx.auth_failed:
+            leftover.insert(0, row)
+        elif ctx.principal is None and ctx.auth_failed:
             row.update(tenant_id=UNAUTH_SENTINEL, status=response.status_code)
-        else:
-            return  # refused before authentication was attempted (unknown route shape, body too large)
-        if response.status_code >= 400:
+            leftover.insert(0, row)
+        if response.status_code >= 400 and row in leftover:
             row["error_code"] = failure.code.value if failure else "INTERNAL_ERROR"
-        ctx.journal.clear()
-        await state_of(request).store.append_journal([row])
+        journal.clear()
+        if leftover:
+            await state_of(request).store.append_journal(leftover)
 
     return begin, finish
 
@@ -102,6 +105,13 @@ async def authenticate(request: Request, ctx: Ctx, *, allow_admin: bool = False,
     except ProtocolError as err:
         if err.code == ErrorCode.UNAUTHORIZED:
             ctx.auth_failed = True
+            presented = request.headers.get("x-cycles-api-key")
+            if presented and allow_tenant and ctx.journal is not None:
+                from .events import emit
+
+                emit(ctx, "api_key.auth_failed", "__system__", observation=True, data={
+                    "key_prefix": presented[:14], "failure_reason": err.message, "source_ip": ctx.audit and
+                    ctx.audit.get("source_ip")})
         raise
     authenticated(request, ctx, principal)
     if principal.tenant_id:

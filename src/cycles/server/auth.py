@@ -105,9 +105,12 @@ def has_permission(granted: frozenset[str], needed: str) -> bool:
 
 
 class Authenticator:
-    def __init__(self, store: Store, admin_key: str | None) -> None:
+    def __init__(self, store: Store, admin_key: str | None, *, local: bool = False) -> None:
         self.store = store
         self._admin_key = admin_key
+        # LOCAL mode (`cycles admin --store`): an in-process key for someone who already holds the
+        # store itself; turning the bootstrap key off does not lock them out.
+        self._local = local
         self._admin_hash: str | None = None
         self._verified: dict[bytes, str] = {}
         # last_used_at without a write per request: remembered here, written in batches by the sweeper
@@ -146,6 +149,8 @@ class Authenticator:
             ok = self._admin_hash is not None and verify_secret(presented, self._admin_hash)
             if ok:
                 self._remember(fingerprint, "admin")
+        if ok and self._local:
+            return Principal("admin", None, "local", frozenset({"*"}), name="local")
         if ok and await self.store.get_setting(BOOTSTRAP_DISABLED_SETTING) == "1":
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "The bootstrap admin key is disabled; use a named operator key")
         if not ok:

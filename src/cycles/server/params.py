@@ -75,11 +75,11 @@ def parse_iso(value: str, name: str) -> int:
     """An ISO 8601 date-time as epoch ms (UTC when no offset is given)."""
     try:
         parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
         raise bad(f"{name} must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return int(parsed.timestamp() * 1000)
 
 
 def filter_hash(filters: dict[str, Any]) -> str:
@@ -98,8 +98,17 @@ def decode_cursor(raw: str | None, expected_filters: str) -> dict[str, Any] | No
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
         if not isinstance(payload, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad("cursor is not a cursor this server issued") from None
     if payload.get("f") != expected_filters:
         raise bad("cursor was issued for different filters; restart from the first page")
     return payload
+
+
+def time_cursor(cursor: dict[str, Any]) -> tuple[int, str]:
+    """The (timestamp_ms, id) position of an audit or event cursor, checked: cursors come from clients."""
+    k = cursor.get("k")
+    if not (isinstance(k, list) and len(k) == 2 and type(k[0]) is int and 0 <= k[0] < 2**63
+            and isinstance(k[1], str) and len(k[1]) <= 128):
+        raise bad("cursor is not a cursor this server issued")
+    return k[0], k[1]

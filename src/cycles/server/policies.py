@@ -13,7 +13,7 @@ from ..core import policies as P
 from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
-from . import audit
+from . import audit, events
 from .admin import refuse_if_suspended
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
@@ -37,6 +37,13 @@ def _wire(rec: dict[str, Any]) -> g.Policy:
     return msgspec.convert(fields, g.Policy)
 
 
+def _event_data(rec: dict[str, Any], changed: list[str] | None = None) -> dict[str, Any]:
+    data = {"policy_id": rec["policy_id"], "name": rec.get("name"), "scope_pattern": rec["scope_pattern"]}
+    if changed is not None:
+        data["changed_fields"] = changed
+    return data
+
+
 def _validate(rec: dict[str, Any], tenant: str) -> None:
     """Checks a whole policy record (after a create or a merge of a patch)."""
     try:
@@ -51,7 +58,7 @@ def _validate(rec: dict[str, Any], tenant: str) -> None:
         if value is not None and value < 0:
             raise bad(f"caps.{name} must be >= 0")
     for name in ("effective_from", "effective_until"):
-        rec[f"{name}_ms"] = parse_iso(rec[name], name) if rec.get(name) else None
+        rec[f"{name}_ms"] = parse_iso(rec[name], name) if rec.get(name) is not None else None
     if rec["effective_from_ms"] is not None and rec["effective_until_ms"] is not None \
             and rec["effective_until_ms"] <= rec["effective_from_ms"]:
         raise bad("effective_until must be after effective_from")
@@ -87,11 +94,15 @@ async def create_policy(request: Request, ctx: Ctx) -> Response:
     rec.update(tenant_id=tenant, policy_id="pol_" + secrets.token_hex(10), status="ACTIVE", created_at=now,
                updated_at=now)
     _validate(rec, tenant)
-    if len(await st.store.list_docs(KIND, tenant)) >= MAX_POLICIES_PER_TENANT:
+    existing = await st.store.list_docs(KIND, tenant)
+    if any(p.get("name") == rec["name"] for p in existing):
+        raise ProtocolError(ErrorCode.DUPLICATE_RESOURCE, f"Tenant {tenant} already has a policy named {rec['name']!r}")
+    if len(existing) >= MAX_POLICIES_PER_TENANT:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"A tenant may have at most {MAX_POLICIES_PER_TENANT} policies",
                             status=400)
     audit.resource(ctx, rec["policy_id"])
     audit.target_tenant(ctx, tenant)
+    events.emit(ctx, "policy.created", tenant, data=_event_data(rec))
     stored = await st.store.save_doc(KIND, tenant, rec["policy_id"], rec, None)
     return json_response(ctx, _wire(stored or rec), status=201)
 
@@ -113,6 +124,9 @@ async def update_policy(request: Request, ctx: Ctx) -> Response:
         audit.target_tenant(ctx, rec["tenant_id"])
         merged = {**rec, **changes, "updated_at": iso(await st.store.now_ms())}
         _validate(merged, rec["tenant_id"])
+        events.drop_events(ctx)  # a retry after a lost race queues its event again
+        events.emit(ctx, "policy.updated", rec["tenant_id"],
+                    data=_event_data(merged, sorted(k for k, v in changes.items() if rec.get(k) != v)))
         try:
             stored = await st.store.save_doc(KIND, rec["tenant_id"], rec["policy_id"], merged, rec["version"])
             return json_response(ctx, _wire(stored or merged))
@@ -127,6 +141,8 @@ async def delete_policy(request: Request, ctx: Ctx) -> Response:
     for _ in range(5):
         rec = await _owned(request, principal, request.path_params["policy_id"])
         audit.target_tenant(ctx, rec["tenant_id"])
+        events.drop_events(ctx)
+        events.emit(ctx, "policy.deleted", rec["tenant_id"], data=_event_data(rec))
         try:
             await st.store.save_doc(KIND, rec["tenant_id"], rec["policy_id"], None, rec["version"])
             return Response(status_code=204, headers={"X-Request-Id": ctx.request_id, "X-Cycles-Trace-Id": ctx.trace_id})

@@ -19,7 +19,7 @@ from .http import Ctx, check_idempotency_header, decode, json_response, read_bod
 from .params import (
     bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
 )
-from . import audit, policies
+from . import audit, events, policies
 from .state import state_of
 
 RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
@@ -61,6 +61,14 @@ async def _govern(store: Any, principal: Principal, cmd: ReserveCommand) -> None
         (cmd.limits if lim.kind == "reserve" else cmd.commit_limits).append(bucket)
 
 
+def _denied(ctx: Ctx, cmd: ReserveCommand, reason: str, details: dict[str, Any] | None) -> None:
+    details = details or {}
+    events.emit(ctx, "reservation.denied", cmd.tenant, scope=details.get("scope") or cmd.scope_path, observation=True,
+                data={"scope": cmd.scope_path, "unit": cmd.unit, "reason_code": reason, "requested_amount": cmd.amount,
+                      "subject": cmd.subject, "action": cmd.action, "policy_id": details.get("policy_id"),
+                      "deny_detail": details or None, "dry_run": cmd.dry_run or cmd.endpoint == "decide"})
+
+
 def _rid(request: Request) -> str:
     rid = request.path_params["reservation_id"]
     if not 1 <= len(rid) <= 128:
@@ -84,12 +92,15 @@ async def create_reservation(request: Request, ctx: Ctx) -> Response:
     try:
         out = await st.store.reserve(cmd)
     except ProtocolError as err:
-        if err.status == 409:  # budget and governance denials, not malformed or unauthorized requests
+        if err.status in (409, 429):  # budget, governance and policy denials, not malformed requests
             st.metrics.decision("reserve", "DENY", err.code.value)
+            _denied(ctx, cmd, err.code.value, err.details)
         raise
     body = render.reservation_create(out)
     if not out.replay:
         st.metrics.decision("dry_run" if req.dry_run else "reserve", body.decision, body.reason_code or body.decision)
+        if body.decision == "DENY":
+            _denied(ctx, cmd, body.reason_code or "DENY", None)
     return json_response(ctx, body)
 
 
@@ -109,6 +120,8 @@ async def decide(request: Request, ctx: Ctx) -> Response:
     body = render.decision(out)
     if not out.replay:
         st.metrics.decision("decide", body.decision, body.reason_code or body.decision)
+        if body.decision == "DENY":
+            _denied(ctx, cmd, body.reason_code or "DENY", None)
     return json_response(ctx, body)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
@@ -18,6 +19,7 @@ class AppState:
     metrics: Metrics
     error_trace_id: bool = True
     audit_retention_ms: int = 90 * 86_400_000
+    secret_box: Any = None  # cycles.webhooks.crypto.SecretBox, None when no key was configured
 
 
 def state_of(request: Request) -> AppState:

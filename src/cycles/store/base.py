@@ -10,6 +10,7 @@ keeps, so a replay renders byte-for-byte the same body, except for volatile fiel
 from __future__ import annotations
 
 import abc
+import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +34,39 @@ def pending_journal() -> list[dict[str, Any]]:
     return _JOURNAL.get() or []
 
 
+_EVENT_SEQ = itertools.count()
+
+
+def new_event_id(now_ms: int) -> str:
+    """Time-ordered: events of one millisecond sort in the order this process produced them."""
+    import secrets
+
+    return f"evt_{now_ms:012x}{next(_EVENT_SEQ) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+
+
 def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> list[dict[str, Any]]:
-    """Fill what only the transaction knows: the time, and the id of what a reserve created."""
+    """Fill what only the transaction knows: the time, the id of what a reserve created, and for
+    events their id, category and the request they came from (taken from the request's audit row)."""
+    request = next((e for e in entries if e.get("journal", "audit") == "audit"), None)
     out = []
     for entry in entries:
         rec = dict(entry)
+        rec.pop("observation", None)
+        rec.pop("only_if_created", None)
         rec.setdefault("timestamp_ms", now_ms)
-        if rec.get("resource_id") is None and isinstance(result, dict) and result.get("reservation_id"):
+        if rec.get("journal") == "event":
+            rec.setdefault("event_id", new_event_id(now_ms))
+            rec.setdefault("category", rec["event_type"].split(".", 1)[0])
+            rec.setdefault("source", "cycles-server")
+            if rec.pop("data_from", None) == "result" and isinstance(result, dict):
+                rec["data"] = {**(rec.get("data") or {}), **result}
+            if request is not None:
+                rec.setdefault("request_id", request.get("request_id"))
+                rec.setdefault("trace_id", request.get("trace_id"))
+                actor = {"type": (request.get("metadata") or {}).get("actor_type") or "api_key",
+                         "key_id": request.get("key_id"), "source_ip": request.get("source_ip")}
+                rec.setdefault("actor", {k: v for k, v in actor.items() if v is not None})
+        elif rec.get("resource_id") is None and isinstance(result, dict) and result.get("reservation_id"):
             rec["resource_id"] = result["reservation_id"]
         out.append(rec)
     return out
@@ -254,6 +281,16 @@ class Store(abc.ABC):
     async def purge_audit(self, older_than_ms: int) -> int: ...
 
     @abc.abstractmethod
+    async def scan_events(self, scan: AuditScan) -> list[dict[str, Any]]:
+        """Governance events in (timestamp_ms, event_id) order; the same window semantics as scan_audit."""
+
+    @abc.abstractmethod
+    async def get_event(self, event_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def purge_events(self, older_than_ms: int) -> int: ...
+
+    @abc.abstractmethod
     async def list_tenants(self) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
@@ -282,6 +319,11 @@ class Store(abc.ABC):
                        expect_version: int | None, *, guard_tenant: bool = True) -> dict[str, Any] | None:
         """Create (expect_version None: must not exist), replace or delete (record None) a document
         whose stored `version` equals expect_version; bumps `version`. A lost race answers 409."""
+
+    @abc.abstractmethod
+    async def due_docs(self, kind: str, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Documents of `kind` whose `due_ms` field is set and <= now_ms, earliest first (work queues:
+        a claimed item's due_ms is its lease end, so an unacknowledged claim becomes due again)."""
 
     @abc.abstractmethod
     async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None: ...

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import msgspec
 
 from ..core import ledger as L
+from ..core import events as E
 from ..core import policies as P
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
 from .base import (
@@ -88,6 +89,12 @@ CREATE INDEX IF NOT EXISTS docs_tenant ON docs (kind, tenant_id);
 CREATE TABLE IF NOT EXISTS rate_counters (
     bucket TEXT NOT NULL, window INTEGER NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (bucket, window)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gov_events (
+    event_id TEXT PRIMARY KEY, timestamp_ms INTEGER NOT NULL, tenant_id TEXT NOT NULL, event_type TEXT NOT NULL,
+    scope TEXT NOT NULL, correlation_id TEXT, record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gov_events_time ON gov_events (timestamp_ms, event_id);
+CREATE INDEX IF NOT EXISTS gov_events_tenant_time ON gov_events (tenant_id, timestamp_ms, event_id);
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, scope_path TEXT NOT NULL, subject TEXT NOT NULL,
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
@@ -285,15 +292,18 @@ class SQLiteStore(Store):
                 raise _Busy() from exc
             raise StoreUnavailable(f"store error: {exc}") from exc
         journal = pending_journal()
+        _TX_EVENTS.clear()
         try:
             now = self._clock()
             result = fn(conn, now)
-            if journal:
-                _insert_journal(conn, stamp_journal(journal, now, getattr(result, "result", None)))
+            if journal or _TX_EVENTS:
+                _insert_journal(conn, stamp_journal([*journal, *_TX_EVENTS], now, getattr(result, "result", None)))
             conn.execute("COMMIT")
             journal.clear()
             return result
         except _CommitThenRaise as outcome:
+            if _TX_EVENTS:
+                _insert_journal(conn, stamp_journal(list(_TX_EVENTS), now, None))
             conn.execute("COMMIT")
             raise outcome.error from None
         except BaseException as exc:
@@ -357,6 +367,8 @@ class SQLiteStore(Store):
         def tx(conn: sqlite3.Connection, now: int) -> tuple[dict[str, Any], bool]:
             row = conn.execute("SELECT record FROM tenants WHERE tenant_id=?", (record["tenant_id"],)).fetchone()
             if row:
+                journal = pending_journal()
+                journal[:] = [e for e in journal if not e.get("only_if_created")]
                 return _decode(row[0]), False
             conn.execute(
                 "INSERT INTO tenants (tenant_id, status, record, created_at_ms) VALUES (?, ?, ?, ?)",
@@ -472,7 +484,7 @@ class SQLiteStore(Store):
                 raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for scope {cmd.scope} and unit {cmd.unit}")
             before = _ledger(row)
             after = L.fund(before, cmd.operation, cmd.amount, cmd.spent)
-            _write_ledgers(conn, cmd.tenant, [after], now)
+            _write_ledgers(conn, cmd.tenant, [after], now, before=[before])
             if cmd.operation in ("RESET", "RESET_SPENT"):
                 _set_period_allocation(conn, cmd.tenant, cmd.scope, cmd.unit, cmd.amount)
             result = {
@@ -559,7 +571,7 @@ class SQLiteStore(Store):
         if cmd.limits:
             _rate_count(conn, cmd.limits, now)
         held = L.hold(ledgers, cmd.amount)
-        _write_ledgers(conn, cmd.tenant, held, now)
+        _write_ledgers(conn, cmd.tenant, held, now, before=ledgers)
         rid = new_id("rsv")
         expires = now + ttl
         subj = cmd.subject
@@ -595,7 +607,14 @@ class SQLiteStore(Store):
             settled = L.settle(ledgers, res["amount"], cmd.actual or 0, res["overage_policy"], reject_any_overage=True)
             if limits:
                 _rate_count(conn, limits, now)
-            _write_ledgers(conn, res["tenant_id"], settled.ledgers, now)
+            _write_ledgers(conn, res["tenant_id"], settled.ledgers, now, before=ledgers,
+                           reservation_id=cmd.reservation_id, overage_policy=res["overage_policy"])
+            if settled.charged > res["amount"] or (cmd.actual or 0) > res["amount"]:
+                _emit("reservation.commit_overage", res["tenant_id"], res["scope_path"], {
+                    "reservation_id": cmd.reservation_id, "scope": res["scope_path"], "unit": res["unit"],
+                    "estimated_amount": res["amount"], "actual_amount": cmd.actual or 0,
+                    "overage": (cmd.actual or 0) - res["amount"], "overage_policy": res["overage_policy"],
+                    "debt_incurred": sum(a.debt - b.debt for a, b in zip(settled.ledgers, ledgers))})
             conn.execute(
                 "UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, finalized_at_ms=? "
                 "WHERE reservation_id=?",
@@ -618,7 +637,7 @@ class SQLiteStore(Store):
                 return replay
             ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
             freed = L.unhold(ledgers, res["amount"])
-            _write_ledgers(conn, res["tenant_id"], freed, now)
+            _write_ledgers(conn, res["tenant_id"], freed, now, before=ledgers)
             conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
                          (now, cmd.reservation_id))
             result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
@@ -668,7 +687,7 @@ class SQLiteStore(Store):
             policy = (cmd.overage_policy or _budget_policy(conn, cmd.tenant, ledgers)
                       or (tenant or {}).get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
             settled = L.settle(ledgers, 0, cmd.amount, policy, reject_any_overage=False)
-            _write_ledgers(conn, cmd.tenant, settled.ledgers, now)
+            _write_ledgers(conn, cmd.tenant, settled.ledgers, now, before=ledgers, overage_policy=policy)
             event_id = new_id("evt")
             conn.execute(
                 "INSERT INTO events (event_id, tenant_id, scope_path, subject, action, unit, actual, charged, "
@@ -769,6 +788,9 @@ class SQLiteStore(Store):
         await self._awrite(tx)
 
     async def scan_audit(self, scan: AuditScan) -> list[dict[str, Any]]:
+        return self._scan("audit", "log_id", scan)
+
+    def _scan(self, table: str, id_col: str, scan: AuditScan) -> list[dict[str, Any]]:
         where, params = [], []
         if scan.tenant is not None:
             where.append("tenant_id=?")
@@ -781,12 +803,23 @@ class SQLiteStore(Store):
             params.append(scan.to_ms)
         op, direction = ("<", "DESC") if scan.descending else (">", "ASC")
         if scan.after is not None:
-            where.append(f"(timestamp_ms, log_id) {op} (?, ?)")
+            where.append(f"(timestamp_ms, {id_col}) {op} (?, ?)")
             params += list(scan.after)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        rows = self._read(f"SELECT record FROM audit {clause} ORDER BY timestamp_ms {direction}, log_id {direction} "
+        rows = self._read(f"SELECT record FROM {table} {clause} ORDER BY timestamp_ms {direction}, {id_col} {direction} "
                           "LIMIT ?", (*params, scan.limit))
         return [_decode(r[0]) for r in rows]
+
+    async def scan_events(self, scan: AuditScan) -> list[dict[str, Any]]:
+        return self._scan("gov_events", "event_id", scan)
+
+    async def get_event(self, event_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM gov_events WHERE event_id=?", (event_id,))
+        return _decode(rows[0][0]) if rows else None
+
+    async def purge_events(self, older_than_ms: int) -> int:
+        return await self._awrite(
+            lambda conn, now: conn.execute("DELETE FROM gov_events WHERE timestamp_ms < ?", (older_than_ms,)).rowcount)
 
     async def purge_audit(self, older_than_ms: int) -> int:
         return await self._awrite(
@@ -859,11 +892,17 @@ class SQLiteStore(Store):
                 conn.execute("DELETE FROM docs WHERE kind=? AND doc_id=?", (kind, doc_id))
                 return None
             stored = {**record, "version": (current or 0) + 1}
-            conn.execute("INSERT OR REPLACE INTO docs (kind, doc_id, tenant_id, version, record) VALUES (?,?,?,?,?)",
-                         (kind, doc_id, tenant, stored["version"], _dumps(stored)))
+            conn.execute("INSERT OR REPLACE INTO docs (kind, doc_id, tenant_id, version, record, due_ms) "
+                         "VALUES (?,?,?,?,?,?)",
+                         (kind, doc_id, tenant, stored["version"], _dumps(stored), stored.get("due_ms")))
             return stored
 
         return await self._awrite(tx)
+
+    async def due_docs(self, kind: str, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._read("SELECT record FROM docs WHERE kind=? AND due_ms IS NOT NULL AND due_ms <= ? "
+                          "ORDER BY due_ms LIMIT ?", (kind, now_ms, limit))
+        return [_decode(r[0]) for r in rows]
 
     async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
         rows = _budget_rows(self.conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
@@ -883,6 +922,8 @@ class SQLiteStore(Store):
             if changes.get("extra"):
                 extra = {**extra, **changes["extra"]}
                 extra = {k: v for k, v in extra.items() if v is not None}
+            for event_type, ev_scope, data in E.transitions(led, new):
+                _emit(event_type, tenant, ev_scope, data)
             policy = changes["commit_overage_policy"] if "commit_overage_policy" in changes else row["commit_overage_policy"]
             conn.execute(
                 "UPDATE budgets SET allocated=?, overdraft_limit=?, is_over_limit=?, status=?, commit_overage_policy=?, "
@@ -918,6 +959,11 @@ class SQLiteStore(Store):
                          "WHERE tenant_id=? AND scope=? AND unit=?",
                          (after.allocated, after.spent, int(after.is_over_limit), _dumps(extra), extra["period_end_ms"],
                           now, tenant, scope, unit))
+            _emit("budget.reset_spent", tenant, scope, {
+                "ledger_id": row["ledger_id"], "scope": scope, "unit": unit, "operation": "ROLLOVER",
+                "rollover_policy": extra.get("rollover_policy"), "previous_state": E.ledger_state(before),
+                "new_state": E.ledger_state(after), "period_start": extra.get("period_start"),
+                "period_end": extra.get("period_end")})
             return {"before": before, "after": after, "extra": extra}
 
         return await self._awrite(tx)
@@ -936,25 +982,41 @@ class SQLiteStore(Store):
                 return True
             rows = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE tenant_id=? AND status='ACTIVE' LIMIT ?",
                                 (tenant, batch)).fetchall()
+            corr = f"tenant_close_cascade:{tenant}:{record.get('closed_at', '')}"
+            released: dict[tuple[str, str], int] = {}
             for r in rows:
                 res = _reservation(r)
                 ledgers = _scope_ledgers(conn, tenant, _decode(res["budgeted_scopes"]), res["unit"])
                 _write_ledgers(conn, tenant, L.unhold(ledgers, res["amount"]), now)
                 conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
                              (now, res["reservation_id"]))
+                for led in ledgers:
+                    released[(led.scope, led.unit)] = released.get((led.scope, led.unit), 0) + res["amount"]
+            for (scope, unit), amount in sorted(released.items()):  # one aggregate per ledger and step
+                _cascade_event("reservation.released_via_tenant_cascade", tenant, corr, scope=scope, unit=unit,
+                               released_amount=amount)
             if len(rows) == batch:
                 return False
+            for ledger_id, scope, unit, status in conn.execute(
+                    "SELECT ledger_id, scope, unit, status FROM budgets WHERE tenant_id=? AND status!='CLOSED'",
+                    (tenant,)).fetchall():
+                _cascade_event("budget.closed_via_tenant_cascade", tenant, corr, ledger_id=ledger_id, scope=scope,
+                               unit=unit, prior_status=status, new_status="CLOSED")
             conn.execute("UPDATE budgets SET status='CLOSED', updated_at_ms=? WHERE tenant_id=? AND status!='CLOSED'",
                          (now, tenant))
             for key_id, raw in conn.execute("SELECT key_id, record FROM api_keys WHERE tenant_id=?", (tenant,)).fetchall():
                 key = _decode(raw)
                 if key.get("status") != "REVOKED":
+                    _cascade_event("api_key.revoked_via_tenant_cascade", tenant, corr, key_id=key_id,
+                                   name=key.get("name"), prior_status=key.get("status"), new_status="REVOKED")
                     key.update(status="REVOKED", revoked_at_ms=now, revoked_reason="tenant closed")
                     conn.execute("UPDATE api_keys SET record=? WHERE key_id=?", (_dumps(key), key_id))
             for doc_id, raw in conn.execute("SELECT doc_id, record FROM docs WHERE kind='webhook' AND tenant_id=?",
                                             (tenant,)).fetchall():
                 hook = _decode(raw)
                 if hook.get("status") != "DISABLED":
+                    _cascade_event("webhook.disabled_via_tenant_cascade", tenant, corr, subscription_id=doc_id,
+                                   prior_status=hook.get("status"), new_status="DISABLED")
                     hook.update(status="DISABLED", version=hook.get("version", 0) + 1)
                     conn.execute("UPDATE docs SET record=?, version=? WHERE kind='webhook' AND doc_id=?",
                                  (_dumps(hook), hook["version"], doc_id))
@@ -974,6 +1036,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
     if "commit_limits" not in cols:
         conn.execute("ALTER TABLE reservations ADD COLUMN commit_limits TEXT")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(docs)")}
+    if "due_ms" not in cols:
+        conn.execute("ALTER TABLE docs ADD COLUMN due_ms INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS docs_due ON docs (kind, due_ms) WHERE due_ms IS NOT NULL")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(budgets)")}
     if "period_end_ms" not in cols:
         conn.execute("ALTER TABLE budgets ADD COLUMN period_end_ms INTEGER")
@@ -1034,11 +1100,38 @@ def _set_period_allocation(conn: sqlite3.Connection, tenant: str, scope: str, un
         conn.execute("UPDATE budgets SET extra=? WHERE tenant_id=? AND scope=? AND unit=?", (_dumps(extra), tenant, scope, unit))
 
 
+# Events the current transaction produced (exhausted, over limit, expired...). Transactions run one
+# at a time on the event loop's thread and never await, so one list per process is enough; it is
+# emptied when each transaction starts and written by it.
+_TX_EVENTS: list[dict[str, Any]] = []
+
+
+def _emit(event_type: str, tenant: str, scope: str | None, data: dict[str, Any], *, system: bool = False) -> None:
+    entry: dict[str, Any] = {"journal": "event", "event_type": event_type, "tenant_id": tenant, "scope": scope,
+                             "data": data}
+    if system:
+        entry["actor"] = {"type": "system"}
+        entry["source"] = "expiry-sweeper"
+    _TX_EVENTS.append(entry)
+
+
+def _cascade_event(event_type: str, tenant: str, correlation_id: str, **data: Any) -> None:
+    _emit(event_type, tenant, data.get("scope"), {**data, "cascade_reason": "tenant_closed"})
+    _TX_EVENTS[-1]["correlation_id"] = correlation_id
+
+
 def _insert_journal(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
-    conn.executemany(
-        "INSERT INTO audit (log_id, timestamp_ms, tenant_id, record) VALUES (?,?,?,?)",
-        [(e["log_id"], e["timestamp_ms"], e["tenant_id"], _dumps(e)) for e in entries],
-    )
+    audit = [e for e in entries if e.get("journal", "audit") == "audit"]
+    events = [e for e in entries if e.get("journal") == "event"]
+    if audit:
+        conn.executemany("INSERT INTO audit (log_id, timestamp_ms, tenant_id, record) VALUES (?,?,?,?)",
+                         [(e["log_id"], e["timestamp_ms"], e["tenant_id"], _dumps(e)) for e in audit])
+    if events:
+        conn.executemany(
+            "INSERT INTO gov_events (event_id, timestamp_ms, tenant_id, event_type, scope, correlation_id, record) "
+            "VALUES (?,?,?,?,?,?,?)",
+            [(e["event_id"], e["timestamp_ms"], e["tenant_id"], e["event_type"], e.get("scope") or "",
+              e.get("correlation_id"), _dumps(e)) for e in events])
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:
@@ -1146,7 +1239,13 @@ def _budget_policy(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Le
     return None
 
 
-def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Ledger], now: int) -> None:
+def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Ledger], now: int,
+                   before: Sequence[L.Ledger] | None = None, reservation_id: str | None = None,
+                   overage_policy: str | None = None) -> None:
+    for old, new in zip(before or (), ledgers):
+        for event_type, scope, data in E.transitions(old, new, reservation_id=reservation_id,
+                                                     overage_policy=overage_policy):
+            _emit(event_type, tenant, scope, data)
     conn.executemany(
         "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, is_over_limit=?, updated_at_ms=? "
         "WHERE tenant_id=? AND scope=? AND unit=?",
@@ -1198,8 +1297,12 @@ def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | No
     for row in rows:
         res = _reservation(row)
         ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
-        _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now)
+        _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now, before=ledgers)
         conn.execute("UPDATE reservations SET status='EXPIRED' WHERE reservation_id=?", (res["reservation_id"],))
+        _emit("reservation.expired", res["tenant_id"], res["scope_path"], {
+            "reservation_id": res["reservation_id"], "scope": res["scope_path"], "unit": res["unit"],
+            "estimated_amount": res["amount"], "created_at_ms": res["created_at_ms"], "expired_at_ms": now,
+            "ttl_ms": res["expires_at_ms"] - res["created_at_ms"], "extensions_used": res["extensions"]}, system=True)
     return len(rows)
 
 

@@ -1,0 +1,1 @@
+"""Webhook subscriptions and delivery: the shared pieces (secret sealing, URL policy)."""
