@@ -35,6 +35,31 @@ async def bootstrap_admin_key(store_url: str) -> str | None:
         await store.close()
 
 
+def _webhook_secret_key(store_url: str) -> None:
+    """Webhook signing secrets are sealed with a key the server must have before it starts. On the
+    embedded store (one machine) a key file beside the database is made once and reused; servers
+    sharing a Redis store must all be given the same key (CYCLES_WEBHOOK_SECRET_KEY)."""
+    import base64
+    import secrets as _secrets
+
+    from .webhooks.crypto import KEY_ENV, PLAINTEXT_ENV, SecretBox
+
+    if os.environ.get(KEY_ENV) or os.environ.get(PLAINTEXT_ENV):
+        SecretBox.from_env()  # a malformed key fails here, before the server starts
+        return
+    if not store_url.startswith("sqlite:///"):
+        raise RuntimeError(f"set {KEY_ENV} (the same 32-byte key, base64, on every server sharing this store), "
+                           f"or {PLAINTEXT_ENV}=1 to keep webhook secrets in plaintext")
+    path = os.path.join(os.path.dirname(os.path.abspath(store_url[len("sqlite:///"):])), "webhook-secret.key")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(_secrets.token_bytes(32)).decode())
+    with open(path) as f:
+        os.environ[KEY_ENV] = f.read().strip()
+
+
 from .demos.cli import app as demo_app  # noqa: E402
 
 app.add_typer(demo_app, name="demo")
@@ -42,6 +67,11 @@ app.add_typer(demo_app, name="demo")
 from .mcp.cli import app as mcp_app  # noqa: E402
 
 app.add_typer(mcp_app, name="mcp")
+
+from .admin_cli.commands import app as admin_app, apply_command  # noqa: E402
+
+app.add_typer(admin_app, name="admin")
+app.command(name="apply")(apply_command)
 
 
 @app.command()
@@ -64,6 +94,11 @@ def serve(
     import uvicorn
 
     store_url = store or default_store_url(data_dir or default_data_dir())
+    try:
+        _webhook_secret_key(store_url)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")

@@ -1,0 +1,1 @@
+"""The operator CLI: `cycles admin ...` and `cycles apply FILE.yaml`, clients of the admin API."""
