@@ -213,3 +213,20 @@ def test_reject_overage_commit_is_a_terminal_rejection_without_release(sdk, tena
 def test_reject_overage_commit_is_sent_only_once(sdk, tenant):
     run_reject_overage(sdk, tenant)
     assert len(sdk.proxy.calls("POST", suffix="/commit")) == 1, sdk.proxy.summary()
+
+
+def test_policy_caps_reach_the_sdk_context(sdk, tenant):
+    """A policy's caps come back as ALLOW_WITH_CAPS and the published SDK hands them to the guarded code."""
+    tenant.budget("", 1_000_000)
+    with tenant.server.admin() as c:
+        r = c.post("/v1/admin/policies", json={"tenant_id": tenant.tenant_id, "name": "caps",
+                                               "scope_pattern": f"tenant:{tenant.tenant_id}",
+                                               "caps": {"max_tokens": 256, "tool_denylist": ["shell"]}})
+        assert r.status_code == 201, r.text
+    out = sdk.run("decorator", mode="caps", estimate=1000, actual=700)
+    assert out["error"] is None, out
+    assert out["decision"].endswith("ALLOW_WITH_CAPS")
+    assert out["caps"] == {"max_tokens": 256, "tool_denylist": ["shell"]}
+    assert out["shell_allowed"] is False
+    create = sdk.proxy.exchanges[0]
+    assert create.response_json["decision"] == "ALLOW_WITH_CAPS"

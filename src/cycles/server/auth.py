@@ -66,6 +66,7 @@ class Principal:
     permissions: frozenset[str]
     scope_filter: tuple[str, ...] = ()
     name: str | None = None
+    revoked_by_close: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -89,6 +90,8 @@ class Principal:
         raise ProtocolError(ErrorCode.INSUFFICIENT_PERMISSIONS, f"Admin key lacks the {permission} permission")
 
     def require(self, permission: str) -> None:
+        if self.revoked_by_close and permission not in self.permissions:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key is revoked (its tenant is closed)")
         if self.is_admin or has_permission(self.permissions, permission):
             return
         raise ProtocolError(ErrorCode.FORBIDDEN, f"API key lacks the {permission} permission")
@@ -205,7 +208,19 @@ class Authenticator:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"Missing {wanted} header")
 
 
+# Runtime mutations keep authenticating with a key the close cascade revoked, so they reach the
+# closed-tenant guard (409 TENANT_CLOSED, DENY for evaluations) and same-key replays of work done
+# before the close still return their stored responses, as the conformance rules require.
+_CLOSED_TENANT_RUNTIME = frozenset({"reservations:create", "reservations:commit", "reservations:release",
+                                    "reservations:extend"})
+CASCADE_REVOKED_REASON = "tenant closed"
+
+
 def principal_of(record: dict[str, Any]) -> Principal:
+    if record.get("status") == "REVOKED" and record.get("revoked_reason") == CASCADE_REVOKED_REASON:
+        granted = frozenset(record.get("permissions") or ()) & _CLOSED_TENANT_RUNTIME
+        return Principal("tenant", record["tenant_id"], record["key_id"], granted, (), record.get("name"),
+                         revoked_by_close=True)
     if record.get("status") != "ACTIVE":
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"API key is {str(record.get('status', 'invalid')).lower()}")
     expires = record.get("expires_at_ms")

@@ -204,6 +204,8 @@ _ADMIN_ONLY = ("view_overview", "view_audit", "view_tenants", "view_api_keys", "
 
 async def introspect(request: Request, ctx: Ctx) -> Response:
     principal = await audit.authenticate(request, ctx, allow_admin=True)
+    if principal.revoked_by_close:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key is revoked (its tenant is closed)")
     if principal.is_admin:
         caps = {name: True for name in (*_CAPABILITIES, *_ADMIN_ONLY)}
         body = g.AuthIntrospectResponse(authenticated=True, auth_type="admin", permissions=["*"], capabilities=caps)

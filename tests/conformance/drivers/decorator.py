@@ -14,7 +14,8 @@ from runcycles import CyclesClient, CyclesMetrics, DryRunResult, cycles, get_cyc
 p = params()
 mode = p["mode"]
 client = CyclesClient(config(p))
-state: dict[str, Any] = {"executions": 0, "reservation_id": None, "ctx_expires_at_ms": None}
+state: dict[str, Any] = {"executions": 0, "reservation_id": None, "ctx_expires_at_ms": None, "decision": None,
+                         "caps": None, "shell_allowed": None}
 common = dict(action_kind="llm.completion", action_name="conformance-model", client=client)
 
 
@@ -24,6 +25,10 @@ def _body(sleep_s: float = 0.0) -> str:
     if ctx is not None:
         state["reservation_id"] = ctx.reservation_id
         state["ctx_expires_at_ms"] = ctx.expires_at_ms
+        state["decision"] = str(getattr(ctx.decision, "value", ctx.decision))
+        if ctx.has_caps():
+            state["caps"] = ctx.caps.model_dump(mode="json", exclude_none=True)
+            state["shell_allowed"] = ctx.caps.is_tool_allowed("shell")
         ctx.metrics = CyclesMetrics(tokens_input=11, tokens_output=22, model_version="conformance-1")
     if sleep_s:
         time.sleep(sleep_s)
@@ -34,7 +39,7 @@ estimate = p.get("estimate", 1000)
 result: Any = None
 error: BaseException | None = None
 
-if mode == "happy":
+if mode in ("happy", "caps"):
     fn = cycles(estimate=estimate, actual=lambda r: p.get("actual", 700), **common)(lambda: _body())
 elif mode == "no_actual":
     fn = cycles(estimate=estimate, **common)(lambda: _body())
@@ -63,6 +68,9 @@ out: dict[str, Any] = {
     "executions": state["executions"],
     "reservation_id": state["reservation_id"],
     "ctx_expires_at_ms": state["ctx_expires_at_ms"],
+    "decision": state["decision"],
+    "caps": state["caps"],
+    "shell_allowed": state["shell_allowed"],
     "result_type": type(result).__name__,
     "result": result.model_dump(mode="json", exclude_none=True) if isinstance(result, DryRunResult) else result,
     "error": exc_info(error),
