@@ -36,7 +36,7 @@ def build() -> dict[str, Any]:
         for name, typ, desc in op.query:
             schema = {"type": "string", "format": "date-time"} if typ == "date-time" else {"type": typ}
             params.append({"name": name, "in": "query", "required": False, "schema": schema, "description": desc})
-        if op.request is not None and op.method in ("POST", "PATCH"):
+        if op.request is not None and op.method in ("POST", "PATCH", "PUT"):
             params.append({"name": "X-Idempotency-Key", "in": "header", "required": False,
                            "schema": {"type": "string", "maxLength": 256}})
             item["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[op.request]}}}
