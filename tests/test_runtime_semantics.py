@@ -837,7 +837,11 @@ def test_closed_tenant_guard(tenant: Tenant) -> None:
         assert decided["decision"] == dry["decision"] == "ALLOW"
 
         close_tenant(tenant)
-        before = all_balances(tenant)
+        op = tenant.server.admin()
+        ledgers = lambda: ok(op.get("/v1/admin/budgets", params={"tenant_id": tenant.tenant_id}))["ledgers"]  # noqa: E731
+        before = ledgers()
+        # the close cascade released the open reservation and closed the budget
+        assert [(l["status"], l["reserved"]["amount"]) for l in before] == [("CLOSED", 0)]
 
         expect_error(reserve(c, tenant, 1), 409, "TENANT_CLOSED")
         expect_error(commit(c, active_rid, 10), 409, "TENANT_CLOSED")
@@ -867,12 +871,14 @@ def test_closed_tenant_guard(tenant: Tenant) -> None:
         assert ok(decide(c, tenant, 1, key=decide_key)) == decided  # pre-close evaluations replay too
         assert ok(reserve(c, tenant, 1, key=dry_key, dry_run=True)) == dry
 
-        # Reads stay available.
-        assert ok(get_reservation(c, active_rid))["status"] == "ACTIVE"
-        assert ok(get_reservation(c, committed_rid))["status"] == "COMMITTED"
-        listed = {r["reservation_id"] for r in ok(c.get("/v1/reservations"))["reservations"]}
+        # Reads stay available to operators; the tenant's own keys were revoked by the cascade.
+        assert ok(get_reservation(op, active_rid))["status"] == "RELEASED"
+        assert ok(get_reservation(op, committed_rid))["status"] == "COMMITTED"
+        listed = {r["reservation_id"] for r in ok(op.get("/v1/reservations", params={"tenant": tenant.tenant_id}))["reservations"]}
         assert listed == {committed_rid, active_rid}
-        assert all_balances(tenant) == before
+        assert ledgers() == before  # none of the refused mutations changed anything
+        expect_error(c.get("/v1/balances", params={"tenant": tenant.tenant_id}), 401, "UNAUTHORIZED")
+        op.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,6 +201,73 @@ def _run_workers(workers: int, common: dict) -> int:
     return code
 
 
+# -- webhook delivery: `cycles worker` (cycles.webhooks.deliver) --
+@app.command()
+def worker(
+    store: Optional[str] = typer.Option(None, "--store", help="Store URL (the one the servers use)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Directory of the embedded store when --store "
+                                           "is not given (as for `cycles serve`)."),
+    concurrency: int = typer.Option(64, min=1, max=10_000, help="Delivery attempts running at once."),
+    per_endpoint: int = typer.Option(4, min=1, max=1000, help="Attempts running at once per endpoint "
+                                     "(scheme, host, port of a subscription URL)."),
+    lease_ms: int = typer.Option(60_000, min=1000, help="How long a claimed delivery is held; a worker that "
+                                 "dies leaves it to another after this."),
+    timeout_ms: int = typer.Option(30_000, min=100, help="Request timeout; must be shorter than --lease-ms."),
+    poll_ms: int = typer.Option(200, min=10, help="How often the queue and the event log are read when idle."),
+    dispatch: bool = typer.Option(True, help="Also turn new events into deliveries (--no-dispatch: deliver only)."),
+    metrics_port: int = typer.Option(0, min=0, max=65535, help="Serve Prometheus metrics on this port (0: off)."),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address of the metrics listener."),
+    log_level: str = typer.Option("info", help="Log level."),
+) -> None:
+    """Deliver webhooks: the dispatcher (event log -> deliveries) and the delivery worker, without serving
+    the API. Run any number of them against one store; `cycles serve` embeds one unless
+    CYCLES_EMBEDDED_WORKER=0."""
+    import logging
+    import signal
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store_url = store or default_store_url(data_dir or default_data_dir())
+    try:
+        _webhook_secret_key(store_url)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from .server.metrics import Metrics
+    from .webhooks.crypto import SecretBox
+    from .webhooks.deliver import Engine, EngineConfig, WorkerConfig
+
+    config = EngineConfig(worker=WorkerConfig(concurrency=concurrency, per_endpoint=per_endpoint, lease_ms=lease_ms,
+                                              timeout_ms=timeout_ms, poll_ms=poll_ms),
+                          dispatch_ms=poll_ms, dispatch=dispatch)
+    try:
+        config.worker.check()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    metrics = Metrics()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+
+    async def run() -> None:
+        st = open_store(store_url)
+        engine = Engine(st, box=SecretBox.from_env(), metrics=metrics, config=config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        engine.start()
+        typer.echo(f"Cycles webhook worker {engine.worker_id} on store {store_url}")
+        try:
+            await stop.wait()
+        finally:
+            await engine.stop()
+            await st.close()
+
+    asyncio.run(run())
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

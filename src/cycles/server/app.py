@@ -131,9 +131,13 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
         except Exception:  # noqa: BLE001 - the store may be down at startup; the next start retries
             log.warning("could not resume close cascades", exc_info=True)
         task = asyncio.create_task(_sweeper(state, sweep_interval_s)) if sweep_interval_s > 0 else None
+        engine = _webhook_engine(state)  # -- webhook delivery: the embedded worker --
         try:
             yield
         finally:
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.stop()
             with contextlib.suppress(Exception):
                 await state.auth.flush_last_used()
             if task is not None:
@@ -146,6 +150,22 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
                     exception_handlers={HTTPException: http_error, Exception: http_error})
     app.state.cycles = state
     return app
+
+
+def _webhook_engine(state: AppState) -> object | None:
+    """The embedded webhook dispatcher + delivery worker (cycles.webhooks.deliver), unless
+    CYCLES_EMBEDDED_WORKER=0 leaves delivery to separate `cycles worker` processes."""
+    if os.environ.get("CYCLES_EMBEDDED_WORKER", "1") == "0":
+        return None
+    from ..webhooks.deliver import Engine, engine_config_from_env
+
+    try:
+        engine = Engine(state.store, box=state.secret_box, metrics=state.metrics, config=engine_config_from_env())
+        engine.start()
+    except Exception:  # noqa: BLE001 - serving requests does not depend on it
+        log.error("the embedded webhook worker could not start", exc_info=True)
+        return None
+    return engine
 
 
 def _secret_box() -> object | None:

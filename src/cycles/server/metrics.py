@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, latency, decisions by reason, active reservations.
+"""Prometheus metrics: requests, latency, decisions by reason, active reservations, webhook delivery.
 
 With several worker processes, `PROMETHEUS_MULTIPROC_DIR` (set by `cycles serve --workers N`) makes
 every worker write its samples there and any worker can answer a scrape with the sum.
@@ -12,6 +12,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -26,6 +27,24 @@ class Metrics:
                                  ["endpoint", "decision", "reason"], registry=self.registry)
         self.active = Gauge("cycles_active_reservations", "Reservations currently ACTIVE in the store",
                             registry=self.registry, multiprocess_mode="mostrecent")
+        # -- webhook delivery (cycles.webhooks.deliver) --
+        self.webhook_attempts = Counter(
+            "cycles_webhook_delivery_attempts_total", "Webhook delivery attempts by outcome (success, http_3xx, "
+            "http_4xx, http_5xx, timeout, transport_error, refused)", ["outcome"], registry=self.registry)
+        self.webhook_latency = Histogram("cycles_webhook_delivery_latency_seconds", "Time of one delivery attempt",
+                                         ["outcome"], buckets=_WEBHOOK_BUCKETS, registry=self.registry)
+        self.webhook_results = Counter("cycles_webhook_deliveries_total",
+                                       "Deliveries finished, by result (succeeded, failed) and reason",
+                                       ["result", "reason"], registry=self.registry)
+        self.webhook_created = Counter("cycles_webhook_deliveries_enqueued_total",
+                                       "Deliveries created, by source (dispatch, replay, resend)", ["source"],
+                                       registry=self.registry)
+        self.webhook_queue = Gauge("cycles_webhook_delivery_queue_depth", "Deliveries due now and not yet claimed",
+                                   registry=self.registry, multiprocess_mode="max")
+        self.webhook_in_flight = Gauge("cycles_webhook_deliveries_in_flight", "Delivery attempts running now",
+                                       registry=self.registry, multiprocess_mode="livesum")
+        self.webhook_auto_disabled = Counter("cycles_webhook_subscription_auto_disabled_total",
+                                             "Subscriptions disabled after consecutive failures", registry=self.registry)
 
     def observe(self, ctx, method: str, status: int) -> None:  # noqa: ANN001 - Ctx, avoids an import cycle
         self.requests.labels(ctx.route, method, str(status)).inc()

@@ -53,7 +53,8 @@ def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> li
         rec = dict(entry)
         rec.pop("observation", None)
         rec.pop("only_if_created", None)
-        rec.setdefault("timestamp_ms", now_ms)
+        if rec.get("timestamp_ms") is None:
+            rec["timestamp_ms"] = now_ms
         if rec.get("journal") == "event":
             rec.setdefault("event_id", new_event_id(now_ms))
             rec.setdefault("category", rec["event_type"].split(".", 1)[0])

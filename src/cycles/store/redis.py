@@ -4,15 +4,21 @@ Every mutating operation is one Lua script call (EVALSHA; redis-py reloads a scr
 does the idempotency check, the tenant guard, the scope lookups, the checks and all writes. Time comes
 from Redis (`TIME` inside the script), so servers with skewed clocks agree on expiry.
 
-Key layout (docs/redis.md): every key of a tenant carries the hash tag `{<tenant>}`, so each script
-touches one slot and the layout runs on Redis Cluster as on a single Redis. Reservation ids embed
-the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its slot.
+Key layout (docs/redis.md): every key of a tenant carries the hash tag `{<tenant>}`. Reservation ids
+embed the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its keys. The
+admin plane (audit log, API key and document indexes) adds global keys that scripts write together
+with tenant keys, so the store needs one Redis primary (not Redis Cluster).
+
+Journal: every script call carries the request's pending journal entries (base.pending_journal) as its
+last argument; the loader wraps each script so that, when the script did not answer an error, the
+entries are written in the same script, then the Python side empties the list.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from datetime import datetime
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -22,10 +28,12 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..core import policies as Pol
 from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
-from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
+from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
 from .base import (
+    AuditScan,
     EventCommand,
     FundCommand,
     Outcome,
@@ -34,13 +42,51 @@ from .base import (
     ReserveCommand,
     SettleCommand,
     Store,
+    pending_journal,
+    stamp_journal,
 )
 
 T = TypeVar("T")
 IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
 TENANTS = "cy:tenants"
 _TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
-_SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant")
+_SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
+            "budget_admin", "cascade", "audit", "rollover", "counters")
+AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
+EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
+KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
+PERIODS = "cy:periods"  # zset: <tenant>|<scope>|<unit> of budgets with periods, by period_end_ms
+KEYS_INDEXED = "cy:apikeys:indexed"  # set once keys stored before the key id index have been indexed
+PURGE_BATCH = 1000
+
+# Every script body runs as a function; the epilogue writes the journal (the last ARGV, see
+# _journal_arg) when the body's answer is not an error, in the same atomic script. The operation's result
+# record (runtime outcomes, fresh or replayed) gives the rows the reservation id and event data they take
+# from it (base.stamp_journal).
+_EPILOGUE = """
+local __result = __main()
+local __journal = cjson.decode(ARGV[#ARGV])
+if #__journal > 0 then
+  local __ok, __out = pcall(cjson.decode, __result)
+  if not (__ok and type(__out) == 'table' and __out.err ~= nil and __out.err ~= cjson.null) then
+    local __r = nil
+    if __ok and type(__out) == 'table' and __out.replay ~= nil and __out.result ~= nil then
+      if type(__out.result) == 'string' then __r = __out.result else __r = jget(__result, 'result') end
+      if type(__r) ~= 'string' or string.sub(__r, 1, 1) ~= '{' then __r = nil end
+    end
+    local __created = nil
+    if __ok and type(__out) == 'table' and __out.created == false then __created = false end
+    write_journal(__journal, now_ms(), __r, __created)
+  end
+end
+return __result
+"""
+
+
+def _script_source(common: str, body: str) -> str:
+    return f"{common}\nlocal function __main()\n{body}\nend\n{_EPILOGUE}"
+
+
 _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline_ms", "committed", "finalized_at_ms",
                "extensions", "max_extensions")
 _encode = msgspec.json.Encoder().encode
@@ -67,21 +113,86 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _journal_arg(*groups: list[dict[str, Any]]) -> str:
+    """The journal argument of a script: [[entry JSON, merge the result into data (0/1), only if
+    created (0/1)], ...]; each group is stamped on its own, as each transaction stamps its entries.
+
+    Entries are stamped here (base.stamp_journal) with everything that does not depend on the script:
+    the script adds the time and what comes from the operation's result. They are checked here too,
+    before the script runs: a script that failed halfway would keep its change without its rows."""
+    out: list[list[Any]] = []
+    for entries in groups:
+        out += _journal_items(entries)
+    return _s(out) if out else "[]"
+
+
+def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for entry, rec in zip(entries, stamp_journal(entries, 0, None)):
+        if "timestamp_ms" not in entry:
+            del rec["timestamp_ms"]
+        elif not isinstance(entry["timestamp_ms"], int) or isinstance(entry["timestamp_ms"], bool):
+            raise ValueError("journal entry timestamp_ms must be an int")
+        if rec.get("journal") == "event":
+            ident = rec.get("event_id")
+        else:
+            ident = rec.get("log_id")
+        if not isinstance(ident, str) or not isinstance(rec.get("tenant_id"), str):
+            raise ValueError("journal entries need a string id and tenant_id")
+        merge = 1 if rec.get("journal") == "event" and entry.get("data_from") == "result" else 0
+        out.append([_s(rec), merge, 1 if entry.get("only_if_created") else 0])
+    return out
+
+
+def _limits(limits: list[Any]) -> list[list[str]]:
+    """Rate limit buckets for the scripts; limits as decimal strings (int64 stays exact in Lua)."""
+    return [[bucket, str(int(limit)), policy_id, scope] for bucket, limit, policy_id, scope in limits]
+
+
+def _iso_ms(text: Any) -> int:
+    try:
+        return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return 0
+
+
+def _script_error(out: dict[str, Any]) -> ProtocolError:
+    code = out["err"]
+    if code == "RATE_LIMITED":
+        bucket, limit, policy_id, scope, prev, cur, now = out["rate"]
+        limit, prev, cur, now = int(limit), int(prev), int(cur), int(now)
+        return Pol.rate_error(bucket, limit, policy_id, scope, Pol.retry_after_ms(prev, cur, limit, now))  # type: ignore[return-value]
+    if code == "VERSION_CONFLICT":
+        return VersionConflict(out["msg"])
+    details = out.get("details")
+    return ProtocolError(ErrorCode(code), out.get("msg") or code,
+                         details=details if isinstance(details, dict) and details else None,
+                         status=out.get("status"))
+
+
 class RedisStore(Store):
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
-                 socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None) -> None:
+                 socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
+                 max_connections: int = 100) -> None:
         self.url = url
         self.retention_ms = retention_ms
         # Production time is Redis TIME inside the scripts; tests that drive time pass their own clock.
         self._test_clock = clock
-        self.r = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
-                                   socket_timeout=socket_timeout_s, retry_on_timeout=False,
-                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        # A blocking pool: a burst of concurrent requests beyond max_connections waits (up to the socket
+        # timeout) for a free connection instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+            retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            max_connections=max_connections, timeout=socket_timeout_s)
+        self.r = aioredis.Redis.from_pool(pool)
         common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
         self.scripts = {
-            name: self.r.register_script(common + "\n" + resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text())
+            name: self.r.register_script(
+                _script_source(common, resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text()))
             for name in _SCRIPTS
         }
+        self._keys_indexed = False
+        self._counted = False
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -91,14 +202,24 @@ class RedisStore(Store):
         except rex.BusyLoadingError as exc:
             raise StoreUnavailable(f"Redis is loading: {exc}") from exc
 
-    async def _script(self, name: str, tenant: str, args: list[Any]) -> Any:
-        p = prefix(tenant)
-        raw = await self._call(lambda: self.scripts[name](keys=[p + "tenant"], args=[p, tenant, self.retention_ms, self._test_clock() if self._test_clock else 0, *args]))
+    async def _script(self, name: str, tenant: str, args: list[Any], *, journal: bool = True,
+                      entries: list[dict[str, Any]] | None = None) -> Any:
+        """Run one script. `tenant` "" runs a global (admin plane) script. With `journal`, the request's
+        pending journal entries (after `entries`) are written by the script when it succeeds, and the
+        pending list is emptied then; an error answer wrote nothing and leaves it."""
+        if not self._counted:
+            await self._count_existing()
+        p = prefix(tenant) if tenant else ""
+        pending = pending_journal() if journal else []
+        jarg = _journal_arg(entries or [], pending)
+        keys = [p + "tenant"] if tenant else []
+        clock = self._test_clock() if self._test_clock else 0
+        raw = await self._call(lambda: self.scripts[name](keys=keys, args=[p, tenant, self.retention_ms, clock, *args, jarg]))
         out = _decode(raw)
         if isinstance(out, dict) and "err" in out:
-            details = out.get("details")
-            raise ProtocolError(ErrorCode(out["err"]), out.get("msg") or out["err"],
-                                details=details if isinstance(details, dict) and details else None)
+            raise _script_error(out)
+        if pending:
+            pending.clear()
         return out
 
     @staticmethod
@@ -112,7 +233,13 @@ class RedisStore(Store):
     # ---- lifecycle ----
 
     async def close(self) -> None:
-        await self.r.aclose()
+        try:
+            await self.r.aclose()
+        except RuntimeError as exc:
+            # connections opened on an event loop that has since ended (callers that run each call
+            # with asyncio.run) cannot be closed from this one; the ended loop already dropped them
+            if "closed" not in str(exc):
+                raise
 
     async def health(self) -> bool:
         try:
@@ -132,16 +259,11 @@ class RedisStore(Store):
         return await self._call(lambda: self.r.get(f"cy:setting:{name}"))
 
     async def put_setting(self, name: str, value: str, *, only_if_absent: bool) -> str:
-        key = f"cy:setting:{name}"
-        if not only_if_absent:
-            await self._call(lambda: self.r.set(key, value))
-            return value
-        await self._call(lambda: self.r.set(key, value, nx=True))
-        return await self._call(lambda: self.r.get(key))
+        out = await self._script("setting", "", [name, value, "1" if only_if_absent else "0"])
+        return out["value"]
 
     async def create_tenant(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         tenant = record["tenant_id"]
-        await self._call(lambda: self.r.sadd(TENANTS, tenant))
         out = await self._script("tenant", tenant, ["create", _s(record)])
         return _decode(out["record"]), bool(out["created"])
 
@@ -154,9 +276,8 @@ class RedisStore(Store):
         return _decode(out["record"])
 
     async def create_api_key(self, record: dict[str, Any]) -> None:
-        created = await self._call(lambda: self.r.set(f"cy:apikey:{record['key_prefix']}", _s(record), nx=True))
-        if not created:
-            raise ProtocolError(ErrorCode.INTERNAL_ERROR, "API key prefix collision; retry the request")
+        await self._script("apikey", "", ["create", record["key_id"], record["key_prefix"], record["tenant_id"],
+                                          _s(record)])
 
     async def find_api_key(self, key_prefix: str) -> dict[str, Any] | None:
         raw = await self._call(lambda: self.r.get(f"cy:apikey:{key_prefix}"))
@@ -167,11 +288,10 @@ class RedisStore(Store):
     async def create_budget(self, record: dict[str, Any]) -> dict[str, Any]:
         tenant = record["tenant_id"]
         ledger_id = "ldg_" + secrets.token_hex(12)
-        await self._script("budget", tenant, [
+        out = await self._script("budget", tenant, [
             record["scope"], record["unit"], ledger_id, str(record["allocated"]), str(record.get("overdraft_limit", 0)),
             _opt(record.get("commit_overage_policy")), _s(record.get("extra") or {})])
-        rows = await self._budget_rows(tenant, [f"{record['scope']}|{record['unit']}"])
-        return rows[0]
+        return _budget_row(tenant, _flat(out["row"]))
 
     async def _budget_rows(self, tenant: str, members: list[str]) -> list[dict[str, Any]]:
         p = prefix(tenant)
@@ -182,19 +302,7 @@ class RedisStore(Store):
                 pipe.hgetall(p + "b:" + member)
             return await pipe.execute()
 
-        out = []
-        for h in await self._call(fetch):
-            if not h:
-                continue
-            out.append({
-                "tenant_id": tenant, "ledger_id": h["ledger_id"], "created_at_ms": int(h["created_at_ms"]),
-                "updated_at_ms": int(h["updated_at_ms"]), "extra": _decode(h.get("extra") or "{}"),
-                "commit_overage_policy": h.get("commit_overage_policy") or None,
-                "ledger": Ledger(h["scope"], h["unit"], int(h["allocated"]), int(h["spent"]), int(h["reserved"]),
-                                 int(h["debt"]), int(h["overdraft_limit"]), h["is_over_limit"] == "1",
-                                 h["status"]),
-            })
-        return out
+        return [_budget_row(tenant, h) for h in await self._call(fetch) if h]
 
     async def _members(self, tenant: str, start: str | None) -> list[str]:
         lo = "(" + start if start else "-"
@@ -230,7 +338,9 @@ class RedisStore(Store):
             cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, cmd.unit, str(cmd.amount), cmd.scope_path,
             _s(cmd.scopes), "1" if cmd.dry_run else "0", _opt(cmd.ttl_ms), _opt(cmd.grace_ms),
             _opt(cmd.overage_policy), _s(cmd.subject), _s(cmd.action),
-            _s(cmd.metadata) if cmd.metadata is not None else "", rid])
+            _s(cmd.metadata) if cmd.metadata is not None else "", rid,
+            "ALLOW_WITH_CAPS" if cmd.caps else "ALLOW", "null" if cmd.caps is None else _s(cmd.caps),
+            _s(cmd.policy or {}), _s(_limits(cmd.limits)), _s(_limits(cmd.commit_limits)) if cmd.commit_limits else ""])
         return self._outcome(out)
 
     async def _settle(self, endpoint: str, cmd: SettleCommand, extra: list[str]) -> Outcome:
@@ -324,6 +434,264 @@ class RedisStore(Store):
     async def purge_idempotency(self, older_than_ms: int) -> int:
         return 0  # idempotency keys carry their own TTL (PEXPIRE retention_ms)
 
+    # ---- admin plane ----
+
+    async def _mget(self, keys: list[str]) -> list[str | None]:
+        out: list[str | None] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            out += await self._call(lambda c=chunk: self.r.mget(c))
+        return out
+
+    async def append_journal(self, entries: list[dict[str, Any]]) -> None:
+        await self._script("audit", "", ["append"], entries=entries)
+
+    async def scan_audit(self, scan: AuditScan) -> list[dict[str, Any]]:
+        return await self._scan(AUDIT_REC, AUDIT, "audit", scan)
+
+    async def scan_events(self, scan: AuditScan) -> list[dict[str, Any]]:
+        return await self._scan(EVENTS_REC, EVENTS, "events", scan)
+
+    async def get_event(self, event_id: str) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self.r.hget(EVENTS_REC, event_id))
+        return _decode(raw) if raw else None
+
+    async def purge_events(self, older_than_ms: int) -> int:
+        return await self._purge("events", older_than_ms)
+
+    async def _scan(self, records: str, index: str, suffix: str, scan: AuditScan) -> list[dict[str, Any]]:
+        key = index if scan.tenant is None else prefix(scan.tenant) + suffix
+        lo: float = float("-inf") if scan.from_ms is None else scan.from_ms
+        hi: float = float("inf") if scan.to_ms is None else scan.to_ms
+        after = scan.after
+        if after is not None:
+            # (timestamp_ms, log_id) order is the sorted set's (score, member) order; the cursor is exclusive
+            if scan.descending:
+                hi = min(hi, after[0])
+            else:
+                lo = max(lo, after[0])
+
+        def past_cursor(member: str, score: int) -> bool:
+            if after is None or score != after[0]:
+                return True
+            return member < after[1] if scan.descending else member > after[1]
+
+        ids: list[str] = []
+        offset, batch = 0, max(scan.limit, 100)
+        while len(ids) < scan.limit:
+            if scan.descending:
+                rows = await self._call(lambda o=offset: self.r.zrevrangebyscore(key, hi, lo, start=o, num=batch,
+                                                                                 withscores=True))
+            else:
+                rows = await self._call(lambda o=offset: self.r.zrangebyscore(key, lo, hi, start=o, num=batch,
+                                                                              withscores=True))
+            for member, score in rows:
+                if past_cursor(member, int(score)):
+                    ids.append(member)
+                    if len(ids) == scan.limit:
+                        break
+            if len(rows) < batch:
+                break
+            offset += batch
+        if not ids:
+            return []
+        raws = await self._call(lambda: self.r.hmget(records, ids))
+        return [_decode(raw) for raw in raws if raw]  # a row purged meanwhile is gone
+
+    async def purge_audit(self, older_than_ms: int) -> int:
+        return await self._purge("audit", older_than_ms)
+
+    async def _purge(self, log: str, older_than_ms: int) -> int:
+        total = 0
+        while True:
+            out = await self._script("audit", "", ["purge", str(int(older_than_ms)), PURGE_BATCH, log])
+            total += int(out["purged"])
+            if int(out["purged"]) < PURGE_BATCH:
+                return total
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        ids = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
+        raws = await self._mget([prefix(t) + "tenant" for t in ids])
+        return [_decode(raw) for raw in raws if raw]
+
+    async def _index_keys(self) -> None:
+        """Index API keys stored before the key id index existed (once per store, then marked done)."""
+        if self._keys_indexed:
+            return
+        if not await self._call(lambda: self.r.exists(KEYS_INDEXED)):
+            async def scan() -> list[str]:
+                return [k async for k in self.r.scan_iter(match="cy:apikey:*", count=1000)]
+
+            for key in await self._call(scan):
+                raw = await self._call(lambda k=key: self.r.get(k))
+                if not raw:
+                    continue
+                created = _iso_ms(_decode(raw).get("created_at"))
+                await self._script("apikey", "", ["index", key[len("cy:apikey:"):], str(created)], journal=False)
+            await self._call(lambda: self.r.set(KEYS_INDEXED, "1"))
+        self._keys_indexed = True
+
+    async def list_api_keys(self, tenant: str | None) -> list[dict[str, Any]]:
+        await self._index_keys()
+        key = KEYS if tenant is None else prefix(tenant) + "apikeys"
+        ids = await self._call(lambda: self.r.zrange(key, 0, -1))
+        if not ids:
+            return []
+        prefixes = await self._call(lambda: self.r.hmget(KEY_IDS, ids))
+        raws = await self._mget([f"cy:apikey:{kp}" for kp in prefixes if kp])
+        return [_decode(raw) for raw in raws if raw]
+
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        await self._index_keys()
+        key_prefix = await self._call(lambda: self.r.hget(KEY_IDS, key_id))
+        return await self.find_api_key(key_prefix) if key_prefix else None
+
+    async def update_api_key(self, key_id: str, changes: dict[str, Any], *, guard_tenant: bool = True) -> dict[str, Any]:
+        await self._index_keys()
+        out = await self._script("apikey", "", ["update", key_id, _s(changes), "1" if guard_tenant else "0"])
+        return _decode(out["record"])
+
+    async def touch_api_keys(self, last_used: dict[str, int]) -> None:
+        await self._index_keys()
+        args: list[Any] = ["touch"]
+        for key_id, at_ms in last_used.items():
+            args += [key_id, str(int(at_ms))]
+        await self._script("apikey", "", args)
+
+    async def get_doc(self, kind: str, doc_id: str) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self.r.hget(f"cy:doc:{kind}:{doc_id}", "r"))
+        return _decode(raw) if raw else None
+
+    async def list_docs(self, kind: str, tenant: str | None) -> list[dict[str, Any]]:
+        key = f"cy:docs:{kind}" if tenant is None else prefix(tenant) + f"docs:{kind}"
+        ids = await self._call(lambda: self.r.zrange(key, 0, -1))
+
+        async def fetch() -> list[str | None]:
+            pipe = self.r.pipeline(transaction=False)
+            for doc_id in ids:
+                pipe.hget(f"cy:doc:{kind}:{doc_id}", "r")
+            return await pipe.execute()
+
+        return [_decode(raw) for raw in (await self._call(fetch) if ids else []) if raw]
+
+    async def save_doc(self, kind: str, tenant: str, doc_id: str, record: dict[str, Any] | None,
+                       expect_version: int | None, *, guard_tenant: bool = True) -> dict[str, Any] | None:
+        out = await self._script("doc", tenant, [
+            kind, doc_id, "" if record is None else _s(record), _opt(expect_version), "1" if guard_tenant else "0"])
+        if record is None:
+            return None
+        return {**record, "version": int(out["version"])}
+
+    async def due_docs(self, kind: str, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        ids = await self._call(lambda: self.r.zrangebyscore(f"cy:docs:{kind}:due", "-inf", now_ms, start=0, num=limit))
+
+        async def fetch() -> list[str | None]:
+            pipe = self.r.pipeline(transaction=False)
+            for doc_id in ids:
+                pipe.hget(f"cy:doc:{kind}:{doc_id}", "r")
+            return await pipe.execute()
+
+        return [_decode(raw) for raw in (await self._call(fetch) if ids else []) if raw]
+
+    async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
+        rows = await self._budget_rows(tenant, [f"{scope}|{unit}"])
+        return rows[0] if rows else None
+
+    async def update_budget(self, tenant: str, scope: str, unit: str, changes: dict[str, Any],
+                            *, guard_tenant: bool = True) -> dict[str, Any]:
+        policy = "-"
+        if "commit_overage_policy" in changes:
+            policy = _opt(changes["commit_overage_policy"])
+        out = await self._script("budget_admin", tenant, [
+            scope, unit, "1" if guard_tenant else "0", _opt(changes.get("status")),
+            _s(list(changes.get("from_status") or [])), _opt(changes.get("allocated")),
+            _opt(changes.get("overdraft_limit")), policy, _s(changes["extra"]) if changes.get("extra") else ""])
+        return _budget_row(tenant, _flat(out["row"]))
+
+    async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        offset, batch = 0, max(limit, 100)
+        while len(out) < limit:
+            members = await self._call(lambda o=offset: self.r.zrangebyscore(PERIODS, "-inf", now_ms, start=o, num=batch))
+            for member in members:
+                tenant, rest = member.split("|", 1)
+                scope, unit = rest.rsplit("|", 1)
+                rec = await self.get_budget(tenant, scope, unit)
+                if rec is not None and rec["ledger"].status != "CLOSED":
+                    out.append(rec)
+                    if len(out) == limit:
+                        break
+            if len(members) < batch:
+                break
+            offset += batch
+        return out
+
+    async def rollover_budget(self, tenant: str, scope: str, unit: str, expected_end_ms: int,
+                              period: dict[str, Any]) -> dict[str, Any] | None:
+        out = await self._script("rollover", tenant, [scope, unit, str(int(expected_end_ms)), _s(period)])
+        if not out["rolled"]:
+            return None
+        row = _budget_row(tenant, _flat(out["row"]))
+        return {"before": _budget_row(tenant, _flat(out["before"]))["ledger"], "after": row["ledger"],
+                "extra": row["extra"]}
+
+    async def _count_existing(self) -> None:
+        """Take the overview counts of data written before counters existed (once; scripts keep them)."""
+        self._counted = True
+        try:
+            await self._script("counters", "", [], journal=False)
+        except BaseException:
+            self._counted = False
+            raise
+
+    async def counters(self) -> dict[str, int]:
+        if not self._counted:
+            await self._count_existing()
+        return {name: int(v) for name, v in (await self._call(lambda: self.r.hgetall("cy:counters"))).items()}
+
+    async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for tenant in sorted(await self._call(lambda: self.r.smembers(TENANTS))):
+            for row in await self._budget_rows(tenant, await self._members(tenant, None)):
+                led = row["ledger"]
+                if (led.is_over_limit if kind == "over_limit" else led.debt > 0):
+                    rows.append(row)
+        rows.sort(key=lambda r: -r["ledger"].debt)
+        return rows[:limit]
+
+    async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
+        await self._index_keys()
+        out = await self._script("cascade", tenant, [int(batch)])
+        return bool(out["done"])
+
+    async def pending_cascades(self) -> list[str]:
+        ids = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
+        out = []
+        for tenant, raw in zip(ids, await self._mget([prefix(t) + "tenant" for t in ids])):
+            if not raw:
+                continue
+            record = _decode(raw)
+            if record.get("status") == "CLOSED" and record.get("cascade") == "PENDING":
+                out.append(tenant)
+        return out
+
+
+def _flat(pairs: Any) -> dict[str, str]:
+    """A hash from a script (HGETALL's flat list) as a dict."""
+    if not isinstance(pairs, list):
+        return {}
+    return dict(zip(pairs[::2], pairs[1::2]))
+
+
+def _budget_row(tenant: str, h: dict[str, str]) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant, "ledger_id": h["ledger_id"], "created_at_ms": int(h["created_at_ms"]),
+        "updated_at_ms": int(h["updated_at_ms"]), "extra": _decode(h.get("extra") or "{}"),
+        "commit_overage_policy": h.get("commit_overage_policy") or None,
+        "ledger": Ledger(h["scope"], h["unit"], int(h["allocated"]), int(h["spent"]), int(h["reserved"]),
+                         int(h["debt"]), int(h["overdraft_limit"]), h["is_over_limit"] == "1", h["status"]),
+    }
+
 
 _RESULT_INTS = ("amount", "expires_at_ms", "charged", "released", "actual", "timestamp_ms")
 
@@ -355,6 +723,7 @@ def _reservation(h: dict[str, str]) -> dict[str, Any]:
             rec[f] = None
     for f in ("metadata", "committed_metadata", "idempotency_key"):
         rec.setdefault(f, None)
+    rec.pop("commit_limits", None)  # the store's own bookkeeping, as on every store
     return rec
 
 

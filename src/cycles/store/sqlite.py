@@ -405,10 +405,13 @@ class SQLiteStore(Store):
 
     async def create_api_key(self, record: dict[str, Any]) -> None:
         def tx(conn: sqlite3.Connection, now: int) -> None:
-            conn.execute(
-                "INSERT INTO api_keys (key_id, prefix, tenant_id, record, created_at_ms) VALUES (?, ?, ?, ?, ?)",
-                (record["key_id"], record["key_prefix"], record["tenant_id"], _dumps(record), now),
-            )
+            try:
+                conn.execute(
+                    "INSERT INTO api_keys (key_id, prefix, tenant_id, record, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                    (record["key_id"], record["key_prefix"], record["tenant_id"], _dumps(record), now),
+                )
+            except sqlite3.IntegrityError:
+                raise ProtocolError(ErrorCode.INTERNAL_ERROR, "API key prefix collision; retry the request") from None
 
         await self._awrite(tx)
 
@@ -953,7 +956,7 @@ class SQLiteStore(Store):
             row = rows[0]
             extra = row["extra"]
             before = row["ledger"]
-            after = L.rollover(before, extra.get("rollover_policy") or "NONE", extra.get("period_allocation", before.allocated))
+            after = L.rollover(before, extra.get("rollover_policy") or "NONE", before.allocated if extra.get("period_allocation") is None else extra["period_allocation"])
             extra = {**extra, **period}
             conn.execute("UPDATE budgets SET allocated=?, spent=?, is_over_limit=?, extra=?, period_end_ms=?, updated_at_ms=? "
                          "WHERE tenant_id=? AND scope=? AND unit=?",

@@ -15,4 +15,13 @@ redis.call('HSET', bk, 'ledger_id', ARGV[7], 'tenant_id', tenant_id, 'scope', sc
   'is_over_limit', '0', 'status', 'ACTIVE', 'commit_overage_policy', ARGV[10], 'extra', ARGV[11],
   'created_at_ms', string.format('%d', now), 'updated_at_ms', string.format('%d', now))
 redis.call('ZADD', k_budgets(), 0, scope .. '|' .. unit)
-return ok('{}', now, false)
+count('budgets.ACTIVE', 1)
+count('budgets.unit.' .. unit, 1)
+count('budgets.over_limit', 0)
+count('budgets.with_debt', 0)
+-- budgets with periods are queued by the end of their period for the rollover sweep
+local period_end = jget(ARGV[11], 'period_end_ms')
+if period_end and string.match(period_end, '^%-?%d+$') then
+  redis.call('ZADD', K_PERIODS, period_end, tenant_id .. '|' .. scope .. '|' .. unit)
+end
+return cjson.encode({row = redis.call('HGETALL', bk)})

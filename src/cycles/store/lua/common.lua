@@ -57,14 +57,22 @@ local INT64_MIN = I('-9223372036854775808')
 -- ARGV[4] is a test clock in epoch ms: always 0 in production (time is Redis TIME); tests that
 -- drive time themselves pass their clock's value.
 local TEST_NOW = tonumber(ARGV[4]) or 0
+-- One instant per script: the change and the journal rows written with it share it.
+local NOW = nil
 local function now_ms()
-  if TEST_NOW > 0 then return TEST_NOW end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if NOW then return NOW end
+  if TEST_NOW > 0 then
+    NOW = TEST_NOW
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
-local function fail(code, msg, details)
-  return cjson.encode({err = code, msg = msg, details = details})
+-- `status` overrides the HTTP status the error code travels with.
+local function fail(code, msg, details, status)
+  return cjson.encode({err = code, msg = msg, details = details, status = status})
 end
 
 -- ---- keys (every key of a tenant shares the hash tag in P, so a script touches one slot) ----
@@ -77,9 +85,212 @@ local function k_created() return P .. 'rz:created' end
 local function k_deadline() return P .. 'rz:deadline' end
 local function k_idem(endpoint, key) return P .. 'i:' .. endpoint .. ':' .. key end
 
+-- global keys (the admin plane: one Redis primary)
+local K_TENANTS = 'cy:tenants'
+local K_AUDIT_REC, K_AUDIT = 'cy:audit:rec', 'cy:audit'
+local K_KEY_IDS, K_KEYS = 'cy:apikeys:id', 'cy:apikeys'
+local K_PERIODS = 'cy:periods'
+-- overview counts, kept by every script that changes what they count (like the SQLite store's triggers)
+local K_COUNTERS = 'cy:counters'
+local function count(name, delta) redis.call('HINCRBY', K_COUNTERS, name, delta) end
+local function prefix_of(tenant) return 'cy:{' .. tenant .. '}:' end
+local function k_apikey(key_prefix) return 'cy:apikey:' .. key_prefix end
+local function k_doc(kind, id) return 'cy:doc:' .. kind .. ':' .. id end
+local function k_docs(kind) return 'cy:docs:' .. kind end
+local function k_rate(bucket, window) return P .. 'rl:' .. bucket .. ':' .. string.format('%d', window) end
+
+-- ---- JSON text surgery ----
+-- Records are patched as text, member by member, so every other member stays byte for byte what Python
+-- wrote (cjson would round int64 values to 14 digits and turn empty arrays into objects).
+local function jws(s, i)
+  local _, e = string.find(s, '^[ \t\r\n]*', i)
+  return e + 1
+end
+
+local function jend(s, i)
+  local c = string.sub(s, i, i)
+  if c == '"' then
+    local j = i + 1
+    while true do
+      local q = string.find(s, '["\\]', j)
+      if string.sub(s, q, q) == '\\' then j = q + 2 else return q end
+    end
+  elseif c == '{' or c == '[' then
+    local depth, j = 0, i
+    while true do
+      local q = string.find(s, '[%[%]{}"]', j)
+      local d = string.sub(s, q, q)
+      if d == '"' then
+        j = jend(s, q) + 1
+      else
+        if d == '{' or d == '[' then depth = depth + 1 else depth = depth - 1 end
+        if depth == 0 then return q end
+        j = q + 1
+      end
+    end
+  end
+  local _, e = string.find(s, '^[^,}%]%s]+', i)
+  return e
+end
+
+-- the members of a JSON object text: a list of {key, value text}
+local function jmembers(s)
+  local out = {}
+  local i = jws(s, jws(s, 1) + 1)
+  if string.sub(s, i, i) == '}' then return out end
+  while true do
+    local ke = jend(s, i)
+    local key = cjson.decode(string.sub(s, i, ke))
+    i = jws(s, jws(s, ke + 1) + 1)
+    local ve = jend(s, i)
+    table.insert(out, {key, string.sub(s, i, ve)})
+    i = jws(s, ve + 1)
+    if string.sub(s, i, i) ~= ',' then return out end
+    i = jws(s, i + 1)
+  end
+end
+
+local function jget(s, key)
+  for _, m in ipairs(jmembers(s)) do
+    if m[1] == key then return m[2] end
+  end
+  return nil
+end
+
+-- JSON text of a string value
+local function jstr(v) return (string.gsub(cjson.encode(v), '\\/', '/')) end
+
+-- Set members (a list of {key, value text}; value nil deletes); existing members keep their place.
+-- With drop_null, members whose value is null are dropped as well.
+local function jpatch(s, changes, drop_null)
+  local members = jmembers(s)
+  local pos = {}
+  for i, m in ipairs(members) do pos[m[1]] = i end
+  for _, c in ipairs(changes) do
+    if pos[c[1]] then
+      members[pos[c[1]]][2] = c[2]
+    else
+      table.insert(members, {c[1], c[2]})
+      pos[c[1]] = #members
+    end
+  end
+  local parts = {}
+  for _, m in ipairs(members) do
+    if m[2] ~= nil and not (drop_null and m[2] == 'null') then
+      table.insert(parts, jstr(m[1]) .. ':' .. m[2])
+    end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- the value of a member as Lua data (strings and small numbers), nil when absent or null
+local function jvalue(s, key)
+  local raw = jget(s, key)
+  if raw == nil or raw == 'null' then return nil end
+  return cjson.decode(raw)
+end
+
+-- ---- the journal: rows written in the same script as the change they record ----
+-- Audit rows go to cy:audit:rec (log id -> JSON) indexed by time in cy:audit and cy:{T}:audit; governance
+-- events to cy:events:rec (event id -> JSON), cy:events and cy:{T}:events.
+local K_EVENTS_REC, K_EVENTS = 'cy:events:rec', 'cy:events'
+
+-- A script's result as the Python side reads it (cycles.store.redis._normalize): int64 values travel
+-- as decimal strings inside scripts and are numbers in the records events carry.
+local RESULT_INTS = {amount = true, expires_at_ms = true, charged = true, released = true, actual = true,
+                     timestamp_ms = true}
+local function result_members(text)
+  local out = {}
+  for _, m in ipairs(jmembers(text)) do
+    local k, v = m[1], m[2]
+    if RESULT_INTS[k] and string.match(v, '^"%-?%d+"$') then
+      v = string.sub(v, 2, -2)
+    elseif k == 'previous' or k == 'new' or k == 'balances' then
+      if v == '{}' then v = '[]' end
+      v = string.gsub(v, '"(%-?%d+)"', '%1')
+    elseif k == 'affected_scopes' and v == '{}' then
+      v = '[]'
+    end
+    table.insert(out, {k, v})
+  end
+  return out
+end
+
+-- entries: {{entry json, merge result (0/1), only if created (0/1)}, ...} stamped by the Python side with
+-- everything but the time and the result; result: the JSON text of the operation's result record, or nil;
+-- created: false when the operation found what it was to create (rows marked only-if-created are skipped)
+local function write_entry(text, merge, nows, result, rid)
+  local changes = {}
+  local ts = jget(text, 'timestamp_ms')
+  if ts == nil then
+    ts = nows
+    table.insert(changes, {'timestamp_ms', nows})
+  end
+  if jvalue(text, 'journal') == 'event' then
+    if merge and result then
+      local data = jget(text, 'data')
+      if data == nil or data == 'null' then data = '{}' end
+      table.insert(changes, {'data', jpatch(data, result_members(result))})
+    end
+    if #changes > 0 then text = jpatch(text, changes) end
+    local event_id, tenant = jvalue(text, 'event_id'), jvalue(text, 'tenant_id')
+    redis.call('HSET', K_EVENTS_REC, event_id, text)
+    redis.call('ZADD', K_EVENTS, ts, event_id)
+    redis.call('ZADD', prefix_of(tenant) .. 'events', ts, event_id)
+    return
+  end
+  if rid then
+    local cur = jget(text, 'resource_id')
+    if cur == nil or cur == 'null' then table.insert(changes, {'resource_id', rid}) end
+  end
+  if #changes > 0 then text = jpatch(text, changes) end
+  local log_id, tenant = jvalue(text, 'log_id'), jvalue(text, 'tenant_id')
+  redis.call('HSET', K_AUDIT_REC, log_id, text)
+  redis.call('ZADD', K_AUDIT, ts, log_id)
+  redis.call('ZADD', prefix_of(tenant) .. 'audit', ts, log_id)
+end
+
+local function write_journal(entries, now, result, created)
+  local nows = string.format('%d', now)
+  local rid = nil
+  if result then
+    local v = jget(result, 'reservation_id')
+    if v and v ~= 'null' and v ~= '""' then rid = v end
+  end
+  for _, item in ipairs(entries) do
+    if not (created == false and item[3] == 1) then write_entry(item[1], item[2] == 1, nows, result, rid) end
+  end
+end
+
+-- ---- rate limits: a sliding window over two fixed one-minute windows (cycles.core.policies) ----
+local WINDOW = 60000
+-- limits: {{bucket, limit (decimal string), policy_id, scope}, ...}; an error JSON when one is full
+local function rate_check(limits, now)
+  local w = math.floor(now / WINDOW)
+  local elapsed = now - w * WINDOW
+  for _, lim in ipairs(limits) do
+    local prev = tonumber(redis.call('GET', k_rate(lim[1], w - 1)) or '0')
+    local cur = tonumber(redis.call('GET', k_rate(lim[1], w)) or '0')
+    if prev * (WINDOW - elapsed) + cur * WINDOW + WINDOW > tonumber(lim[2]) * WINDOW then
+      return cjson.encode({err = 'RATE_LIMITED', rate = {lim[1], lim[2], lim[3], lim[4], string.format('%d', prev),
+                                                         string.format('%d', cur), string.format('%d', now)}})
+    end
+  end
+  return nil
+end
+
+local function rate_count(limits, now)
+  local w = math.floor(now / WINDOW)
+  for _, lim in ipairs(limits) do
+    local k = k_rate(lim[1], w)
+    redis.call('INCR', k)
+    redis.call('PEXPIRE', k, 180000)
+  end
+end
+
 -- ---- governance state ----
-local function tenant_state()
-  local raw = redis.call('GET', k_tenant())
+local function tenant_state(key)
+  local raw = redis.call('GET', key or k_tenant())
   if not raw then return nil end
   local ok, rec = pcall(cjson.decode, raw)
   if not ok or type(rec) ~= 'table' or (rec.status ~= 'ACTIVE' and rec.status ~= 'SUSPENDED' and rec.status ~= 'CLOSED') then
@@ -94,8 +305,22 @@ local FIELDS = {'allocated', 'spent', 'reserved', 'debt', 'overdraft_limit', 'is
 local function load_ledger(scope, unit)
   local v = redis.call('HMGET', k_budget(scope, unit), unpack(FIELDS))
   if not v[1] then return nil end
-  return {scope = scope, unit = unit, allocated = I(v[1]), spent = I(v[2]), reserved = I(v[3]), debt = I(v[4]),
-          overdraft_limit = I(v[5]), is_over_limit = v[6] == '1', status = v[7] or 'ACTIVE', policy = v[8]}
+  local l = {scope = scope, unit = unit, allocated = I(v[1]), spent = I(v[2]), reserved = I(v[3]), debt = I(v[4]),
+             overdraft_limit = I(v[5]), is_over_limit = v[6] == '1', status = v[7] or 'ACTIVE', policy = v[8]}
+  l.stored = {over = l.is_over_limit, debt = icmp(l.debt, ZERO) > 0, status = l.status}
+  return l
+end
+
+-- the counters of a ledger written since it was loaded (status, over limit, in debt)
+local function count_ledger(l)
+  local was, now_debt = l.stored, icmp(l.debt, ZERO) > 0
+  if was.status == l.status and was.over == l.is_over_limit and was.debt == now_debt then return end
+  count('budgets.' .. was.status, -1)
+  count('budgets.' .. l.status, 1)
+  local function b(v) if v then return 1 end return 0 end
+  if was.over ~= l.is_over_limit then count('budgets.over_limit', b(l.is_over_limit) - b(was.over)) end
+  if was.debt ~= now_debt then count('budgets.with_debt', b(now_debt) - b(was.debt)) end
+  l.stored = {over = l.is_over_limit, debt = now_debt, status = l.status}
 end
 
 local function remaining(l) return isub(isub(isub(l.allocated, l.spent), l.reserved), l.debt) end
@@ -105,6 +330,7 @@ local function save_ledger(l, now)
   if l.is_over_limit then over = '1' end
   redis.call('HSET', k_budget(l.scope, l.unit), 'allocated', S(l.allocated), 'spent', S(l.spent),
     'reserved', S(l.reserved), 'debt', S(l.debt), 'is_over_limit', over, 'updated_at_ms', string.format('%d', now))
+  count_ledger(l)
 end
 
 local function balance_record(l)
@@ -289,6 +515,15 @@ local function settle(ls, held, actual, policy, reject_any)
     end
   end
   return charged
+end
+
+-- the guard of admin writes: the tenant must exist and not be CLOSED
+local function guard_open(tenant_id)
+  local t = tenant_state(prefix_of(tenant_id) .. 'tenant')
+  if t == 'MALFORMED' then return fail('INTERNAL_ERROR', 'Malformed tenant record: ' .. tenant_id) end
+  if not t then return fail('NOT_FOUND', 'Tenant ' .. tenant_id .. ' not found') end
+  if t.status == 'CLOSED' then return fail('TENANT_CLOSED', 'Tenant ' .. tenant_id .. ' is closed') end
+  return nil
 end
 
 local function guard_closed(tenant_id)

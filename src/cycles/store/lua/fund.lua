@@ -48,6 +48,14 @@ if icmp(remaining(l), INT64_MIN) < 0 then
 end
 l.is_over_limit = icmp(l.debt, l.overdraft_limit) > 0
 save_ledger(l, now)
+if op == 'RESET' or op == 'RESET_SPENT' then
+  -- a reset sets the allocation of every later period too
+  local bk = k_budget(scope, unit)
+  local extra = redis.call('HGET', bk, 'extra') or '{}'
+  if jget(extra, 'period_allocation') ~= nil then
+    redis.call('HSET', bk, 'extra', jpatch(extra, {{'period_allocation', ARGV[10]}}))
+  end
+end
 local js = cjson.encode({operation = op, unit = unit, timestamp_ms = string.format('%d', now), previous = before,
                          new = {S(l.allocated), S(remaining(l)), S(l.debt), S(l.spent)}})
 if key ~= '' then remember('fund', key, payload_hash, js, nil, retention) end

@@ -1,6 +1,9 @@
 -- reserve (live and dry run) and decide. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 test clock, 5 endpoint, 6 key,
 -- 7 payload hash, 8 unit, 9 amount, 10 scope_path, 11 scopes (json), 12 dry_run (1/0), 13 ttl_ms, 14 grace_ms,
--- 15 overage policy, 16 subject (json), 17 action (json), 18 metadata (json), 19 reservation id
+-- 15 overage policy, 16 subject (json), 17 action (json), 18 metadata (json), 19 reservation id, 20 decision when
+-- allowed (ALLOW / ALLOW_WITH_CAPS), 21 caps (json text, returned verbatim), 22 governing policy settings (json:
+-- default_ttl_ms, max_ttl_ms, max_extensions, overage_policy), 23 reserve rate limits (json [[bucket, limit,
+-- policy_id, scope]], limits as decimal strings), 24 commit rate limits (same, '' = none; kept on the reservation)
 local tenant_id, retention, endpoint, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7]
 local unit, amount, scope_path, scopes_json = ARGV[8], I(ARGV[9]), ARGV[10], ARGV[11]
 local evaluate_only = ARGV[12] == '1' or endpoint == 'decide'
@@ -34,6 +37,12 @@ if status == 'SUSPENDED' then
   return fail('FORBIDDEN', 'Tenant ' .. tenant_id .. ' is suspended; new reservations are refused')
 end
 
+local limits = cjson.decode(ARGV[23])
+if not evaluate_only and #limits > 0 then
+  local rerr = rate_check(limits, now)
+  if rerr then return rerr end
+end
+
 local ls, err = scope_ledgers(scopes, unit)
 if err then return err end
 if #ls == 0 then
@@ -50,30 +59,47 @@ if code then
   return fail(code, msg, {scope = scope})
 end
 
+-- caps travel as the caller's JSON text (int64 values stay exact)
+local decision = ARGV[20]
+local function with_caps(r)
+  return '{"caps":' .. ARGV[21] .. ',' .. string.sub(cjson.encode(r), 2)
+end
+
 if evaluate_only then
-  local r = base('ALLOW')
+  local r = base(decision)
   r.balances = balance_records(ls)
-  local js = cjson.encode(r)
+  local js = with_caps(r)
   remember(endpoint, key, payload_hash, js, nil, retention)
   return ok(js, now, false)
 end
 
-tenant = tenant or {}
-local ttl = tonumber(ARGV[13]) or tenant.default_reservation_ttl_ms or 60000
-if tenant.max_reservation_ttl_ms and tenant.max_reservation_ttl_ms ~= cjson.null then
-  ttl = math.min(ttl, tenant.max_reservation_ttl_ms)
-end
-local grace = tonumber(ARGV[14]) or 5000
-local policy = ARGV[15]
-if policy == '' then
-  policy = nil
-  for i = #ls, 1, -1 do
-    if ls[i].policy and ls[i].policy ~= '' then policy = ls[i].policy; break end
+-- Precedence for every setting: the request, then the governing policy, then the budget (overage
+-- only), then the tenant, then the built-in default. Unset, null, 0 and '' all count as not set.
+local function set(v) return v ~= nil and v ~= cjson.null and v ~= false and v ~= 0 and v ~= '' end
+local function first(...)
+  local n = select('#', ...)
+  for i = 1, n do
+    local v = select(i, ...)
+    if set(v) then return v end
   end
-  policy = policy or tenant.default_commit_overage_policy or 'ALLOW_IF_AVAILABLE'
+  return nil
 end
-local max_ext = tenant.max_reservation_extensions
+tenant = tenant or {}
+local pol = cjson.decode(ARGV[22])
+local ttl = first(tonumber(ARGV[13]), pol.default_ttl_ms, tenant.default_reservation_ttl_ms, 60000)
+local max_ttl = first(pol.max_ttl_ms, tenant.max_reservation_ttl_ms)
+if max_ttl then ttl = math.min(ttl, max_ttl) end
+local grace = tonumber(ARGV[14]) or 5000
+local budget_policy = nil
+for i = #ls, 1, -1 do
+  if set(ls[i].policy) then budget_policy = ls[i].policy; break end
+end
+local policy = first(ARGV[15], pol.overage_policy, budget_policy, tenant.default_commit_overage_policy,
+  'ALLOW_IF_AVAILABLE')
+local max_ext = pol.max_extensions
+if max_ext == nil then max_ext = tenant.max_reservation_extensions end
 if max_ext == nil or max_ext == cjson.null then max_ext = 10 end
+if #limits > 0 then rate_count(limits, now) end
 
 local budgeted = {}
 for i, l in ipairs(ls) do
@@ -91,13 +117,14 @@ redis.call('HSET', rk, 'reservation_id', rid, 'tenant_id', tenant_id, 'status', 
   'deadline_ms', string.format('%d', expires + grace), 'overage_policy', policy, 'idempotency_key', key,
   'extensions', '0', 'max_extensions', string.format('%d', max_ext))
 if ARGV[18] ~= '' then redis.call('HSET', rk, 'metadata', ARGV[18]) end
+if ARGV[24] ~= '' then redis.call('HSET', rk, 'commit_limits', ARGV[24]) end
 redis.call('ZADD', k_created(), now, rid)
 redis.call('ZADD', k_deadline(), expires + grace, rid)
 
-local r = base('ALLOW')
+local r = base(decision)
 r.reservation_id = rid
 r.expires_at_ms = string.format('%d', expires)
 r.balances = balance_records(ls)
-local js = cjson.encode(r)
+local js = with_caps(r)
 remember(endpoint, key, payload_hash, js, rid, retention)
 return ok(js, now, true)

@@ -38,9 +38,17 @@ if endpoint == 'commit' then
     return fail('UNIT_MISMATCH', 'Commit unit ' .. actual_unit .. ' does not match the reservation unit ' .. unit,
       {scope = r[11], requested_unit = actual_unit, expected_units = {unit}})
   end
+  -- the commit rate limits of the policies that governed the reserve: checked now, counted on success
+  local limits = redis.call('HGET', rk, 'commit_limits')
+  limits = (limits and limits ~= '') and cjson.decode(limits) or {}
+  if #limits > 0 then
+    local rerr = rate_check(limits, now)
+    if rerr then return rerr end
+  end
   local ls = scope_ledgers(cjson.decode(r[7]), unit)
   local charged, serr = settle(ls, amount, actual, r[8], true)
   if serr then return serr end
+  if #limits > 0 then rate_count(limits, now) end
   for _, l in ipairs(ls) do save_ledger(l, now) end
   redis.call('HSET', rk, 'status', 'COMMITTED', 'committed', S(charged), 'finalized_at_ms', string.format('%d', now))
   if ARGV[12] ~= '' then redis.call('HSET', rk, 'committed_metadata', ARGV[12]) end
