@@ -546,3 +546,13 @@ def test_suspended_tenant_is_read_only_but_in_flight_work_settles(server: Server
     with server.admin() as c:
         assert c.patch(f"/v1/admin/tenants/{t.tenant_id}", json={"status": "ACTIVE"}).status_code == 200
     assert reserve(t).status_code == 200
+
+
+def test_scope_prefix_matches_whole_segments(server: Server, tenant: Tenant) -> None:
+    for ws in ("eng", "engineering"):
+        tenant.budget(f"workspace:{ws}", amount=10, unit=TOK)
+    tenant.budget("workspace:eng/agent:a", amount=10, unit=TOK)
+    with server.admin() as c:
+        r = c.get("/v1/admin/budgets", params={"tenant_id": tenant.tenant_id,
+                                               "scope_prefix": f"tenant:{tenant.tenant_id}/workspace:eng"})
+    assert sorted(l["scope"].split("/", 1)[1] for l in r.json()["ledgers"]) == ["workspace:eng", "workspace:eng/agent:a"]

@@ -385,8 +385,9 @@ async def _tenant_row(store: Store, tenant_id: str, action: str, target: str, ev
         return "ALREADY_IN_TARGET_STATE"
     if status == "CLOSED":
         raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {tenant_id} is CLOSED; {action} is not allowed")
+    now_iso = iso(await store.now_ms())
     with _without_journal([event(tenant_id, status)]):
-        rec = await store.update_tenant(tenant_id, {"status": target}, iso(await store.now_ms()))
+        rec = await store.update_tenant(tenant_id, {"status": target}, now_iso)
     if rec.get("cascade") == "PENDING":
         try:
             await finish_cascade(store, tenant_id)

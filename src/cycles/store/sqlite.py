@@ -454,8 +454,10 @@ class SQLiteStore(Store):
             where.append("tenant_id=?")
             params.append(tenant)
         if filters.get("scope_prefix"):
-            where.append("substr(scope, 1, ?) = ?")
-            params += [len(filters["scope_prefix"]), filters["scope_prefix"]]
+            # the scope itself and its descendants: workspace:eng does not take in workspace:engineering
+            prefix = filters["scope_prefix"].rstrip("/")
+            where.append("(scope = ? OR substr(scope, 1, ?) = ?)")
+            params += [prefix, len(prefix) + 1, prefix + "/"]
         for col in ("unit", "status"):
             if filters.get(col):
                 where.append(f"{col}=?")
