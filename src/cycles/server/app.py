@@ -32,7 +32,10 @@ IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000  # outlives the longest lease (2
 
 
 async def _sweeper(state: AppState, interval_s: float) -> None:
+    from ..events import StoreHealthWatcher, run_analyzers
+
     store = state.store
+    health = StoreHealthWatcher()
     purge_every = max(1, int(3600 / interval_s))
     touch_every = max(1, int(1 / interval_s))  # one batched write a second, whatever the traffic
     ticks = 0
@@ -42,6 +45,7 @@ async def _sweeper(state: AppState, interval_s: float) -> None:
             while await store.expire_due(500) == 500:
                 await asyncio.sleep(0)
             await roll_due(store)
+            await run_analyzers(store, latency=state.metrics.p99_ms())
             ticks += 1
             if ticks % touch_every == 0:
                 await state.auth.flush_last_used()
@@ -49,8 +53,13 @@ async def _sweeper(state: AppState, interval_s: float) -> None:
                 now = await store.now_ms()
                 await store.purge_idempotency(now - IDEMPOTENCY_RETENTION_MS)
                 await store.purge_audit(now - state.audit_retention_ms)
+                await store.purge_events(now - state.audit_retention_ms)
         except Exception:  # noqa: BLE001 - a failed sweep is retried on the next tick
             log.warning("expiry sweep failed", exc_info=True)
+        try:  # outages are reported (lost + restored) once the store answers again
+            await health.observe(store, await store.health())
+        except Exception:  # noqa: BLE001
+            log.debug("store health observation failed", exc_info=True)
 
 
 async def _resume_cascades(store: Store) -> None:

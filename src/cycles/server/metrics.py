@@ -6,6 +6,7 @@ every worker write its samples there and any worker can answer a scrape with the
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 
@@ -18,6 +19,7 @@ _WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=20_000)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)
@@ -47,8 +49,20 @@ class Metrics:
                                              "Subscriptions disabled after consecutive failures", registry=self.registry)
 
     def observe(self, ctx, method: str, status: int) -> None:  # noqa: ANN001 - Ctx, avoids an import cycle
+        elapsed = time.perf_counter() - ctx.started
         self.requests.labels(ctx.route, method, str(status)).inc()
-        self.latency.labels(ctx.route).observe(time.perf_counter() - ctx.started)
+        self.latency.labels(ctx.route).observe(elapsed)
+        self.recent.append((time.monotonic(), elapsed))
+
+    def p99_ms(self, window_s: float = 60.0) -> float | None:
+        """This process's p99 request latency over the last minute (for system.high_latency)."""
+        horizon = time.monotonic() - window_s
+        while self.recent and self.recent[0][0] < horizon:
+            self.recent.popleft()
+        if len(self.recent) < 20:
+            return None
+        values = sorted(d for _, d in self.recent)
+        return values[min(len(values) - 1, int(len(values) * 0.99))] * 1000
 
     def decision(self, endpoint: str, decision: str, reason: str) -> None:
         self.decisions.labels(endpoint, decision, reason).inc()
