@@ -7,8 +7,7 @@ from typing import Any, Callable
 
 from ..protocol import admin as a
 from ..protocol import models as m
-from . import admin, bulk, events, governance, operators, policies, runtime, webhooks
-from . import webhook_delivery  # -- webhook delivery routes --
+from . import admin, bulk, events, governance, operators, policies, runtime, webhook_delivery, webhooks
 from ..protocol import governance as g
 
 

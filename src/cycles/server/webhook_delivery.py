@@ -26,7 +26,6 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.models import Wire, encode
 from ..store.base import new_event_id
 from ..webhooks import dispatch as D
-from ..webhooks import rules
 from ..webhooks.deliver import Result, Sender, build_headers, open_box
 from ..webhooks.subscriptions import load_url_policy
 from . import audit
@@ -329,7 +328,7 @@ async def resend_delivery(request: Request, ctx: Ctx) -> Response:
         raise ProtocolError(ErrorCode.EVENT_NOT_FOUND, f"Event {original['event_id']} is no longer stored")
     if sub.get("status") == "DISABLED":
         raise bad("the subscription is DISABLED; re-enable it (status ACTIVE) before resending")
-    if not rules.wants(sub, event):
+    if not D.deliverable(sub, event):
         raise bad("the subscription may no longer receive this event (its selectors or the tenant boundary refuse it)")
     now = await store.now_ms()
     replay_id = D.new_replay_id()

@@ -54,7 +54,7 @@ from ..protocol import models as m
 from ..protocol.errors import ProtocolError, VersionConflict
 from ..store.base import Store, reset_journal, start_journal
 from . import dispatch as D
-from . import rules, signing, urlpolicy
+from . import signing, urlpolicy
 from .subscriptions import header_values, iso, load_url_policy, signing_secrets
 
 log = logging.getLogger("cycles.webhooks")
@@ -310,6 +310,7 @@ class Worker:
         self.wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, dict[str, Any]] = {}  # claimed and not yet acknowledged
+        self._fresh: set[str] = set()  # claims that counted a new attempt (not a lost one made again)
         self._per_endpoint: dict[tuple[str, str, int], int] = {}
         self._subs: dict[str, dict[str, Any]] = {}
         self._subs_at = 0.0
@@ -383,6 +384,7 @@ class Worker:
                 claimed = 0
                 await asyncio.sleep(1.0)
             if claimed and len(self._tasks) < self.config.concurrency:
+                await asyncio.sleep(0)  # let the new attempts start (a store call may not yield)
                 continue  # there may be more due right now
             self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -407,11 +409,13 @@ class Worker:
                 now = now or await self.store.now_ms()
                 await self.store.save_doc(D.DELIVERY_KIND, rec["tenant_id"], did,
                                           {**_plain(rec), "status": "PENDING", "lease_owner": None,
-                                           "lease_until_ms": None, "due_ms": now, "next_attempt_at_ms": now},
+                                           "lease_until_ms": None, "due_ms": now, "next_attempt_at_ms": now,
+                                           "attempts": self._uncounted(rec)},
                                           rec["version"], guard_tenant=False)
             except Exception:  # noqa: BLE001 - the lease runs out instead
                 pass
         self._claims.clear()
+        self._fresh.clear()
         await self.sender.aclose()
 
     # -- claims --
@@ -419,18 +423,27 @@ class Worker:
     async def _claim(self, d: dict[str, Any], now: int) -> dict[str, Any] | None:
         lease_end = now + self.config.lease_ms
         attempts, lost = int(d.get("attempts") or 0), int(d.get("lost_claims") or 0)
-        if d.get("status") == "IN_FLIGHT":
-            lost += 1  # its worker died (or hung) mid-attempt: that attempt is made again, not counted twice
-        else:
+        fresh = d.get("status") != "IN_FLIGHT"
+        if fresh:
             attempts += 1
+        else:
+            lost += 1  # its worker died (or hung) mid-attempt: that attempt is made again, not counted twice
         rec = {**_plain(d), "status": "IN_FLIGHT", "lease_owner": self.worker_id, "lease_until_ms": lease_end,
                "due_ms": lease_end, "attempts": max(1, attempts), "lost_claims": lost, "last_attempt_at_ms": now,
                "first_attempt_at_ms": d.get("first_attempt_at_ms") or now, "parked": False}
         try:
-            return await self.store.save_doc(D.DELIVERY_KIND, d["tenant_id"], d["delivery_id"], rec, d["version"],
-                                             guard_tenant=False)
+            claimed = await self.store.save_doc(D.DELIVERY_KIND, d["tenant_id"], d["delivery_id"], rec, d["version"],
+                                                guard_tenant=False)
         except ProtocolError:
             return None  # another worker claimed it (or it is gone)
+        if fresh and attempts > 0:
+            self._fresh.add(d["delivery_id"])
+        return claimed
+
+    def _uncounted(self, rec: dict[str, Any]) -> int:
+        """`attempts` of a claim that ends without an attempt having been made."""
+        attempts = int(rec.get("attempts") or 0)
+        return max(0, attempts - 1) if rec["delivery_id"] in self._fresh else attempts
 
     async def _save(self, rec: dict[str, Any], changes: dict[str, Any], entries: list[dict[str, Any]] | None = None) -> bool:
         """Write the outcome of a claim with the claimed version (journal entries in the same transaction)."""
@@ -449,18 +462,20 @@ class Worker:
         finally:
             reset_journal(token)
         self._claims.pop(rec["delivery_id"], None)
+        self._fresh.discard(rec["delivery_id"])
         return True
 
     async def _park(self, d: dict[str, Any], now: int) -> None:
         changes = {"status": "PENDING", "parked": True, "due_ms": None, "lease_owner": None, "lease_until_ms": None}
         if d.get("status") == "IN_FLIGHT" and d.get("lease_owner") == self.worker_id:
-            changes["attempts"] = max(0, int(d.get("attempts") or 0) - 1)
+            changes["attempts"] = self._uncounted(d)
         try:
             await self.store.save_doc(D.DELIVERY_KIND, d["tenant_id"], d["delivery_id"], {**_plain(d), **changes},
                                       d["version"], guard_tenant=False)
         except ProtocolError:
             return
         self._claims.pop(d["delivery_id"], None)
+        self._fresh.discard(d["delivery_id"])
         await D.ensure_park_marker(self.store, d["subscription_id"], d["tenant_id"], now)
 
     # -- one delivery --
@@ -505,7 +520,7 @@ class Worker:
         event = await store.get_event(rec["event_id"])
         if event is None:
             return await self._give_up(rec, "event_not_found", "the event is no longer stored")
-        if not rules.wants(sub, event):
+        if not D.deliverable(sub, event):
             return await self._give_up(rec, "not_deliverable", "the subscription may not receive this event "
                                        "(its selectors or the tenant boundary refuse it)")
         from ..server.events import event_wire
@@ -558,7 +573,7 @@ class Worker:
         """FAILED without an attempt (nothing was sent): not counted against the endpoint."""
         changes = {"status": "FAILED", "error": message, "completed_at_ms": await self.store.now_ms(),
                    "due_ms": None, "next_attempt_at_ms": None, "lease_owner": None, "lease_until_ms": None,
-                   "attempts": max(0, int(rec.get("attempts") or 0) - 1)}
+                   "attempts": self._uncounted(rec)}
         if await self._save(rec, changes):
             self._result("failed", reason)
 
@@ -701,6 +716,8 @@ class Engine:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 5.0)
         await self.worker.close(grace_s)
+        if self.config.dispatch:
+            await self.dispatcher.release()
 
 
 def engine_config_from_env(env: dict[str, str] | None = None) -> EngineConfig:

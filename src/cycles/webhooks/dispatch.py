@@ -61,6 +61,16 @@ REPLAY_MAX_EVENTS = 1000
 REPLAY_LOCK_MS = 3_600_000    # a replay counts as running at most this long
 
 
+def deliverable(sub: dict[str, Any], event: dict[str, Any]) -> bool:
+    """Whether `sub` receives `event`: the invariants and selectors (rules.wants, fail closed), then the
+    subscription's own thresholds for derived events (budget.threshold_crossed / burn_rate_anomaly)."""
+    if not rules.wants(sub, event):
+        return False
+    from ..events.matching import subscription_wants
+
+    return subscription_wants(sub, event)
+
+
 def delivery_id_for(event_id: str, subscription_id: str) -> str:
     return "whdel_" + hashlib.sha256(f"{event_id}|{subscription_id}".encode()).hexdigest()[:24]
 
@@ -215,6 +225,17 @@ class Dispatcher:
             self._hw = None  # someone else moved it: start again from what is stored
             return None
 
+    async def release(self) -> None:
+        """Give up the lead (a graceful stop), so a standby takes over at once rather than after the lease."""
+        try:
+            cur = await self._read_cursor()
+            if cur is not None and cur.get("owner") == self.owner:
+                rec = {k: v for k, v in cur.items() if k != "version"}
+                await self.store.save_doc(DISPATCH_KIND, SYSTEM_TENANT, CURSOR_ID, {**rec, "lease_until_ms": 0},
+                                          cur["version"], guard_tenant=False)
+        except Exception:  # noqa: BLE001 - the lease runs out instead
+            pass
+
     async def run_once(self) -> int:
         """One pass: lead (or stand by), read the events past the cursor, create their deliveries.
         Returns the number of deliveries created."""
@@ -304,7 +325,7 @@ class Dispatcher:
             start = starts.get(sub["subscription_id"])
             if start is not None and int(ev["timestamp_ms"]) < start:
                 continue
-            if not rules.wants(sub, ev):
+            if not deliverable(sub, ev):
                 continue
             did = delivery_id_for(ev["event_id"], sub["subscription_id"])
             if await self.store.get_doc(DELIVERY_KIND, did) is not None:
@@ -356,7 +377,7 @@ async def select_replay(store: Store, sub: dict[str, Any], from_ms: int | None, 
             scan.after = (int(ev["timestamp_ms"]), ev["event_id"])
             if ev.get("event_type") == TEST_EVENT or (wanted and ev.get("event_type") not in wanted):
                 continue
-            if rules.wants(sub, ev):
+            if deliverable(sub, ev):
                 selected.append(ev)
                 if len(selected) > max_events:
                     raise ReplayRejected(f"the window holds more than max_events={max_events} deliverable events; "
@@ -429,7 +450,7 @@ async def enqueue(store: Store, sub: dict[str, Any], events: list[dict[str, Any]
         return ids
     parked = current.get("status") == "PAUSED"
     for i, ev in enumerate(events):
-        if ev.get("event_type") == TEST_EVENT or not rules.wants(current, ev):
+        if ev.get("event_type") == TEST_EVENT or not deliverable(current, ev):
             continue  # the delivery-time guard, re-checked on the current record
         rec = new_delivery(ev, current, now_ms, delivery_id=random_delivery_id(), parked=parked,
                            replay_id=replay_id, resent_from=resent_from, due_ms=now_ms - len(events) + i)

@@ -240,7 +240,8 @@ def new_subscription_id() -> str:
 
 
 def generate_secret() -> str:
-    return "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    # standard base64 of 30 bytes (40 characters, no padding): what Standard Webhooks libraries decode
+    return "whsec_" + base64.b64encode(os.urandom(30)).decode()
 
 
 def iso(ms: int) -> str:
