@@ -686,3 +686,352 @@ def test_counters_follow_every_change(env: Env) -> None:
     top = env.run(st.top_budgets("over_limit"))
     assert sorted(r["ledger"].scope for r in top) == ["tenant:acme", "tenant:acme/app:a"]
     assert env.run(st.top_budgets("debt")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# governance events the store itself produces, compared across every store kind
+
+
+BIG = 9_007_199_254_740_993  # 2**53 + 1: a double cannot hold it
+
+
+def _open_env(kind: str, request: pytest.FixtureRequest, path: Path, clock: Clock) -> Env:
+    loop = asyncio.new_event_loop()
+    if kind == "sqlite":
+        from cycles.store.sqlite import SQLiteStore
+
+        return Env(kind, SQLiteStore(str(path / "events.db"), synchronous="OFF", clock=clock), clock, loop)
+    if kind == "redis":
+        import redis as redis_py
+
+        from cycles.store.redis import RedisStore
+
+        url = request.getfixturevalue("redis_db")
+        redis_py.Redis.from_url(url).flushdb()
+        return Env(kind, RedisStore(url, clock=clock), clock, loop)
+    raise NotImplementedError(f"store kind {kind!r} has no factory in {__file__}")
+
+
+@pytest.fixture
+def every_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Env]]:
+    """One store of every kind, each with its own clock; a scenario runs on each and their events compare."""
+    envs: dict[str, Env] = {}
+    try:
+        for kind in STORES:
+            envs[kind] = _open_env(kind, request, tmp_path, Clock())
+        yield envs
+    finally:
+        for e in envs.values():
+            try:
+                e.run(e.store.close())
+            finally:
+                e.loop.close()
+
+
+def stored_events(env: Env, tenant: str | None = None) -> list[dict[str, Any]]:
+    return env.run(env.store.scan_events(AuditScan(tenant=tenant, descending=False, limit=10_000)))
+
+
+def _request_row(tenant: str, n: int) -> dict[str, Any]:
+    return journal_row(tenant_id=tenant, request_id=f"req_{n}", trace_id=f"{n:032x}", key_id="key_caller",
+                       source_ip="10.0.0.1")
+
+
+def with_request(env: Env, call: Callable[[], Awaitable[Any]], tenant: str, n: int,
+                 *extra: dict[str, Any]) -> Any:
+    """Run `call` with the request's audit row (and `extra` queued entries) pending, as the server does."""
+    pending = [_request_row(tenant, n), *extra]
+    token = start_journal(pending)
+    try:
+        return env.run(call())
+    finally:
+        reset_journal(token)
+
+
+def _labelled(events: list[dict[str, Any]], ids: dict[str, str]) -> list[dict[str, Any]]:
+    """Events without their event_id, with store-made ids (reservations, ledgers) replaced by labels."""
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return ids.get(v, v) if isinstance(v, str) else v
+
+    return [walk({k: v for k, v in e.items() if k != "event_id"}) for e in events]
+
+
+def _check_ids(events: list[dict[str, Any]]) -> None:
+    """evt_<ms, 12 hex><sequence, 8 hex><random, 8 hex>, unique, in the order of the scan."""
+    ids = [e["event_id"] for e in events]
+    assert len(set(ids)) == len(ids)
+    for e in events:
+        eid = e["event_id"]
+        assert len(eid) == 4 + 12 + 8 + 8 and eid.startswith("evt_"), eid
+        assert int(eid[4:16], 16) == e["timestamp_ms"], eid
+        int(eid[16:], 16)
+    assert [(e["timestamp_ms"], e["event_id"]) for e in events] == sorted((e["timestamp_ms"], e["event_id"])
+                                                                            for e in events)
+
+
+def _same_on_every_store(every_store: dict[str, Env], scenario: Callable[[Env], dict[str, str]],
+                         tenant: str | None = None) -> list[dict[str, Any]]:
+    got = {}
+    for kind, env in every_store.items():
+        ids = scenario(env)
+        events = stored_events(env, tenant)
+        _check_ids(events)
+        got[kind] = _labelled(events, ids)
+    first, *others = got.values()
+    for kind, events in got.items():
+        assert events == first, (kind, [e["event_type"] for e in events], [e["event_type"] for e in first])
+    for events in got.values():
+        for e in events:
+            for v in _ints(e):
+                assert type(v) is int
+    return first
+
+
+def _ints(v: Any) -> list[Any]:
+    if isinstance(v, dict):
+        return [x for y in v.values() for x in _ints(y)]
+    if isinstance(v, list):
+        return [x for y in v for x in _ints(y)]
+    return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+
+
+def _ledger_state(allocated: int, spent: int, reserved: int, debt: int, limit: int, over: bool,
+                  status: str = "ACTIVE") -> dict[str, Any]:
+    return {"allocated": allocated, "remaining": allocated - spent - reserved - debt, "reserved": reserved,
+            "spent": spent, "debt": debt, "overdraft_limit": limit, "is_over_limit": over, "status": status}
+
+
+def test_ledger_transition_events_are_the_same_on_every_store(every_store: dict[str, Env]) -> None:
+    """exhausted, over limit entered / exited, debt incurred (int64 amounts beyond 2**53) from reserve,
+    commit (with its overage event), update_budget, fund and POST /v1/events, with the request's fields."""
+    D = BIG  # the debt a commit incurs
+    root, ws = "tenant:acme", "tenant:acme/workspace:w"
+    queued = {"journal": "event", "event_type": "budget.updated", "tenant_id": "acme", "scope": root,
+              "data": {"big": INT64_MAX}}
+
+    def scenario(env: Env) -> dict[str, str]:
+        st = env.store
+        setup_tenant(env, "acme", allocated=None)
+        root_row = budget(env, "acme", root, BIG, overdraft_limit=BIG + 2)
+        ws_row = budget(env, "acme", ws, 3 * BIG, overdraft_limit=INT64_MAX)
+        sub = {"tenant": "acme", "workspace": "w"}
+        env.clock.now += 1
+        # a hold of all that remains: the root is exhausted (the workspace is not)
+        rid = with_request(env, lambda: st.reserve(reserve_cmd("acme", BIG, subject=sub,
+                                                               overage_policy="ALLOW_WITH_OVERDRAFT")),
+                           "acme", 1).result["reservation_id"]
+        env.clock.now += 1
+        # commit BIG + D: the root takes D of debt, the workspace covers it; a queued event rides with it
+        # (same instant: the journal's rows before the store's own events)
+        out = with_request(env, lambda: st.commit(settle_cmd(rid, actual=BIG + D, unit=USD)), "acme", 2, queued)
+        assert out.result["charged"] == BIG + D
+        env.clock.now += 1
+        # a lower overdraft limit puts the root over it
+        with_request(env, lambda: st.update_budget("acme", root, USD, {"overdraft_limit": D - 1}), "acme", 3)
+        # repaying the debt takes it out again (same millisecond: the order still follows the commits)
+        with_request(env, lambda: st.fund(FundCommand("acme", root, USD, "REPAY_DEBT", D, None, key(), "h")),
+                     "acme", 4)
+        with_request(env, lambda: st.fund(FundCommand("acme", root, USD, "CREDIT", 5, None, key(), "h")), "acme", 5)
+        env.clock.now += 1
+        # an event of 7 with 5 left and overdraft: exhausted again, 2 of debt with no reservation
+        k = key()
+        ev = EventCommand(tenant="acme", idempotency_key=k, payload_hash="h-" + k, subject={"tenant": "acme"},
+                          action={"kind": "llm", "name": "m"}, unit=USD, amount=7, scope_path=root, scopes=[root],
+                          overage_policy="ALLOW_WITH_OVERDRAFT")
+        assert with_request(env, lambda: st.create_event(ev), "acme", 6).result["charged"] == 7
+        # a lower allocation exhausts the workspace (update_budget transitions without a request journal)
+        env.run(st.update_budget("acme", ws, USD, {"allocated": 2 * BIG - 1}))
+        return {rid: "rid", root_row["ledger_id"]: "ldg_root", ws_row["ledger_id"]: "ldg_ws"}
+
+    events = _same_on_every_store(every_store, scenario, "acme")
+    t0 = START_MS
+
+    def req(n: int) -> dict[str, Any]:
+        return {"request_id": f"req_{n}", "trace_id": f"{n:032x}", "source": "cycles-server",
+                "actor": {"type": "api_key", "key_id": "key_caller", "source_ip": "10.0.0.1"}}
+
+    def ev(event_type: str, scope: str, data: dict[str, Any], ts: int, n: int | None) -> dict[str, Any]:
+        e = {"journal": "event", "event_type": event_type, "tenant_id": "acme", "scope": scope, "data": data,
+             "timestamp_ms": ts, "category": event_type.split(".")[0], "source": "cycles-server"}
+        return {**e, **(req(n) if n else {})}
+
+    over = lambda scope, debt, limit, flag: {"scope": scope, "unit": USD, "debt": debt, "overdraft_limit": limit,  # noqa: E731
+                                             "is_over_limit": flag}
+    want = [
+        ev("budget.exhausted", root, {"scope": root, "unit": USD, **_ledger_state(BIG, 0, BIG, 0, BIG + 2, False)},
+           t0 + 1, 1),
+        ev("budget.updated", root, {"big": INT64_MAX}, t0 + 2, 2),  # queued by the request, written first
+        ev("budget.debt_incurred", root, {"scope": root, "unit": USD, "reservation_id": "rid", "debt_incurred": D,
+                                         "total_debt": D, "overdraft_limit": BIG + 2,
+                                         "overage_policy": "ALLOW_WITH_OVERDRAFT"}, t0 + 2, 2),
+        ev("reservation.commit_overage", "tenant:acme/workspace:w",
+           {"reservation_id": "rid", "scope": "tenant:acme/workspace:w", "unit": USD, "estimated_amount": BIG,
+            "actual_amount": BIG + D, "overage": D, "overage_policy": "ALLOW_WITH_OVERDRAFT", "debt_incurred": D},
+           t0 + 2, 2),
+        ev("budget.over_limit_entered", root, over(root, D, D - 1, True), t0 + 3, 3),
+        ev("budget.over_limit_exited", root, over(root, 0, D - 1, False), t0 + 3, 4),
+        ev("budget.exhausted", root, {"scope": root, "unit": USD,
+                                      **_ledger_state(BIG + D + 5, BIG + D + 5, 0, 2, D - 1, False)}, t0 + 4, 6),
+        ev("budget.debt_incurred", root, {"scope": root, "unit": USD, "reservation_id": None, "debt_incurred": 2,
+                                         "total_debt": 2, "overdraft_limit": D - 1,
+                                         "overage_policy": "ALLOW_WITH_OVERDRAFT"}, t0 + 4, 6),
+        ev("budget.exhausted", ws, {"scope": ws, "unit": USD,
+                                    **_ledger_state(2 * BIG - 1, 2 * BIG, 0, 0, INT64_MAX, False)}, t0 + 4, None),
+    ]
+    assert events == want
+
+
+def test_expiry_events_with_an_injected_clock(every_store: dict[str, Env]) -> None:
+    """The sweeper's expiries and those a denied reserve does first (kept although the reserve fails,
+    without the failed request's fields) each have a reservation.expired from the system."""
+    def scenario(env: Env) -> dict[str, str]:
+        st = env.store
+        setup_tenant(env, "acme", allocated=100)
+        a = env.run(st.reserve(reserve_cmd("acme", 60, ttl_ms=1_000, grace_ms=0))).result["reservation_id"]
+        env.clock.now += 500
+        b = env.run(st.reserve(reserve_cmd("acme", 40, ttl_ms=1_000, grace_ms=500))).result["reservation_id"]
+        env.run(st.extend(settle_cmd(b, extend_by_ms=1_000)))
+        env.clock.now += 1_000
+        assert env.run(st.expire_due(100)) == 1  # a; b is extended
+        env.clock.now += 2_000
+        with pytest.raises(ProtocolError) as info:
+            with_request(env, lambda: st.reserve(reserve_cmd("acme", 101)), "acme", 9)
+        assert info.value.code is ErrorCode.BUDGET_EXCEEDED
+        assert env.run(st.get_reservation(b))["status"] == "EXPIRED"
+        assert ledger(env).reserved == 0
+        return {a: "a", b: "b"}
+
+    events = _same_on_every_store(every_store, scenario, "acme")
+    assert [e["event_type"] for e in events] == ["budget.exhausted", "reservation.expired", "reservation.expired"]
+    assert events[0]["timestamp_ms"] == START_MS + 500  # b took what a left
+    events = events[1:]
+    system = {"actor": {"type": "system"}, "source": "expiry-sweeper", "category": "reservation"}
+    base = {"journal": "event", "event_type": "reservation.expired", "tenant_id": "acme", "scope": "tenant:acme"}
+    assert events == [
+        {**base, "data": {"reservation_id": "a", "scope": "tenant:acme", "unit": USD, "estimated_amount": 60,
+                          "created_at_ms": START_MS, "expired_at_ms": START_MS + 1_500, "ttl_ms": 1_000,
+                          "extensions_used": 0}, **system, "timestamp_ms": START_MS + 1_500},
+        {**base, "data": {"reservation_id": "b", "scope": "tenant:acme", "unit": USD, "estimated_amount": 40,
+                          "created_at_ms": START_MS + 500, "expired_at_ms": START_MS + 3_500, "ttl_ms": 2_000,
+                          "extensions_used": 1}, **system, "timestamp_ms": START_MS + 3_500},
+    ]
+
+
+def test_expiry_in_a_request_takes_its_request_fields_but_stays_from_the_system(every_store: dict[str, Env]) -> None:
+    def scenario(env: Env) -> dict[str, str]:
+        st = env.store
+        setup_tenant(env, "acme", allocated=100)
+        a = env.run(st.reserve(reserve_cmd("acme", 100, ttl_ms=1_000, grace_ms=0))).result["reservation_id"]
+        env.clock.now += 2_000
+        # a decide that would be denied expires the overdue lease first, then allows
+        out = with_request(env, lambda: st.reserve(reserve_cmd("acme", 50, endpoint="decide")), "acme", 3)
+        assert out.result["decision"] == "ALLOW"
+        return {a: "a"}
+
+    events = _same_on_every_store(every_store, scenario, "acme")
+    assert [e["event_type"] for e in events] == ["budget.exhausted", "reservation.expired"]
+    expired = events[1]
+    assert expired["actor"] == {"type": "system"} and expired["source"] == "expiry-sweeper"
+    assert (expired["request_id"], expired["trace_id"]) == ("req_3", f"{3:032x}")
+    assert "request_id" not in events[0] and "actor" not in events[0]
+
+
+def test_rollover_event_is_the_same_on_every_store(every_store: dict[str, Env]) -> None:
+    end = START_MS + 1_000
+
+    def scenario(env: Env) -> dict[str, str]:
+        st = env.store
+        setup_tenant(env, "acme", allocated=None)
+        extra = {"rollover_policy": "CARRY_FORWARD", "period_start": "2026-01-01T00:00:00Z",
+                 "period_end": "2026-01-01T00:00:01Z", "period_end_ms": end, "period_allocation": BIG}
+        row = budget(env, "acme", "tenant:acme", BIG, overdraft_limit=10, extra=extra)
+        rid = env.run(st.reserve(reserve_cmd("acme", 3))).result["reservation_id"]
+        env.run(st.commit(settle_cmd(rid, actual=BIG - 7, unit=USD)))  # 4 over the 3 held, 7 left... remaining 7
+        env.clock.now = end
+        period = {"period_start": "2026-01-01T00:00:01Z", "period_end": "2026-01-01T00:00:02Z",
+                  "period_end_ms": end + 1_000, "period_index": 1}
+        out = env.run(st.rollover_budget("acme", "tenant:acme", USD, end, period))
+        assert out is not None and out["after"].allocated == BIG + 7
+        assert env.run(st.rollover_budget("acme", "tenant:acme", USD, end, period)) is None  # exactly once
+        return {rid: "rid", row["ledger_id"]: "ldg"}
+
+    events = _same_on_every_store(every_store, scenario, "acme")
+    assert [e["event_type"] for e in events] == ["reservation.commit_overage", "budget.reset_spent"]
+    reset = events[1]
+    assert reset["data"] == {
+        "ledger_id": "ldg", "scope": "tenant:acme", "unit": USD, "operation": "ROLLOVER",
+        "rollover_policy": "CARRY_FORWARD", "previous_state": _ledger_state(BIG, BIG - 7, 0, 0, 10, False),
+        "new_state": _ledger_state(BIG + 7, 0, 0, 0, 10, False), "period_start": "2026-01-01T00:00:01Z",
+        "period_end": "2026-01-01T00:00:02Z"}
+    assert reset["timestamp_ms"] == end and "actor" not in reset
+
+
+def test_cascade_events_are_the_same_on_every_store(every_store: dict[str, Env]) -> None:
+    closed_at = "2026-01-02T00:00:00.000Z"
+    corr = f"tenant_close_cascade:acme:{closed_at}"
+    keys = [{"key_id": "key_b", "key_prefix": "cyc_pb", "name": "b"},
+            {"key_id": "key_a", "key_prefix": "cyc_pa", "name": None},
+            {"key_id": "key_c", "key_prefix": "cyc_pc", "name": "c", "status": "REVOKED"}]
+
+    def scenario(env: Env) -> dict[str, str]:
+        st = env.store
+        setup_tenant(env, "acme", allocated=BIG)
+        rows = [env.run(st.get_budget("acme", "tenant:acme", USD)),
+                budget(env, "acme", "tenant:acme/workspace:w", BIG),
+                budget(env, "acme", "tenant:acme/app:x", 100, unit="TOKENS")]
+        env.run(st.update_budget("acme", "tenant:acme/app:x", "TOKENS", {"status": "FROZEN"}))
+        sub = {"tenant": "acme", "workspace": "w"}
+        for amount in (BIG // 2, BIG // 2 - 1, 1):  # released in this order (by deadline on Redis)
+            env.run(st.reserve(reserve_cmd("acme", amount, subject=sub)))
+            env.clock.now += 1
+        for k in keys:
+            api_key(env, "acme", **k)
+        env.run(st.save_doc("webhook", "acme", "w2", {"subscription_id": "w2", "status": "ACTIVE"}, None))
+        env.run(st.save_doc("webhook", "acme", "w1", {"subscription_id": "w1", "status": "PAUSED"}, None))
+        env.run(st.save_doc("webhook", "acme", "w3", {"subscription_id": "w3", "status": "DISABLED"}, None))
+        env.run(st.update_tenant("acme", {"status": "CLOSED"}, closed_at))
+        env.clock.now += 1_000
+        assert env.run(st.cascade_close("acme", 2)) is False
+        env.clock.now += 1_000
+        assert env.run(st.cascade_close("acme", 2)) is True
+        return {r["ledger_id"]: f"ldg{i}" for i, r in enumerate(rows)}
+
+    events = _same_on_every_store(every_store, scenario, "acme")
+    cascade = [e for e in events if e.get("correlation_id")]
+    assert all(e["correlation_id"] == corr and e["data"]["cascade_reason"] == "tenant_closed" for e in cascade)
+    assert [(e["event_type"], e["scope"]) for e in cascade] == [
+        ("reservation.released_via_tenant_cascade", "tenant:acme"),
+        ("reservation.released_via_tenant_cascade", "tenant:acme/workspace:w"),
+        ("reservation.released_via_tenant_cascade", "tenant:acme"),
+        ("reservation.released_via_tenant_cascade", "tenant:acme/workspace:w"),
+        ("budget.closed_via_tenant_cascade", "tenant:acme"),
+        ("budget.closed_via_tenant_cascade", "tenant:acme/app:x"),
+        ("budget.closed_via_tenant_cascade", "tenant:acme/workspace:w"),
+        ("api_key.revoked_via_tenant_cascade", None),
+        ("api_key.revoked_via_tenant_cascade", None),
+        ("webhook.disabled_via_tenant_cascade", None),
+        ("webhook.disabled_via_tenant_cascade", None),
+    ]
+    assert [e["data"]["released_amount"] for e in cascade[:4]] == [BIG - 2, BIG - 2, 1, 1]
+    assert cascade[0]["timestamp_ms"] == START_MS + 1_003 and cascade[2]["timestamp_ms"] == START_MS + 2_003
+    assert [e["data"] for e in cascade[4:]] == [
+        {"ledger_id": "ldg0", "scope": "tenant:acme", "unit": USD, "prior_status": "ACTIVE", "new_status": "CLOSED",
+         "cascade_reason": "tenant_closed"},
+        {"ledger_id": "ldg2", "scope": "tenant:acme/app:x", "unit": "TOKENS", "prior_status": "FROZEN",
+         "new_status": "CLOSED", "cascade_reason": "tenant_closed"},
+        {"ledger_id": "ldg1", "scope": "tenant:acme/workspace:w", "unit": USD, "prior_status": "ACTIVE",
+         "new_status": "CLOSED", "cascade_reason": "tenant_closed"},
+        {"key_id": "key_a", "name": None, "prior_status": "ACTIVE", "new_status": "REVOKED",
+         "cascade_reason": "tenant_closed"},
+        {"key_id": "key_b", "name": "b", "prior_status": "ACTIVE", "new_status": "REVOKED",
+         "cascade_reason": "tenant_closed"},
+        {"subscription_id": "w1", "prior_status": "PAUSED", "new_status": "DISABLED", "cascade_reason": "tenant_closed"},
+        {"subscription_id": "w2", "prior_status": "ACTIVE", "new_status": "DISABLED", "cascade_reason": "tenant_closed"},
+    ]
+    for kind, env in every_store.items():  # readable one by one, and through the correlation filter's source
+        for e in stored_events(env, "acme"):
+            assert env.run(env.store.get_event(e["event_id"])) == e

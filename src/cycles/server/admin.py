@@ -94,9 +94,10 @@ async def update_tenant(request: Request, ctx: Ctx) -> Response:
     changes = msgspec.to_builtins(req)
     audit.target_tenant(ctx, tenant_id)
     before = await st.store.get_tenant(tenant_id)
+    now_iso = iso(await st.store.now_ms())
     if before is not None:
-        _tenant_events(ctx, before, changes)
-    rec = await st.store.update_tenant(tenant_id, changes, iso(await st.store.now_ms()))
+        _tenant_events(ctx, before, changes, now_iso)
+    rec = await st.store.update_tenant(tenant_id, changes, now_iso)
     if rec.get("cascade") == "PENDING":
         await finish_cascade(st.store, tenant_id)
         rec = await st.store.get_tenant(tenant_id) or rec
@@ -107,14 +108,15 @@ _SETTINGS = ("default_commit_overage_policy", "default_reservation_ttl_ms", "max
              "max_reservation_extensions")
 
 
-def _tenant_events(ctx: Ctx, before: dict[str, Any], changes: dict[str, Any]) -> None:
+def _tenant_events(ctx: Ctx, before: dict[str, Any], changes: dict[str, Any], now_iso: str) -> None:
     """The events of a tenant PATCH: one for a status transition, one for changed defaults, one for
     other changed fields. The store refuses a change to a CLOSED tenant, and then none is written."""
     tenant = before["tenant_id"]
     old, new = before.get("status"), changes.get("status")
     if new and new != old:
         kind = {"SUSPENDED": "tenant.suspended", "CLOSED": "tenant.closed", "ACTIVE": "tenant.reactivated"}[new]
-        corr = f"tenant_close_cascade:{tenant}:{ctx.request_id}" if new == "CLOSED" else None
+        # the cascade's events carry the same id (the stores build it from closed_at)
+        corr = f"tenant_close_cascade:{tenant}:{now_iso}" if new == "CLOSED" else None
         events.emit(ctx, kind, tenant, data={"tenant_id": tenant, "previous_status": old, "new_status": new},
                     correlation_id=corr)
     changed = sorted(k for k, v in changes.items() if k != "status" and before.get(k) != v)

@@ -11,7 +11,9 @@ with tenant keys, so the store needs one Redis primary (not Redis Cluster).
 
 Journal: every script call carries the request's pending journal entries (base.pending_journal) as its
 last argument; the loader wraps each script so that, when the script did not answer an error, the
-entries are written in the same script, then the Python side empties the list.
+entries are written in the same script, then the Python side empties the list. The governance events the
+store itself produces (ledger transitions, commit overage, expiry, rollover, the close cascade: the same
+as the SQLite store's) are built and written by the same script (common.lua emit / finish_journal).
 """
 
 from __future__ import annotations
@@ -59,26 +61,14 @@ PERIODS = "cy:periods"  # zset: <tenant>|<scope>|<unit> of budgets with periods,
 KEYS_INDEXED = "cy:apikeys:indexed"  # set once keys stored before the key id index have been indexed
 PURGE_BATCH = 1000
 
-# Every script body runs as a function; the epilogue writes the journal (the last ARGV, see
-# _journal_arg) when the body's answer is not an error, in the same atomic script. The operation's result
-# record (runtime outcomes, fresh or replayed) gives the rows the reservation id and event data they take
-# from it (base.stamp_journal).
+# Every script body runs as a function; the epilogue (common.lua finish_journal) writes the journal (the
+# last ARGV, see _journal_arg) when the body's answer is not an error, and the governance events the script
+# itself produced (ledger transitions, commit overage, expiry, rollover, the close cascade) in any case, in
+# the same atomic script. The operation's result record (runtime outcomes, fresh or replayed) gives the rows
+# the reservation id and event data they take from it (base.stamp_journal).
 _EPILOGUE = """
 local __result = __main()
-local __journal = cjson.decode(ARGV[#ARGV])
-if #__journal > 0 then
-  local __ok, __out = pcall(cjson.decode, __result)
-  if not (__ok and type(__out) == 'table' and __out.err ~= nil and __out.err ~= cjson.null) then
-    local __r = nil
-    if __ok and type(__out) == 'table' and __out.replay ~= nil and __out.result ~= nil then
-      if type(__out.result) == 'string' then __r = __out.result else __r = jget(__result, 'result') end
-      if type(__r) ~= 'string' or string.sub(__r, 1, 1) ~= '{' then __r = nil end
-    end
-    local __created = nil
-    if __ok and type(__out) == 'table' and __out.created == false then __created = false end
-    write_journal(__journal, now_ms(), __r, __created)
-  end
-end
+finish_journal(__result, ARGV[#ARGV])
 return __result
 """
 
@@ -114,16 +104,20 @@ def _opt(value: Any) -> str:
 
 
 def _journal_arg(*groups: list[dict[str, Any]]) -> str:
-    """The journal argument of a script: [[entry JSON, merge the result into data (0/1), only if
-    created (0/1)], ...]; each group is stamped on its own, as each transaction stamps its entries.
+    """The journal argument of a script: {"items": [[entry JSON, merge the result into data (0/1), only if
+    created (0/1), take the script's event id (0/1)], ...], "ctx": what the store's own events take from
+    the request (JSON text), "rand": 8 hex digits}; each group is stamped on its own, as each transaction
+    stamps its entries.
 
     Entries are stamped here (base.stamp_journal) with everything that does not depend on the script:
-    the script adds the time and what comes from the operation's result. They are checked here too,
-    before the script runs: a script that failed halfway would keep its change without its rows."""
+    the script adds the time, the event ids (they start with the script's time) and what comes from the
+    operation's result. They are checked here too, before the script runs: a script that failed halfway
+    would keep its change without its rows."""
     out: list[list[Any]] = []
     for entries in groups:
         out += _journal_items(entries)
-    return _s(out) if out else "[]"
+    return _s({"items": out, "ctx": _s(_event_context([e for g in groups for e in g])),
+               "rand": secrets.token_hex(4)})
 
 
 def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
@@ -139,9 +133,25 @@ def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
             ident = rec.get("log_id")
         if not isinstance(ident, str) or not isinstance(rec.get("tenant_id"), str):
             raise ValueError("journal entries need a string id and tenant_id")
-        merge = 1 if rec.get("journal") == "event" and entry.get("data_from") == "result" else 0
-        out.append([_s(rec), merge, 1 if entry.get("only_if_created") else 0])
+        event = rec.get("journal") == "event"
+        merge = 1 if event and entry.get("data_from") == "result" else 0
+        # an event without its own id takes one from the script (its time and the shared sequence)
+        assign = 1 if event and entry.get("event_id") is None else 0
+        out.append([_s(rec), merge, 1 if entry.get("only_if_created") else 0, assign])
     return out
+
+
+_PROBE = {"journal": "event", "event_type": "system.probe", "tenant_id": "", "data": {}, "event_id": ""}
+
+
+def _event_context(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an event the store produces takes from the request whose journal rides with the script
+    (base.stamp_journal: request_id, trace_id and actor from its audit row); {} without one."""
+    request = next((e for e in entries if e.get("journal", "audit") == "audit"), None)
+    if request is None:
+        return {}
+    probe = stamp_journal([request, dict(_PROBE)], 0, None)[1]
+    return {k: probe[k] for k in ("request_id", "trace_id", "actor") if k in probe}
 
 
 def _limits(limits: list[Any]) -> list[list[str]]:
@@ -617,7 +627,11 @@ class RedisStore(Store):
                 tenant, rest = member.split("|", 1)
                 scope, unit = rest.rsplit("|", 1)
                 rec = await self.get_budget(tenant, scope, unit)
-                if rec is not None and rec["ledger"].status != "CLOSED":
+                # read after the index: another process may have rolled it meanwhile (its next period is
+                # not due yet, and rolling it again would skip a period)
+                end = rec["extra"].get("period_end_ms") if rec is not None else None
+                if (rec is not None and rec["ledger"].status != "CLOSED" and isinstance(end, int)
+                        and not isinstance(end, bool) and end <= now_ms):
                     out.append(rec)
                     if len(out) == limit:
                         break
@@ -750,7 +764,8 @@ def _reservation_matches(r: dict[str, Any], q: ReservationQuery) -> bool:
 
 def _budget_matches(row: dict[str, Any], f: dict[str, Any]) -> bool:
     led = row["ledger"]
-    if f.get("scope_prefix") and not led.scope.startswith(f["scope_prefix"]):
+    prefix = (f.get("scope_prefix") or "").rstrip("/")
+    if prefix and not (led.scope == prefix or led.scope.startswith(prefix + "/")):
         return False
     if f.get("unit") and led.unit != f["unit"]:
         return False

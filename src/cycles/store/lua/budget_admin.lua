@@ -42,6 +42,7 @@ if ARGV[11] ~= '' then
   l.overdraft_limit = I(ARGV[11])
   l.is_over_limit = icmp(l.debt, l.overdraft_limit) > 0
 end
+ledger_transitions(l)
 local bk = k_budget(scope, unit)
 local over = '0'
 if l.is_over_limit then over = '1' end

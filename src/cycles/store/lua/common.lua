@@ -216,10 +216,39 @@ local function result_members(text)
   return out
 end
 
--- entries: {{entry json, merge result (0/1), only if created (0/1)}, ...} stamped by the Python side with
--- everything but the time and the result; result: the JSON text of the operation's result record, or nil;
--- created: false when the operation found what it was to create (rows marked only-if-created are skipped)
-local function write_entry(text, merge, nows, result, rid)
+-- ---- governance events the store itself produces (the SQLite store's _emit) ----
+-- Ledger transitions (exhausted, over limit entered / exited, debt incurred), commit overage, expiry,
+-- rollover and the close cascade queue their events here while the script changes state; the epilogue
+-- writes them in the same script. Data is built as JSON text so int64 values stay exact.
+local TX_EVENTS = {}
+local function emit(event_type, tenant, scope, data, system, correlation_id)
+  table.insert(TX_EVENTS, {event_type, tenant, scope, data, system, correlation_id})
+end
+
+-- JSON object text from a list of {key, value text}
+local function jobj(members)
+  local parts = {}
+  for i, m in ipairs(members) do parts[i] = jstr(m[1]) .. ':' .. m[2] end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+local function jopt(v) if v == nil or v == false or v == cjson.null then return 'null' end return jstr(v) end
+local function jbool(v) if v then return 'true' end return 'false' end
+
+-- byte order of strings (Lua's `<` follows the locale Redis runs with; Python and SQLite compare code points)
+local function blt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- entries: {{entry json, merge result (0/1), only if created (0/1), take the script's event id (0/1)}, ...}
+-- stamped by the Python side with everything but the time and the result; result: the JSON text of the
+-- operation's result record, or nil; created: false when the operation found what it was to create (rows
+-- marked only-if-created are skipped); event_id: the id an event entry takes (nil: keep its own)
+local function write_entry(text, merge, nows, result, rid, event_id)
   local changes = {}
   local ts = jget(text, 'timestamp_ms')
   if ts == nil then
@@ -227,13 +256,15 @@ local function write_entry(text, merge, nows, result, rid)
     table.insert(changes, {'timestamp_ms', nows})
   end
   if jvalue(text, 'journal') == 'event' then
+    if event_id then table.insert(changes, {'event_id', jstr(event_id)}) end
     if merge and result then
       local data = jget(text, 'data')
       if data == nil or data == 'null' then data = '{}' end
       table.insert(changes, {'data', jpatch(data, result_members(result))})
     end
     if #changes > 0 then text = jpatch(text, changes) end
-    local event_id, tenant = jvalue(text, 'event_id'), jvalue(text, 'tenant_id')
+    local tenant = jvalue(text, 'tenant_id')
+    event_id = jvalue(text, 'event_id')
     redis.call('HSET', K_EVENTS_REC, event_id, text)
     redis.call('ZADD', K_EVENTS, ts, event_id)
     redis.call('ZADD', prefix_of(tenant) .. 'events', ts, event_id)
@@ -250,15 +281,78 @@ local function write_entry(text, merge, nows, result, rid)
   redis.call('ZADD', prefix_of(tenant) .. 'audit', ts, log_id)
 end
 
-local function write_journal(entries, now, result, created)
+-- The epilogue of every script. jarg (the last ARGV): {items = entries as above, ctx = JSON text of what a
+-- store event takes from the request's audit row (request_id, trace_id, actor), rand = 8 hex digits}.
+-- When the answer is not an error, the entries are written; the store's own events (TX_EVENTS) are written
+-- whatever the answer, since what they record happened (a denied reserve that expired overdue leases
+-- first keeps those expiries), and then without the request's fields, as on the SQLite store.
+-- Event ids: evt_<ms, 12 hex><sequence, 8 hex><random, 8 hex>; the sequence is one counter for every
+-- server (cy:events:seq), so events of one millisecond sort in the order they were committed.
+local K_EVENT_SEQ = 'cy:events:seq'
+local function finish_journal(result, jarg)
+  local j = cjson.decode(jarg)
+  local items = j.items or {}
+  if #items == 0 and #TX_EVENTS == 0 then return end
+  local ok_, out = pcall(cjson.decode, result)
+  local failed = ok_ and type(out) == 'table' and out.err ~= nil and out.err ~= cjson.null
+  local r, created = nil, nil
+  if ok_ and type(out) == 'table' and out.replay ~= nil and out.result ~= nil then
+    if type(out.result) == 'string' then r = out.result else r = jget(result, 'result') end
+    if type(r) ~= 'string' or string.sub(r, 1, 1) ~= '{' then r = nil end
+  end
+  if ok_ and type(out) == 'table' and out.created == false then created = false end
+  local todo = {}
+  if not failed then
+    for _, item in ipairs(items) do
+      if not (created == false and item[3] == 1) then table.insert(todo, item) end
+    end
+  end
+  local now = now_ms()
   local nows = string.format('%d', now)
+  local n = #TX_EVENTS
+  for _, item in ipairs(todo) do if item[4] == 1 then n = n + 1 end end
+  local seq = 0
+  if n > 0 then seq = redis.call('INCRBY', K_EVENT_SEQ, n) - n end
+  local ms = string.format('%012x', now)
+  local function next_id(rand)
+    seq = seq + 1
+    return 'evt_' .. ms .. string.format('%08x', seq % 4294967296) .. rand
+  end
   local rid = nil
-  if result then
-    local v = jget(result, 'reservation_id')
+  if r then
+    local v = jget(r, 'reservation_id')
     if v and v ~= 'null' and v ~= '""' then rid = v end
   end
-  for _, item in ipairs(entries) do
-    if not (created == false and item[3] == 1) then write_entry(item[1], item[2] == 1, nows, result, rid) end
+  for _, item in ipairs(todo) do
+    local eid = nil
+    if item[4] == 1 then
+      local own = jvalue(item[1], 'event_id')
+      eid = next_id(string.sub(own, -8))
+    end
+    write_entry(item[1], item[2] == 1, nows, r, rid, eid)
+  end
+  local ctx = {}
+  if not failed and j.ctx then ctx = jmembers(j.ctx) end
+  for _, ev in ipairs(TX_EVENTS) do
+    local event_type, tenant, scope, data, system, corr = ev[1], ev[2], ev[3], ev[4], ev[5], ev[6]
+    local event_id = next_id(j.rand)
+    local m = {{'journal', '"event"'}, {'event_type', jstr(event_type)}, {'tenant_id', jstr(tenant)},
+               {'scope', jopt(scope)}, {'data', data}}
+    if system then
+      table.insert(m, {'actor', '{"type":"system"}'})
+      table.insert(m, {'source', '"expiry-sweeper"'})
+    end
+    if corr then table.insert(m, {'correlation_id', jstr(corr)}) end
+    table.insert(m, {'timestamp_ms', nows})
+    table.insert(m, {'event_id', jstr(event_id)})
+    table.insert(m, {'category', jstr(string.match(event_type, '^[^.]*'))})
+    if not system then table.insert(m, {'source', '"cycles-server"'}) end
+    for _, c in ipairs(ctx) do
+      if not (system and c[1] == 'actor') then table.insert(m, c) end
+    end
+    redis.call('HSET', K_EVENTS_REC, event_id, jobj(m))
+    redis.call('ZADD', K_EVENTS, nows, event_id)
+    redis.call('ZADD', prefix_of(tenant) .. 'events', nows, event_id)
   end
 end
 
@@ -302,13 +396,51 @@ end
 -- ---- ledgers ----
 local FIELDS = {'allocated', 'spent', 'reserved', 'debt', 'overdraft_limit', 'is_over_limit', 'status', 'commit_overage_policy'}
 
+local function remaining(l) return isub(isub(isub(l.allocated, l.spent), l.reserved), l.debt) end
+
 local function load_ledger(scope, unit)
   local v = redis.call('HMGET', k_budget(scope, unit), unpack(FIELDS))
   if not v[1] then return nil end
   local l = {scope = scope, unit = unit, allocated = I(v[1]), spent = I(v[2]), reserved = I(v[3]), debt = I(v[4]),
              overdraft_limit = I(v[5]), is_over_limit = v[6] == '1', status = v[7] or 'ACTIVE', policy = v[8]}
   l.stored = {over = l.is_over_limit, debt = icmp(l.debt, ZERO) > 0, status = l.status}
+  -- the state events compare against (cycles.core.events.transitions)
+  l.prev = {remaining = remaining(l), over = l.is_over_limit, debt = l.debt}
   return l
+end
+
+-- cycles.core.events.ledger_state as JSON members
+local function ledger_state(l)
+  return {{'allocated', S(l.allocated)}, {'remaining', S(remaining(l))}, {'reserved', S(l.reserved)},
+          {'spent', S(l.spent)}, {'debt', S(l.debt)}, {'overdraft_limit', S(l.overdraft_limit)},
+          {'is_over_limit', jbool(l.is_over_limit)}, {'status', jstr(l.status)}}
+end
+
+-- The events of the state a ledger change crossed into since it was loaded (or last compared), as
+-- cycles.core.events.transitions: exhausted, over limit entered / exited, debt incurred.
+local function ledger_transitions(l, rid, policy)
+  local p, tenant = l.prev, ARGV[2]
+  local rem = remaining(l)
+  local function base(extra)
+    local m = {{'scope', jstr(l.scope)}, {'unit', jstr(l.unit)}}
+    for _, x in ipairs(extra) do table.insert(m, x) end
+    return jobj(m)
+  end
+  if icmp(p.remaining, ZERO) > 0 and icmp(rem, ZERO) <= 0 then
+    emit('budget.exhausted', tenant, l.scope, base(ledger_state(l)))
+  end
+  local over = {{'debt', S(l.debt)}, {'overdraft_limit', S(l.overdraft_limit)}, {'is_over_limit', jbool(l.is_over_limit)}}
+  if not p.over and l.is_over_limit then
+    emit('budget.over_limit_entered', tenant, l.scope, base(over))
+  elseif p.over and not l.is_over_limit then
+    emit('budget.over_limit_exited', tenant, l.scope, base(over))
+  end
+  if icmp(l.debt, p.debt) > 0 then
+    emit('budget.debt_incurred', tenant, l.scope, base({{'reservation_id', jopt(rid)},
+      {'debt_incurred', S(isub(l.debt, p.debt))}, {'total_debt', S(l.debt)}, {'overdraft_limit', S(l.overdraft_limit)},
+      {'overage_policy', jopt(policy)}}))
+  end
+  l.prev = {remaining = rem, over = l.is_over_limit, debt = l.debt}
 end
 
 -- the counters of a ledger written since it was loaded (status, over limit, in debt)
@@ -323,9 +455,9 @@ local function count_ledger(l)
   l.stored = {over = l.is_over_limit, debt = now_debt, status = l.status}
 end
 
-local function remaining(l) return isub(isub(isub(l.allocated, l.spent), l.reserved), l.debt) end
-
-local function save_ledger(l, now)
+-- rid / policy: what a debt_incurred event names (the committed reservation, the overage policy)
+local function save_ledger(l, now, rid, policy)
+  ledger_transitions(l, rid, policy)
   local over = '0'
   if l.is_over_limit then over = '1' end
   redis.call('HSET', k_budget(l.scope, l.unit), 'allocated', S(l.allocated), 'spent', S(l.spent),
@@ -397,16 +529,20 @@ local function ok(result_json, now, active)
 end
 
 -- ---- leases ----
+-- Returns the hold back to the reservation's ledgers; returns the unit, the amount and the scopes held.
 local function unhold_reservation(rid, now)
   local r = redis.call('HMGET', k_res(rid), 'unit', 'amount', 'budgeted_scopes')
   local amount = I(r[2])
+  local held = {}
   for _, scope in ipairs(cjson.decode(r[3])) do
     local l = load_ledger(scope, r[1])
     if l then
       l.reserved = isub(l.reserved, amount)
       save_ledger(l, now)
+      table.insert(held, scope)
     end
   end
+  return r[1], amount, held
 end
 
 -- Expire leases past expires_at + grace; each is returned exactly once (the deadline index entry goes with it).
@@ -417,6 +553,12 @@ local function expire_due(now, limit)
     if redis.call('HGET', k_res(rid), 'status') == 'ACTIVE' then
       unhold_reservation(rid, now)
       redis.call('HSET', k_res(rid), 'status', 'EXPIRED')
+      local r = redis.call('HMGET', k_res(rid), 'scope_path', 'unit', 'amount', 'created_at_ms', 'expires_at_ms',
+        'extensions')
+      emit('reservation.expired', ARGV[2], r[1], jobj({{'reservation_id', jstr(rid)}, {'scope', jstr(r[1])},
+        {'unit', jstr(r[2])}, {'estimated_amount', S(I(r[3]))}, {'created_at_ms', S(I(r[4]))},
+        {'expired_at_ms', string.format('%d', now)}, {'ttl_ms', S(isub(I(r[5]), I(r[4])))},
+        {'extensions_used', S(I(r[6]))}}), true)
       n = n + 1
     end
     redis.call('ZREM', k_deadline(), rid)

@@ -23,7 +23,7 @@ if policy == '' then
 end
 local charged, serr = settle(ls, ZERO, amount, policy, false)
 if serr then return serr end
-for _, l in ipairs(ls) do save_ledger(l, now) end
+for _, l in ipairs(ls) do save_ledger(l, now, nil, policy) end
 local eid = ARGV[12]
 redis.call('HSET', P .. 'e:' .. eid, 'event_id', eid, 'tenant_id', tenant_id, 'scope_path', scope_path,
   'subject', ARGV[13], 'action', ARGV[14], 'unit', unit, 'actual', S(amount), 'charged', S(charged),

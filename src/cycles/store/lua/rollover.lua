@@ -25,6 +25,7 @@ elseif policy == 'CAP_AT_ALLOCATED' then
 end
 local allocated = iadd(base, carried)
 if icmp(allocated, INT64_MAX) > 0 then return fail('INVALID_REQUEST', 'allocated would exceed the int64 range') end
+local previous_state = jobj(ledger_state(l))
 l.allocated = allocated
 l.spent = ZERO
 l.is_over_limit = icmp(l.debt, l.overdraft_limit) > 0
@@ -34,6 +35,12 @@ if l.is_over_limit then over = '1' end
 redis.call('HSET', bk, 'allocated', S(l.allocated), 'spent', '0', 'is_over_limit', over, 'extra', new_extra,
   'updated_at_ms', string.format('%d', now))
 count_ledger(l)
+local function raw(text, key) return jget(text, key) or 'null' end
+emit('budget.reset_spent', tenant_id, scope, jobj({{'ledger_id', jopt(redis.call('HGET', bk, 'ledger_id'))},
+  {'scope', jstr(scope)}, {'unit', jstr(unit)}, {'operation', '"ROLLOVER"'},
+  {'rollover_policy', raw(new_extra, 'rollover_policy')}, {'previous_state', previous_state},
+  {'new_state', jobj(ledger_state(l))}, {'period_start', raw(new_extra, 'period_start')},
+  {'period_end', raw(new_extra, 'period_end')}}))
 local member = tenant_id .. '|' .. scope .. '|' .. unit
 local new_end = jget(new_extra, 'period_end_ms')
 if new_end and string.match(new_end, '^%-?%d+$') then

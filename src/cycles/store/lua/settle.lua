@@ -49,7 +49,16 @@ if endpoint == 'commit' then
   local charged, serr = settle(ls, amount, actual, r[8], true)
   if serr then return serr end
   if #limits > 0 then rate_count(limits, now) end
-  for _, l in ipairs(ls) do save_ledger(l, now) end
+  local debt = ZERO
+  for _, l in ipairs(ls) do
+    debt = iadd(debt, isub(l.debt, l.prev.debt))
+    save_ledger(l, now, rid, r[8])
+  end
+  if icmp(charged, amount) > 0 or icmp(actual, amount) > 0 then
+    emit('reservation.commit_overage', tenant_id, r[11], jobj({{'reservation_id', jstr(rid)}, {'scope', jstr(r[11])},
+      {'unit', jstr(unit)}, {'estimated_amount', S(amount)}, {'actual_amount', S(actual)},
+      {'overage', S(isub(actual, amount))}, {'overage_policy', jopt(r[8])}, {'debt_incurred', S(debt)}}))
+  end
   redis.call('HSET', rk, 'status', 'COMMITTED', 'committed', S(charged), 'finalized_at_ms', string.format('%d', now))
   if ARGV[12] ~= '' then redis.call('HSET', rk, 'committed_metadata', ARGV[12]) end
   redis.call('ZREM', k_deadline(), rid)
