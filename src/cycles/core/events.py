@@ -49,6 +49,9 @@ def ledger_state(led: Ledger) -> dict[str, Any]:
 def transitions(before: Ledger, after: Ledger, *, reservation_id: str | None = None,
                 overage_policy: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
     """(event_type, scope, data) for the state a ledger change crossed into."""
+    if (after.remaining > 0 or before.remaining <= 0) and before.is_over_limit == after.is_over_limit \
+            and after.debt <= before.debt:
+        return []  # the common case on the hot path: nothing crossed
     out: list[tuple[str, str, dict[str, Any]]] = []
     base = {"scope": after.scope, "unit": after.unit}
     if before.remaining > 0 >= after.remaining:

@@ -108,10 +108,14 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
             spec = openapi.build()
         return JSONResponse(spec)
 
-    routes += [
+    # Starlette tries routes in order: health checks (polled constantly) and the runtime routes come
+    # before the long tail of admin routes.
+    routes[0:0] = [
         Route("/actuator/health", health, methods=["GET"]),
         Route("/actuator/health/readiness", health, methods=["GET"]),
         Route("/actuator/health/liveness", liveness, methods=["GET"]),
+    ]
+    routes += [
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", _docs_page, methods=["GET"]),

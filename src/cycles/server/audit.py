@@ -8,6 +8,7 @@ Reads are not audited, except failed authentications on any route.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from typing import Any, Callable
 
@@ -28,8 +29,12 @@ RESOURCE_TYPES = {"Tenants": "tenant", "Budgets": "budget", "API Keys": "api_key
                   "Operators": "admin_key", "Configuration": "config"}
 
 
+_PROCESS = secrets.token_hex(5)  # ids are unique per process prefix; no random syscall per request
+_SEQ = itertools.count()
+
+
 def new_log_id() -> str:
-    return "log_" + secrets.token_hex(12)
+    return f"log_{_PROCESS}{next(_SEQ):014x}"
 
 
 def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Request, Ctx], Any], Any]:

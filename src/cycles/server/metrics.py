@@ -19,7 +19,7 @@ _WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=20_000)
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=5_000)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)

@@ -77,9 +77,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at_ms);
 CREATE TABLE IF NOT EXISTS audit (
-    log_id TEXT PRIMARY KEY, timestamp_ms INTEGER NOT NULL, tenant_id TEXT NOT NULL, record TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_time ON audit (timestamp_ms, log_id);
+    timestamp_ms INTEGER NOT NULL, log_id TEXT NOT NULL, tenant_id TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (timestamp_ms, log_id)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS audit_tenant_time ON audit (tenant_id, timestamp_ms, log_id);
 CREATE TABLE IF NOT EXISTS docs (
     kind TEXT NOT NULL, doc_id TEXT NOT NULL, tenant_id TEXT NOT NULL, version INTEGER NOT NULL, record TEXT NOT NULL,
