@@ -170,3 +170,17 @@ def test_tenant_event_feed_is_scoped_and_paged(server: Server) -> None:
         assert r.status_code == 404 and r.json()["error"] == "EVENT_NOT_FOUND"
         eid = seen[0]["event_id"]
         assert c.get(f"/v1/admin/events/{eid}").json()["event_id"] == eid
+
+
+def test_every_event_carries_a_correlation_id(server: Server, tenant: Tenant) -> None:
+    tenant.budget(amount=100, unit=TOK)
+    rid = reserve(tenant, 10, ttl_ms=1000, grace_period_ms=0).json()["reservation_id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not events(server, tenant_id=tenant.tenant_id, event_type="reservation.expired"):
+        time.sleep(0.2)
+    got = events(server, tenant_id=tenant.tenant_id)
+    assert got and all(e.get("correlation_id") for e in got)
+    created = events(server, tenant_id=tenant.tenant_id, event_type="budget.created")[0]
+    assert created["correlation_id"] == f"request:{created['request_id']}"
+    expired = events(server, tenant_id=tenant.tenant_id, event_type="reservation.expired")[0]
+    assert expired["data"]["reservation_id"] == rid and expired["correlation_id"] == f"event:{expired['event_id']}"

@@ -67,6 +67,10 @@ def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> li
                 actor = {"type": (request.get("metadata") or {}).get("actor_type") or "api_key",
                          "key_id": request.get("key_id"), "source_ip": request.get("source_ip")}
                 rec.setdefault("actor", {k: v for k, v in actor.items() if v is not None})
+                if request.get("request_id"):
+                    rec.setdefault("correlation_id", f"request:{request['request_id']}")
+            # every event carries a correlation id: its request's, else its own
+            rec.setdefault("correlation_id", f"event:{rec['event_id']}")
         elif rec.get("resource_id") is None and isinstance(result, dict) and result.get("reservation_id"):
             rec["resource_id"] = result["reservation_id"]
         out.append(rec)

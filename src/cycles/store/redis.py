@@ -151,7 +151,10 @@ def _event_context(entries: list[dict[str, Any]]) -> dict[str, Any]:
     if request is None:
         return {}
     probe = stamp_journal([request, dict(_PROBE)], 0, None)[1]
-    return {k: probe[k] for k in ("request_id", "trace_id", "actor") if k in probe}
+    out = {k: probe[k] for k in ("request_id", "trace_id", "actor") if k in probe}
+    if out.get("request_id"):
+        out["correlation_id"] = f"request:{out['request_id']}"
+    return out
 
 
 def _limits(limits: list[Any]) -> list[list[str]]:

@@ -256,7 +256,14 @@ local function write_entry(text, merge, nows, result, rid, event_id)
     table.insert(changes, {'timestamp_ms', nows})
   end
   if jvalue(text, 'journal') == 'event' then
-    if event_id then table.insert(changes, {'event_id', jstr(event_id)}) end
+    if event_id then
+      -- the placeholder id Python stamped is replaced, and so is a correlation id made from it
+      local old_corr = jvalue(text, 'correlation_id')
+      if old_corr and string.sub(old_corr, 1, 6) == 'event:' then
+        table.insert(changes, {'correlation_id', jstr('event:' .. event_id)})
+      end
+      table.insert(changes, {'event_id', jstr(event_id)})
+    end
     if merge and result then
       local data = jget(text, 'data')
       if data == nil or data == 'null' then data = '{}' end
@@ -347,9 +354,16 @@ local function finish_journal(result, jarg)
     table.insert(m, {'event_id', jstr(event_id)})
     table.insert(m, {'category', jstr(string.match(event_type, '^[^.]*'))})
     if not system then table.insert(m, {'source', '"cycles-server"'}) end
+    local has_corr = corr ~= nil
     for _, c in ipairs(ctx) do
-      if not (system and c[1] == 'actor') then table.insert(m, c) end
+      if c[1] == 'correlation_id' then
+        if not has_corr then table.insert(m, c); has_corr = true end
+      elseif not (system and c[1] == 'actor') then
+        table.insert(m, c)
+      end
     end
+    -- every event carries a correlation id: its request's, else its own
+    if not has_corr then table.insert(m, {'correlation_id', jstr('event:' .. event_id)}) end
     redis.call('HSET', K_EVENTS_REC, event_id, jobj(m))
     redis.call('ZADD', K_EVENTS, nows, event_id)
     redis.call('ZADD', prefix_of(tenant) .. 'events', nows, event_id)
