@@ -556,3 +556,22 @@ def test_scope_prefix_matches_whole_segments(server: Server, tenant: Tenant) -> 
         r = c.get("/v1/admin/budgets", params={"tenant_id": tenant.tenant_id,
                                                "scope_prefix": f"tenant:{tenant.tenant_id}/workspace:eng"})
     assert sorted(l["scope"].split("/", 1)[1] for l in r.json()["ledgers"]) == ["workspace:eng", "workspace:eng/agent:a"]
+
+
+def test_close_budget_waits_for_its_reservations(server: Server, tenant: Tenant) -> None:
+    tenant.budget(amount=100, unit=TOK)
+    scope = {"scope": f"tenant:{tenant.tenant_id}", "unit": TOK}
+    rid = reserve(tenant, 10).json()["reservation_id"]
+    with server.admin() as c:
+        r = c.post("/v1/admin/budgets/close", params=scope, json={"reason": "project over"})
+        assert r.status_code == 409 and "open reservations" in r.json()["message"]
+    with tenant.client() as c:
+        assert c.post(f"/v1/reservations/{rid}/release", json={"idempotency_key": "r"}).status_code == 200
+    with server.admin() as c:
+        r = c.post("/v1/admin/budgets/close", params=scope)
+        assert r.status_code == 200 and r.json()["status"] == "CLOSED"
+        assert c.post("/v1/admin/budgets/close", params=scope).json()["error"] == "BUDGET_CLOSED"
+        closed = c.get("/v1/admin/events", params={"tenant_id": tenant.tenant_id, "event_type": "budget.closed"})
+        assert len(closed.json()["events"]) == 1
+    assert reserve(tenant).json()["error"] == "BUDGET_CLOSED"
+    assert tenant.fund("", "CREDIT", 1, unit=TOK).json()["error"] == "BUDGET_CLOSED"

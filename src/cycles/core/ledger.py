@@ -220,6 +220,10 @@ def configure(led: Ledger, changes: dict) -> Ledger:
         if allowed and led.status not in allowed:
             raise ProtocolError(ErrorCode.INVALID_REQUEST,
                                 f"Budget for scope {led.scope} is {led.status}; cannot become {status}", status=409)
+        if status == "CLOSED" and led.reserved > 0:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                f"Budget for scope {led.scope} still holds {led.reserved} for open reservations; "
+                                "release them (or let them expire) before closing it", status=409)
         new = replace(new, status=status)
     elif status is not None:
         code = ErrorCode.BUDGET_FROZEN if status == "FROZEN" else ErrorCode.INVALID_REQUEST

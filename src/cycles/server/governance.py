@@ -281,13 +281,20 @@ async def _transition(request: Request, ctx: Ctx, status: str, from_status: tupl
     audit.target_tenant(ctx, tenant)
     if ctx.audit is not None and req.reason:
         ctx.audit.setdefault("metadata", {})["reason"] = req.reason
-    events.emit(ctx, "budget.frozen" if status == "FROZEN" else "budget.unfrozen", tenant, scope=scope,
-                data={"scope": scope, "unit": unit, "operation": "FREEZE" if status == "FROZEN" else "UNFREEZE",
-                      "previous_state": {"status": from_status[0]}, "new_state": {"status": status},
+    event_type, operation = {"FROZEN": ("budget.frozen", "FREEZE"), "ACTIVE": ("budget.unfrozen", "UNFREEZE"),
+                             "CLOSED": ("budget.closed", "CLOSE")}[status]
+    events.emit(ctx, event_type, tenant, scope=scope,
+                data={"scope": scope, "unit": unit, "operation": operation, "new_state": {"status": status},
                       "reason": req.reason})
     rec = await state_of(request).store.update_budget(tenant, scope, unit,
                                                       {"status": status, "from_status": list(from_status)})
     return json_response(ctx, ledger_wire(rec))
+
+
+async def close_budget(request: Request, ctx: Ctx) -> Response:
+    """Close one budget for good (an extension: the spec reaches CLOSED only through the tenant
+    cascade). Refused while reservations still hold part of it; reads stay available."""
+    return await _transition(request, ctx, "CLOSED", ("ACTIVE", "FROZEN"))
 
 
 async def freeze_budget(request: Request, ctx: Ctx) -> Response:

@@ -25,6 +25,10 @@ if status ~= '' and status ~= l.status then
         nil, 409)
     end
   end
+  if status == 'CLOSED' and icmp(l.reserved, ZERO) > 0 then
+    return fail('INVALID_REQUEST', 'Budget for scope ' .. scope .. ' still holds ' .. S(l.reserved) ..
+      ' for open reservations; release them (or let them expire) before closing it', nil, 409)
+  end
   l.status = status
 elseif status ~= '' then
   local code = 'INVALID_REQUEST'
