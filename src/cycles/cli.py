@@ -35,6 +35,17 @@ async def bootstrap_admin_key(store_url: str) -> str | None:
         await store.close()
 
 
+def _store_with_secret_key(store: str | None, data_dir: str | None) -> str:
+    """The store URL to use, after making sure webhook secrets can be sealed (exit 2 if not)."""
+    store_url = store or default_store_url(data_dir or default_data_dir())
+    try:
+        _webhook_secret_key(store_url)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return store_url
+
+
 def _webhook_secret_key(store_url: str) -> None:
     """Webhook signing secrets are sealed with a key the server must have before it starts. On the
     embedded store (one machine) a key file beside the database is made once and reused; servers
@@ -93,12 +104,7 @@ def serve(
     """Run the Cycles server."""
     import uvicorn
 
-    store_url = store or default_store_url(data_dir or default_data_dir())
-    try:
-        _webhook_secret_key(store_url)
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    store_url = _store_with_secret_key(store, data_dir)
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
@@ -226,12 +232,7 @@ def worker(
     import signal
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store_url = store or default_store_url(data_dir or default_data_dir())
-    try:
-        _webhook_secret_key(store_url)
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    store_url = _store_with_secret_key(store, data_dir)
     from .server.metrics import Metrics
     from .webhooks.crypto import SecretBox
     from .webhooks.deliver import Engine, EngineConfig, WorkerConfig

@@ -31,7 +31,7 @@ async def _admin(request: Request, ctx: Ctx) -> Principal:
     return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
-async def _tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
+async def tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
     principal = await audit.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
     if permission.endswith(":write") and not principal.is_admin:
@@ -231,7 +231,7 @@ def _period(req: a.BudgetCreateRequest) -> dict[str, Any]:
 
 
 async def create_budget(request: Request, ctx: Ctx) -> Response:
-    principal = await _tenant_or_admin(request, ctx, "budgets:write")
+    principal = await tenant_or_admin(request, ctx, "budgets:write")
     req = decode(await read_body(request), a.BudgetCreateRequest)
     if principal.is_admin:
         if not req.tenant_id:
@@ -332,7 +332,7 @@ async def _list_budgets_sorted(request: Request, ctx: Ctx, tenant: str | None, f
 
 
 async def list_budgets(request: Request, ctx: Ctx) -> Response:
-    principal = await _tenant_or_admin(request, ctx, "budgets:read")
+    principal = await tenant_or_admin(request, ctx, "budgets:read")
     q = request.query_params
     tenant = str_param(q, "tenant_id", max_length=64) if principal.is_admin else principal.tenant_id
     filters: dict[str, Any] = {
@@ -370,7 +370,7 @@ async def list_budgets(request: Request, ctx: Ctx) -> Response:
 
 
 async def fund_budget(request: Request, ctx: Ctx) -> Response:
-    principal = await _tenant_or_admin(request, ctx, "budgets:write")
+    principal = await tenant_or_admin(request, ctx, "budgets:write")
     q = request.query_params
     if principal.is_admin:
         tenant = str_param(q, "tenant_id", max_length=64)

@@ -15,7 +15,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import AuditScan, pending_journal
 from . import audit
 from .http import Ctx, json_response
-from .params import bad, decode_cursor, time_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, str_param, time_param
+from .params import decode_cursor, enum_param, filter_hash, int_param, iso, page_log, str_param, time_param
 from .state import state_of
 
 
@@ -82,8 +82,6 @@ def event_wire(row: dict[str, Any]) -> g.Event:
     return msgspec.convert(fields, g.Event)
 
 
-MAX_EVENT_SCAN = 20_000
-
 
 async def _list(request: Request, ctx: Ctx, tenant: str | None, tenant_view: bool) -> Response:
     q = request.query_params
@@ -94,28 +92,9 @@ async def _list(request: Request, ctx: Ctx, tenant: str | None, tenant_view: boo
     limit = int_param(q, "limit", default=50, lo=1, hi=100)
     scan = AuditScan(tenant=tenant, from_ms=time_param(q, "from"), to_ms=time_param(q, "to"), descending=desc)
     fh = filter_hash({"t": tenant, "from": scan.from_ms, "to": scan.to_ms, "desc": desc, **f})
-    cursor = decode_cursor(q.get("cursor"), fh)
-    if cursor is not None:
-        scan.after = time_cursor(cursor)
-    store = state_of(request).store
-    rows: list[dict[str, Any]] = []
-    scanned, exhausted = 0, False
-    while len(rows) <= limit and scanned < MAX_EVENT_SCAN:
-        batch = await store.scan_events(scan)
-        scanned += len(batch)
-        for row in batch:
-            scan.after = (row["timestamp_ms"], row["event_id"])
-            if event_matches(row, f, tenant_view):
-                rows.append(row)
-                if len(rows) > limit:
-                    break
-        if len(batch) < scan.limit:
-            exhausted = True
-            break
-    page = rows[:limit]
-    more = len(rows) > limit or (not exhausted and scanned >= MAX_EVENT_SCAN)
-    last = (page[-1]["timestamp_ms"], page[-1]["event_id"]) if len(rows) > limit else scan.after
-    next_cursor = encode_cursor({"k": list(last), "f": fh}) if more and last else None
+    page, more, next_cursor = await page_log(state_of(request).store.scan_events, scan, "event_id",
+                                             lambda row: event_matches(row, f, tenant_view), limit, fh,
+                                             decode_cursor(q.get("cursor"), fh))
     return json_response(ctx, g.EventListResponse(events=[event_wire(r) for r in page], has_more=more,
                                                   next_cursor=next_cursor))
 

@@ -18,7 +18,7 @@ from . import audit, events
 from .admin import _budget_scope, _same_unit, _tenant_wire, ledger_wire
 from .auth import KEY_PREFIX_LEN, Principal, verify_secret
 from .http import Ctx, decode, json_response, read_body
-from .params import bad, decode_cursor, time_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, str_param, time_param
+from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, page_log, str_param, time_param
 from .state import state_of
 
 TENANT_SORTS = ("tenant_id", "name", "status", "created_at")
@@ -366,8 +366,6 @@ def audit_matches(row: dict[str, Any], f: dict[str, Any]) -> bool:
     return True
 
 
-MAX_AUDIT_SCAN = 20_000
-
 
 async def list_audit_logs(request: Request, ctx: Ctx) -> Response:
     principal = await _admin(request, ctx)
@@ -382,30 +380,9 @@ async def list_audit_logs(request: Request, ctx: Ctx) -> Response:
     scan = AuditScan(tenant=tenant, from_ms=time_param(q, "from"), to_ms=time_param(q, "to"), descending=desc)
     fh = filter_hash({"t": tenant, "from": scan.from_ms, "to": scan.to_ms, "desc": desc,
                       **{k: sorted(v) if isinstance(v, set) else v for k, v in f.items()}})
-    cursor = decode_cursor(q.get("cursor"), fh)
-    if cursor is not None:
-        scan.after = time_cursor(cursor)
-    store = state_of(request).store
-    rows: list[dict[str, Any]] = []
-    scanned, exhausted = 0, False
-    # Filters beyond tenant and time run here; a sparse filter scans at most MAX_AUDIT_SCAN rows per
-    # page and then returns what it found with a cursor to continue.
-    while len(rows) <= limit and scanned < MAX_AUDIT_SCAN:
-        batch = await store.scan_audit(scan)
-        scanned += len(batch)
-        for row in batch:
-            scan.after = (row["timestamp_ms"], row["log_id"])
-            if audit_matches(row, f):
-                rows.append(row)
-                if len(rows) > limit:
-                    break
-        if len(batch) < scan.limit:
-            exhausted = True
-            break
-    page = rows[:limit]
-    more = len(rows) > limit or (not exhausted and scanned >= MAX_AUDIT_SCAN)
-    last = (page[-1]["timestamp_ms"], page[-1]["log_id"]) if len(rows) > limit else scan.after
-    next_cursor = encode_cursor({"k": list(last), "f": fh}) if more and last else None
+    page, more, next_cursor = await page_log(state_of(request).store.scan_audit, scan, "log_id",
+                                             lambda row: audit_matches(row, f), limit, fh,
+                                             decode_cursor(q.get("cursor"), fh))
     return json_response(ctx, g.AuditLogListResponse(logs=[_audit_wire(r) for r in page], has_more=more,
                                                      next_cursor=next_cursor))
 

@@ -112,3 +112,33 @@ def time_cursor(cursor: dict[str, Any]) -> tuple[int, str]:
             and isinstance(k[1], str) and len(k[1]) <= 128):
         raise bad("cursor is not a cursor this server issued")
     return k[0], k[1]
+
+
+MAX_LOG_SCAN = 20_000
+
+
+async def page_log(scan_fn: Any, scan: Any, id_key: str, matches: Any, limit: int, fh: str,
+                   cursor: dict[str, Any] | None) -> tuple[list[dict[str, Any]], bool, str | None]:
+    """One page of a time-ordered log (audit rows, events): the store filters by tenant and time,
+    `matches` by the rest. A sparse filter scans at most MAX_LOG_SCAN rows per page and then answers
+    what it found with a cursor to continue. Returns (rows, has_more, next_cursor)."""
+    if cursor is not None:
+        scan.after = time_cursor(cursor)
+    rows: list[dict[str, Any]] = []
+    scanned, exhausted = 0, False
+    while len(rows) <= limit and scanned < MAX_LOG_SCAN:
+        batch = await scan_fn(scan)
+        scanned += len(batch)
+        for row in batch:
+            scan.after = (row["timestamp_ms"], row[id_key])
+            if matches(row):
+                rows.append(row)
+                if len(rows) > limit:
+                    break
+        if len(batch) < scan.limit:
+            exhausted = True
+            break
+    page = rows[:limit]
+    more = len(rows) > limit or (not exhausted and scanned >= MAX_LOG_SCAN)
+    last = (page[-1]["timestamp_ms"], page[-1][id_key]) if len(rows) > limit else scan.after
+    return page, more, (encode_cursor({"k": list(last), "f": fh}) if more and last else None)

@@ -14,7 +14,7 @@ from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
 from . import audit, events
-from .admin import refuse_if_suspended
+from .admin import tenant_or_admin
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
@@ -22,14 +22,6 @@ from .state import state_of
 
 KIND = "policy"
 MAX_POLICIES_PER_TENANT = 1000
-
-
-async def _principal(request: Request, ctx: Ctx, permission: str) -> Principal:
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
-    principal.require(permission)
-    if permission.endswith(":write") and not principal.is_admin:
-        await refuse_if_suspended(request, principal.tenant_id or "")
-    return principal
 
 
 def _wire(rec: dict[str, Any]) -> g.Policy:
@@ -76,7 +68,7 @@ async def _owned(request: Request, principal: Principal, policy_id: str) -> dict
 
 
 async def create_policy(request: Request, ctx: Ctx) -> Response:
-    principal = await _principal(request, ctx, "policies:write")
+    principal = await tenant_or_admin(request, ctx, "policies:write")
     req = decode(await read_body(request), g.PolicyCreateRequest)
     if principal.is_admin:
         if not req.tenant_id:
@@ -108,12 +100,12 @@ async def create_policy(request: Request, ctx: Ctx) -> Response:
 
 
 async def get_policy(request: Request, ctx: Ctx) -> Response:
-    principal = await _principal(request, ctx, "policies:read")
+    principal = await tenant_or_admin(request, ctx, "policies:read")
     return json_response(ctx, _wire(await _owned(request, principal, request.path_params["policy_id"])))
 
 
 async def update_policy(request: Request, ctx: Ctx) -> Response:
-    principal = await _principal(request, ctx, "policies:write")
+    principal = await tenant_or_admin(request, ctx, "policies:write")
     req = decode(await read_body(request), g.PolicyUpdateRequest)
     changes = {k: v for k, v in msgspec.to_builtins(req).items()}
     if not changes:
@@ -136,7 +128,7 @@ async def update_policy(request: Request, ctx: Ctx) -> Response:
 
 
 async def delete_policy(request: Request, ctx: Ctx) -> Response:
-    principal = await _principal(request, ctx, "policies:write")
+    principal = await tenant_or_admin(request, ctx, "policies:write")
     st = state_of(request)
     for _ in range(5):
         rec = await _owned(request, principal, request.path_params["policy_id"])
@@ -152,7 +144,7 @@ async def delete_policy(request: Request, ctx: Ctx) -> Response:
 
 
 async def list_policies(request: Request, ctx: Ctx) -> Response:
-    principal = await _principal(request, ctx, "policies:read")
+    principal = await tenant_or_admin(request, ctx, "policies:read")
     q = request.query_params
     if principal.is_admin:
         tenant = str_param(q, "tenant_id", max_length=64)

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from ..core.events import CATEGORIES, EVENT_TYPES, SYSTEM_TENANT
+from ..core.events import CATEGORIES, EVENT_TYPES
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.models import Wire
 from . import rules, urlpolicy
