@@ -667,13 +667,21 @@ class RedisStore(Store):
         return {name: int(v) for name, v in (await self._call(lambda: self.r.hgetall("cy:counters"))).items()}
 
     async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
+        """From the sets the scripts keep of over-limit and indebted budgets: no scan of all budgets."""
+        if not self._counted:
+            await self._count_existing()
+        key = "cy:budgets:over_limit" if kind == "over_limit" else "cy:budgets:with_debt"
+        by_tenant: dict[str, list[str]] = {}
+        for member in await self._call(lambda: self.r.smembers(key)):
+            tenant, _, budget = member.partition(" ")
+            by_tenant.setdefault(tenant, []).append(budget)
         rows: list[dict[str, Any]] = []
-        for tenant in sorted(await self._call(lambda: self.r.smembers(TENANTS))):
-            for row in await self._budget_rows(tenant, await self._members(tenant, None)):
+        for tenant, members in sorted(by_tenant.items()):
+            for row in await self._budget_rows(tenant, sorted(members)):
                 led = row["ledger"]
                 if (led.is_over_limit if kind == "over_limit" else led.debt > 0):
                     rows.append(row)
-        rows.sort(key=lambda r: -r["ledger"].debt)
+        rows.sort(key=lambda r: (-r["ledger"].debt, r["tenant_id"], r["ledger"].scope))
         return rows[:limit]
 
     async def cascade_close(self, tenant: str, batch: int = 200) -> bool:

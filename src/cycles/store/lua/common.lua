@@ -93,6 +93,7 @@ local K_PERIODS = 'cy:periods'
 -- overview counts, kept by every script that changes what they count (like the SQLite store's triggers)
 local K_COUNTERS = 'cy:counters'
 local function count(name, delta) redis.call('HINCRBY', K_COUNTERS, name, delta) end
+local K_OVER_LIMIT, K_WITH_DEBT = 'cy:budgets:over_limit', 'cy:budgets:with_debt'
 local function prefix_of(tenant) return 'cy:{' .. tenant .. '}:' end
 local function k_apikey(key_prefix) return 'cy:apikey:' .. key_prefix end
 local function k_doc(kind, id) return 'cy:doc:' .. kind .. ':' .. id end
@@ -464,8 +465,16 @@ local function count_ledger(l)
   count('budgets.' .. was.status, -1)
   count('budgets.' .. l.status, 1)
   local function b(v) if v then return 1 end return 0 end
-  if was.over ~= l.is_over_limit then count('budgets.over_limit', b(l.is_over_limit) - b(was.over)) end
-  if was.debt ~= now_debt then count('budgets.with_debt', b(now_debt) - b(was.debt)) end
+  -- the overview's top lists read these small sets instead of scanning every budget
+  local member = string.match(l.scope, '^tenant:([^/]+)') .. ' ' .. l.scope .. '|' .. l.unit
+  if was.over ~= l.is_over_limit then
+    count('budgets.over_limit', b(l.is_over_limit) - b(was.over))
+    redis.call(l.is_over_limit and 'SADD' or 'SREM', K_OVER_LIMIT, member)
+  end
+  if was.debt ~= now_debt then
+    count('budgets.with_debt', b(now_debt) - b(was.debt))
+    redis.call(now_debt and 'SADD' or 'SREM', K_WITH_DEBT, member)
+  end
   l.stored = {over = l.is_over_limit, debt = now_debt, status = l.status}
 end
 

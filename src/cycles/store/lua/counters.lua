@@ -4,7 +4,7 @@ local READY = 'cy:counters:ready'
 if redis.call('EXISTS', READY) == 1 then return '{}' end
 local tenants = redis.call('SMEMBERS', K_TENANTS)
 if #tenants > 0 then
-  redis.call('DEL', K_COUNTERS)
+  redis.call('DEL', K_COUNTERS, K_OVER_LIMIT, K_WITH_DEBT)
   count('budgets.over_limit', 0)
   count('budgets.with_debt', 0)
   for _, tenant in ipairs(tenants) do
@@ -15,8 +15,9 @@ if #tenants > 0 then
       if v[1] then
         count('budgets.' .. v[1], 1)
         count('budgets.unit.' .. v[2], 1)
-        if v[3] == '1' then count('budgets.over_limit', 1) end
-        if icmp(I(v[4]), ZERO) > 0 then count('budgets.with_debt', 1) end
+        local member = tenant .. ' ' .. member
+        if v[3] == '1' then count('budgets.over_limit', 1); redis.call('SADD', K_OVER_LIMIT, member) end
+        if icmp(I(v[4]), ZERO) > 0 then count('budgets.with_debt', 1); redis.call('SADD', K_WITH_DEBT, member) end
       end
     end
   end
