@@ -771,7 +771,9 @@ def test_bulk_action_gates_replay_and_row_outcomes(server: Server) -> None:
         assert a.post(BULK, json=req).content == r.content
         assert len(events_of(server, t.tenant_id, "webhook.deleted")) == 2
         logs = a.get("/v1/admin/audit/logs", params={"request_id": r.headers["x-request-id"]}).json()["logs"]
-        assert len(logs) == 1 and logs[0]["operation"] == "bulkActionWebhooks"
+        # a "started" row written before any change, then the finished row with the outcome
+        assert sorted(row["metadata"]["phase"] for row in logs) == ["finished", "started"]
+        assert {row["operation"] for row in logs} == {"bulkActionWebhooks"}
         r = a.post(BULK, json={"filter": {"event_type": "budget.exhausted", **f}, "action": "PAUSE",
                                "idempotency_key": tag()})
         assert r.json()["total_matched"] == 2

@@ -12,7 +12,9 @@ Each budget row is funded with its own fund idempotency key derived from the cla
 run that died half way (crash, store outage) and is resumed with the same key never applies a row
 twice; tenant rows are naturally idempotent (a row already in the target state is skipped).
 
-Audit and events: the request's one audit row carries the whole per-row outcome. It is written
+Audit and events: the claim of the key writes a "started" audit row (the filter and the match count)
+before any row changes; the request's row, with metadata.phase "finished", carries the whole per-row
+outcome. It is written
 together with the document that records the finished response (the row writes themselves run without
 it), or on its own by the framework when the request ends otherwise. Every row that changed gets one
 event (tenant.suspended / budget.funded / ...), written in the same transaction as the row, with
@@ -196,6 +198,7 @@ class _Idempotency:
     def __init__(self, store: Store, owner: str, endpoint: str, key: str, request: Any) -> None:
         self.store = store
         self.owner = owner
+        self.intent: dict[str, Any] | None = None  # the "started" audit row the claim writes
         self.doc_id = hashlib.sha256(f"{endpoint}\x00{key}".encode()).hexdigest()
         self.payload_hash = hashlib.sha256(endpoint.encode() + b"\x00" + m.canonical(request)).hexdigest()
         self.record: dict[str, Any] | None = None
@@ -244,7 +247,8 @@ class _Idempotency:
             record = {"endpoint_key_hash": self.doc_id, "payload_hash": self.payload_hash, "state": "RUNNING",
                       "gen": gen or secrets.token_hex(8), "claimed_at_ms": await self.store.now_ms()}
             try:
-                with _without_journal():
+                # the claim carries the "started" audit row: no row of the run changes before it exists
+                with _without_journal([self.intent] if self.intent else []):
                     stored = await self.store.save_doc(IDEM_KIND, self.owner, self.doc_id, record, expect,
                                                        guard_tenant=False)
             except ProtocolError as err:
@@ -288,6 +292,9 @@ def _respond(ctx: Ctx, body: bytes) -> Response:
 
 async def _run(ctx: Ctx, idem: _Idempotency, apply: Any, response: Any) -> Response:
     """Claim the key, apply every row (without the audit row), record the outcome and answer it."""
+    if ctx.audit is not None:
+        idem.intent = {**ctx.audit, "log_id": audit.new_log_id(),
+                       "metadata": {**(ctx.audit.get("metadata") or {}), "phase": "started"}}
     replay = await idem.claim()
     if replay is not None:
         _note(ctx, replay=True)
@@ -301,7 +308,7 @@ async def _run(ctx: Ctx, idem: _Idempotency, apply: Any, response: Any) -> Respo
     except BaseException:
         await idem.abort()
         raise
-    _note(ctx, succeeded_ids=[r.id for r in succeeded],
+    _note(ctx, phase="finished", succeeded_ids=[r.id for r in succeeded],
           failed=[{"id": r.id, "error_code": r.error_code} for r in failed],
           skipped_ids=[r.id for r in skipped],
           succeeded_count=len(succeeded), failed_count=len(failed), skipped_count=len(skipped))
