@@ -39,6 +39,18 @@ async def tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Princi
     return principal
 
 
+def owning_tenant(principal: Principal, body_tenant: str | None) -> str:
+    """The tenant a create acts for: named in the body by an operator, the key's own for a tenant key
+    (which must not name one: no creating objects for another tenant)."""
+    if principal.is_admin:
+        if not body_tenant:
+            raise bad("tenant_id is required when using admin key authentication")
+        return body_tenant
+    if body_tenant is not None:
+        raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
+    return principal.tenant_id or ""
+
+
 async def refuse_if_suspended(request: Request, tenant_id: str) -> None:
     """A SUSPENDED tenant is read-only for its own keys (operators can still act on it); in-flight
     reservations may still be committed or released so no spend is lost."""
@@ -233,14 +245,7 @@ def _period(req: a.BudgetCreateRequest) -> dict[str, Any]:
 async def create_budget(request: Request, ctx: Ctx) -> Response:
     principal = await tenant_or_admin(request, ctx, "budgets:write")
     req = decode(await read_body(request), a.BudgetCreateRequest)
-    if principal.is_admin:
-        if not req.tenant_id:
-            raise bad("tenant_id is required when using admin key authentication")
-        tenant = req.tenant_id
-    else:
-        if req.tenant_id is not None:
-            raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
-        tenant = principal.tenant_id or ""
+    tenant = owning_tenant(principal, req.tenant_id)
     _same_unit(req.unit, req.allocated, req.overdraft_limit)
     extra: dict[str, Any] = {"metadata": req.metadata} if req.metadata is not None else {}
     extra.update(_period(req))

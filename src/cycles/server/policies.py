@@ -14,7 +14,7 @@ from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
 from . import audit, events
-from .admin import tenant_or_admin
+from .admin import owning_tenant, tenant_or_admin
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
@@ -70,14 +70,7 @@ async def _owned(request: Request, principal: Principal, policy_id: str) -> dict
 async def create_policy(request: Request, ctx: Ctx) -> Response:
     principal = await tenant_or_admin(request, ctx, "policies:write")
     req = decode(await read_body(request), g.PolicyCreateRequest)
-    if principal.is_admin:
-        if not req.tenant_id:
-            raise bad("tenant_id is required when using admin key authentication")
-        tenant = req.tenant_id
-    else:
-        if req.tenant_id is not None:
-            raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
-        tenant = principal.tenant_id or ""
+    tenant = owning_tenant(principal, req.tenant_id)
     st = state_of(request)
     if await st.store.get_tenant(tenant) is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant} not found")

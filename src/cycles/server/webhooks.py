@@ -18,7 +18,7 @@ from ..store.base import reset_journal, start_journal
 from ..webhooks import subscriptions as W
 from ..webhooks import urlpolicy
 from . import audit, bulk, events
-from .admin import refuse_if_suspended
+from .admin import owning_tenant, refuse_if_suspended
 from .auth import Principal
 from .http import Ctx, check_idempotency_header, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param
@@ -237,16 +237,10 @@ async def delete_webhook(request: Request, ctx: Ctx) -> Response:
 async def create_tenant_webhook(request: Request, ctx: Ctx) -> Response:
     principal = await _tenant_plane(request, ctx, "webhooks:write")
     req = decode(await read_body(request), W.WebhookCreateRequest)
-    if principal.is_admin:
-        owner = req.tenant_id or str_param(request.query_params, "tenant", max_length=64)
-        if owner is None:
-            raise bad("tenant_id is required when using admin key authentication")
-        if owner == SYSTEM_TENANT:
-            raise bad("system-wide subscriptions are created with POST /v1/admin/webhooks")
-    else:
-        if req.tenant_id is not None:
-            raise bad("tenant_id must not be sent with a tenant API key; the key's tenant is used")
-        owner = principal.tenant_id or ""
+    query_tenant = str_param(request.query_params, "tenant", max_length=64) if principal.is_admin else None
+    owner = owning_tenant(principal, req.tenant_id or query_tenant)
+    if owner == SYSTEM_TENANT:
+        raise bad("system-wide subscriptions are created with POST /v1/admin/webhooks")
     return await _create(request, ctx, req, owner)
 
 
