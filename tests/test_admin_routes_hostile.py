@@ -17,7 +17,6 @@ Every case goes to the real server (each store kind) and checks:
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import os
 import uuid
@@ -28,6 +27,7 @@ import httpx
 import pytest
 
 from support import ADMIN_KEY, ALL_TENANT_PERMISSIONS, USD, Server, Tenant, new_tenant
+from bodies import DELETE, Raw, encode, with_
 
 # the spec's ErrorCode enum (cycles-governance-admin-v0.1.25.yaml components.schemas.ErrorCode)
 SPEC_ERROR_CODES = {
@@ -54,52 +54,6 @@ TOKENS = "TOKENS"
 
 # ---------------------------------------------------------------------------------------------
 # request building
-
-
-class _Delete:
-    """Marker: remove the field at this path."""
-
-
-DELETE = _Delete()
-
-
-@dataclass(frozen=True)
-class Raw:
-    """A JSON token written verbatim into the body (numbers beyond int64, NaN, escapes)."""
-
-    text: str
-
-
-def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    node = out
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    if isinstance(value, _Delete):
-        node.pop(parts[-1], None)
-    else:
-        node[parts[-1]] = value
-    return out
-
-
-def encode(obj: Any) -> bytes:
-    raws: list[str] = []
-
-    def sub(x: Any) -> Any:
-        if isinstance(x, Raw):
-            raws.append(x.text)
-            return f"__raw_{len(raws) - 1}__"
-        if isinstance(x, dict):
-            return {k: sub(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [sub(v) for v in x]
-        return x
-
-    text = json.dumps(sub(obj))
-    for i, raw in enumerate(raws):
-        text = text.replace(f'"__raw_{i}__"', raw)
-    return text.encode()
 
 
 def fill(obj: Any, names: dict[str, str]) -> Any:

@@ -12,7 +12,6 @@ The trace-id tests at the end cover §CORRELATION AND TRACING header precedence.
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import re
 import uuid
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from support import ADMIN_KEY, USD, Server, Tenant, new_tenant
+from bodies import DELETE, Raw, encode, with_
 
 ERROR_CODES = {
     "INVALID_REQUEST", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", "BUDGET_EXCEEDED", "BUDGET_FROZEN",
@@ -45,53 +45,6 @@ NOTFOUND = "NOT_FOUND"
 
 # ---------------------------------------------------------------------------------------------
 # request building
-
-
-class _Delete:
-    """Marker: remove the field at this path."""
-
-
-DELETE = _Delete()
-
-
-@dataclass(frozen=True)
-class Raw:
-    """A JSON token written verbatim into the body (1e6, 1.0, numbers beyond int64, deep nesting)."""
-
-    text: str
-
-
-def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A deep copy of `base` with `value` set at the dotted `path` (DELETE removes the field)."""
-    out = copy.deepcopy(base)
-    node = out
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    if isinstance(value, _Delete):
-        node.pop(parts[-1], None)
-    else:
-        node[parts[-1]] = value
-    return out
-
-
-def encode(obj: Any) -> bytes:
-    raws: list[str] = []
-
-    def sub(x: Any) -> Any:
-        if isinstance(x, Raw):
-            raws.append(x.text)
-            return f"__raw_{len(raws) - 1}__"
-        if isinstance(x, dict):
-            return {k: sub(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [sub(v) for v in x]
-        return x
-
-    text = json.dumps(sub(obj))
-    for i, raw in enumerate(raws):
-        text = text.replace(f'"__raw_{i}__"', raw)
-    return text.encode()
 
 
 def fill(obj: Any, names: dict[str, str]) -> Any:

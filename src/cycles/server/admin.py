@@ -51,6 +51,17 @@ def owning_tenant(principal: Principal, body_tenant: str | None) -> str:
     return principal.tenant_id or ""
 
 
+def query_tenant(principal: Principal, q: Any) -> str:
+    """The tenant a tenant-scoped read or fund acts on: ?tenant_id= for an operator (required), the
+    key's own tenant for a tenant key."""
+    if not principal.is_admin:
+        return principal.tenant_id or ""
+    tenant = str_param(q, "tenant_id", max_length=64)
+    if tenant is None:
+        raise bad("tenant_id query parameter is required when using admin key authentication")
+    return tenant
+
+
 async def refuse_if_suspended(request: Request, tenant_id: str) -> None:
     """A SUSPENDED tenant is read-only for its own keys (operators can still act on it); in-flight
     reservations may still be committed or released so no spend is lost."""
@@ -377,12 +388,7 @@ async def list_budgets(request: Request, ctx: Ctx) -> Response:
 async def fund_budget(request: Request, ctx: Ctx) -> Response:
     principal = await tenant_or_admin(request, ctx, "budgets:write")
     q = request.query_params
-    if principal.is_admin:
-        tenant = str_param(q, "tenant_id", max_length=64)
-        if tenant is None:
-            raise bad("tenant_id query parameter is required when using admin key authentication")
-    else:
-        tenant = principal.tenant_id or ""
+    tenant = query_tenant(principal, q)
     scope_raw, unit = str_param(q, "scope", max_length=1024), enum_param(q, "unit", m.UNITS)
     if scope_raw is None or unit is None:
         raise bad("scope and unit query parameters are required")

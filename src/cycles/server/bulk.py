@@ -192,6 +192,23 @@ def _internal(row_id: str, what: str) -> BulkActionRowOutcome:
     return BulkActionRowOutcome(id=row_id, error_code="INTERNAL_ERROR", message="Internal error applying the action")
 
 
+ROW_FAILED = object()
+
+
+async def guarded_row(row_id: str, what: str, failed: list[BulkActionRowOutcome], call: Any) -> Any:
+    """Run one row's write. A row's own failure is recorded in `failed` and the run goes on
+    (ROW_FAILED is returned); a store outage stops the whole run so a retry can resume it."""
+    try:
+        return await call()
+    except ProtocolError as err:
+        failed.append(_failure(row_id, err))
+    except StoreUnavailable:
+        raise
+    except Exception:  # noqa: BLE001 - one row's surprise must not abort the others
+        failed.append(_internal(row_id, what))
+    return ROW_FAILED
+
+
 class _Idempotency:
     """The bulk request's claim on its idempotency key (see the module docstring)."""
 
@@ -360,15 +377,9 @@ async def bulk_action_tenants(request: Request, ctx: Ctx) -> Response:
         for row in rows:
             await asyncio.sleep(0)  # a long run shares the event loop with other requests
             tid = row["tenant_id"]
-            try:
-                outcome = await _tenant_row(store, tid, req.action, target, event)
-            except ProtocolError as err:
-                failed.append(_failure(tid, err))
-                continue
-            except StoreUnavailable:
-                raise
-            except Exception:  # noqa: BLE001 - one row's surprise must not abort the others
-                failed.append(_internal(tid, req.action))
+            outcome = await guarded_row(tid, req.action, failed,
+                                        lambda: _tenant_row(store, tid, req.action, target, event))
+            if outcome is ROW_FAILED:
                 continue
             (succeeded if outcome is None else skipped).append(BulkActionRowOutcome(id=tid, reason=outcome))
 
@@ -530,16 +541,11 @@ async def bulk_action_budgets(request: Request, ctx: Ctx) -> Response:
                                {"scope": led.scope, "unit": led.unit, "ledger_id": ledger_id, "reason": req.reason,
                                 "spent_override_provided": spent is not None if req.action == "RESET_SPENT" else None},
                                scope=led.scope, from_result=True)
-            try:
+            async def fund(cmd: FundCommand = cmd, event: dict[str, Any] = event) -> None:
                 with _without_journal([event]):
                     await store.fund(cmd)
-            except ProtocolError as err:
-                failed.append(_failure(ledger_id, err))
-                continue
-            except StoreUnavailable:
-                raise
-            except Exception:  # noqa: BLE001 - one row's surprise must not abort the others
-                failed.append(_internal(ledger_id, req.action))
+
+            if await guarded_row(ledger_id, req.action, failed, fund) is ROW_FAILED:
                 continue
             succeeded.append(BulkActionRowOutcome(id=ledger_id))
 

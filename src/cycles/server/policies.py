@@ -14,7 +14,7 @@ from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
 from . import audit, events
-from .admin import owning_tenant, tenant_or_admin
+from .admin import owning_tenant, query_tenant, tenant_or_admin
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
@@ -139,12 +139,7 @@ async def delete_policy(request: Request, ctx: Ctx) -> Response:
 async def list_policies(request: Request, ctx: Ctx) -> Response:
     principal = await tenant_or_admin(request, ctx, "policies:read")
     q = request.query_params
-    if principal.is_admin:
-        tenant = str_param(q, "tenant_id", max_length=64)
-        if tenant is None:
-            raise bad("tenant_id query parameter is required when using admin key authentication")
-    else:
-        tenant = principal.tenant_id or ""
+    tenant = query_tenant(principal, q)
     pattern = str_param(q, "scope_pattern", max_length=1024)
     status = enum_param(q, "status", ("ACTIVE", "DISABLED"))
     limit = int_param(q, "limit", default=50, lo=1, hi=100)

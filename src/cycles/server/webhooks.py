@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from ..core.events import SYSTEM_TENANT
 from ..protocol import models as m
-from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
+from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import reset_journal, start_journal
 from ..webhooks import subscriptions as W
 from ..webhooks import urlpolicy
@@ -316,18 +316,16 @@ async def bulk_action_webhooks(request: Request, ctx: Ctx) -> Response:
                     skipped: list[bulk.BulkActionRowOutcome]) -> None:
         for row in rows:
             sid = row["subscription_id"]
-            try:
-                reason = await _bulk_row(store, sid, req.action, correlation, ctx, actor)
-            except _RowFailure as err:
-                failed.append(bulk.BulkActionRowOutcome(id=sid, error_code=err.code, message=err.message))
-                continue
-            except ProtocolError as err:
-                failed.append(bulk._failure(sid, err))
-                continue
-            except StoreUnavailable:
-                raise
-            except Exception:  # noqa: BLE001 - one row's surprise must not abort the others
-                failed.append(bulk._internal(sid, req.action))
+
+            async def one(sid: str = sid) -> str | None:
+                try:
+                    return await _bulk_row(store, sid, req.action, correlation, ctx, actor)
+                except _RowFailure as err:
+                    failed.append(bulk.BulkActionRowOutcome(id=sid, error_code=err.code, message=err.message))
+                    return bulk.ROW_FAILED  # type: ignore[return-value]
+
+            reason = await bulk.guarded_row(sid, req.action, failed, one)
+            if reason is bulk.ROW_FAILED:
                 continue
             (succeeded if reason is None else skipped).append(bulk.BulkActionRowOutcome(id=sid, reason=reason))
 

@@ -577,8 +577,10 @@ class RedisStore(Store):
 
     async def list_docs(self, kind: str, tenant: str | None) -> list[dict[str, Any]]:
         key = f"cy:docs:{kind}" if tenant is None else prefix(tenant) + f"docs:{kind}"
-        ids = await self._call(lambda: self.r.zrange(key, 0, -1))
+        return await self._docs(kind, await self._call(lambda: self.r.zrange(key, 0, -1)))
 
+    async def _docs(self, kind: str, ids: list[str]) -> list[dict[str, Any]]:
+        """The records of documents by id, in one pipeline (a document deleted meanwhile is skipped)."""
         async def fetch() -> list[str | None]:
             pipe = self.r.pipeline(transaction=False)
             for doc_id in ids:
@@ -597,14 +599,7 @@ class RedisStore(Store):
 
     async def due_docs(self, kind: str, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
         ids = await self._call(lambda: self.r.zrangebyscore(f"cy:docs:{kind}:due", "-inf", now_ms, start=0, num=limit))
-
-        async def fetch() -> list[str | None]:
-            pipe = self.r.pipeline(transaction=False)
-            for doc_id in ids:
-                pipe.hget(f"cy:doc:{kind}:{doc_id}", "r")
-            return await pipe.execute()
-
-        return [_decode(raw) for raw in (await self._call(fetch) if ids else []) if raw]
+        return await self._docs(kind, ids)
 
     async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
         rows = await self._budget_rows(tenant, [f"{scope}|{unit}"])
