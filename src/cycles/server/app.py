@@ -20,6 +20,7 @@ from ..store import Store, default_store_url, open_store
 from . import openapi
 from .audit import hooks as audit_hooks
 from .auth import Authenticator
+from .hotpath import HotRoutes
 from .http import endpoint, error_response, json_response, new_ctx
 from .metrics import Metrics
 from .routes import OPS
@@ -28,6 +29,9 @@ from .state import AppState
 
 log = logging.getLogger("cycles.server")
 
+HOT_PATHS = frozenset({"/v1/reservations", "/v1/reservations/{reservation_id}/commit",
+                       "/v1/reservations/{reservation_id}/release", "/v1/reservations/{reservation_id}/extend",
+                       "/v1/decide", "/v1/events"})
 IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000  # outlives the longest lease (24 h TTL + extensions)
 
 
@@ -80,10 +84,9 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
                      error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
                      secret_box=_secret_box())
 
-    routes: list[Route | Mount] = [
-        Route(op.path, endpoint(op.operation_id, metrics.observe, audit_hooks(op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler),
-              methods=[op.method]) for op in OPS
-    ]
+    wrapped = {(op.method, op.path): endpoint(op.operation_id, metrics.observe, audit_hooks(
+        op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler) for op in OPS}
+    routes: list[Route | Mount] = [Route(op.path, wrapped[(op.method, op.path)], methods=[op.method]) for op in OPS]
 
     async def health(request: Request) -> Response:
         up = await store.health()
@@ -162,7 +165,7 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: http_error})
     app.state.cycles = state
-    return app
+    return HotRoutes(app, {key: fn for key, fn in wrapped.items() if key[1] in HOT_PATHS})  # type: ignore[return-value]
 
 
 def _webhook_engine(state: AppState) -> object | None:

@@ -17,6 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import msgspec
@@ -157,6 +158,21 @@ def _dumps(obj: Any) -> str:
     return _encode(obj).decode()
 
 
+MAX_BATCH = 256  # operations per group commit; more wait for the next one
+
+
+@dataclass(slots=True, eq=False)
+class _Op:
+    """One queued write: the transaction body, the journal of its request, and where to answer."""
+
+    fn: Callable[[sqlite3.Connection, int], Any]
+    journal: list[dict[str, Any]]
+    future: asyncio.Future
+    ok: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
 class _Busy(Exception):
     """Another process holds the write lock; the transaction did not start."""
 
@@ -190,6 +206,9 @@ class SQLiteStore(Store):
         self._inode: int | None = None
         self._checkpointer: threading.Thread | None = None
         self._stop = threading.Event()
+        self._queue: list[_Op] = []
+        self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     # ---- connection ----
 
@@ -282,7 +301,11 @@ class SQLiteStore(Store):
     async def now_ms(self) -> int:
         return self._clock()
 
-    def _write_once(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
+    def _run_batch(self, batch: list[_Op]) -> None:
+        """Run queued write operations in one `BEGIN IMMEDIATE ... COMMIT`, each inside its own
+        SAVEPOINT: an operation that raises is rolled back to its savepoint and answers its error,
+        the others commit. Nobody is answered before the COMMIT returned (durable at the configured
+        `synchronous` level). Raises _Busy, before any change, while another process holds the lock."""
         conn = self.conn
         self._check_file()
         try:
@@ -291,26 +314,38 @@ class SQLiteStore(Store):
             if _locked(exc):
                 raise _Busy() from exc
             raise StoreUnavailable(f"store error: {exc}") from exc
-        journal = pending_journal()
-        _TX_EVENTS.clear()
+        execute = conn.execute
         try:
-            now = self._clock()
-            result = fn(conn, now)
-            if journal or _TX_EVENTS:
-                _insert_journal(conn, stamp_journal([*journal, *_TX_EVENTS], now, getattr(result, "result", None)))
-            conn.execute("COMMIT")
-            journal.clear()
-            return result
-        except _CommitThenRaise as outcome:
-            if _TX_EVENTS:
-                _insert_journal(conn, stamp_journal(list(_TX_EVENTS), now, None))
-            conn.execute("COMMIT")
-            raise outcome.error from None
+            for op in batch:
+                if op.future.done():  # the request went away before its turn: nothing to do
+                    continue
+                execute("SAVEPOINT op")
+                _TX_EVENTS.clear()
+                now = self._clock()
+                try:
+                    op.result = op.fn(conn, now)
+                    if op.journal or _TX_EVENTS:
+                        _insert_journal(conn, stamp_journal([*op.journal, *_TX_EVENTS], now,
+                                                            getattr(op.result, "result", None)))
+                    op.ok = True
+                except _CommitThenRaise as outcome:
+                    if _TX_EVENTS:
+                        _insert_journal(conn, stamp_journal(list(_TX_EVENTS), now, None))
+                    op.error = outcome.error
+                except sqlite3.OperationalError:
+                    raise  # the file or the disk failed: the whole transaction goes
+                except Exception as exc:  # noqa: BLE001 - the operation's own answer (ProtocolError mostly)
+                    execute("ROLLBACK TO op")
+                    op.error = exc
+                execute("RELEASE op")
+            execute("COMMIT")
         except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            for op in batch:
+                op.ok, op.error, op.result = False, None, None
             if isinstance(exc, sqlite3.OperationalError):
                 if _locked(exc):
                     raise _Busy() from exc
@@ -318,23 +353,61 @@ class SQLiteStore(Store):
             raise
 
     async def _awrite(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
-        """Run `fn` in one write transaction; while another process holds the lock, yield and retry.
+        """Run `fn` in a write transaction, grouped with the other writes queued at the same time.
 
-        The transaction itself never awaits, so it stays short and is never interleaved with another
-        coroutine of this process. A rolled-back attempt changed nothing, so retrying it is safe.
+        Group commit on the event loop's thread: the first write schedules a flush with call_soon, the
+        writes of every request that becomes ready before it joins the same transaction, so BEGIN,
+        COMMIT and the pages they share (a hot budget row) are paid once per batch. A transaction never
+        awaits, so it is never interleaved with another coroutine of this process. While another
+        process holds the lock, the batch waits with a short async back-off; a batch that did not
+        start changed nothing, so retrying it is safe.
         """
-        delay, deadline = 0.00005, None
-        while True:
-            try:
-                return self._write_once(fn)
-            except _Busy:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._busy_timeout_ms / 1000
-                elif now > deadline:
-                    raise StoreUnavailable("store is locked by another process") from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.001)  # transactions last ~0.1 ms: poll often, never sleep long
+        loop = asyncio.get_running_loop()
+        op = _Op(fn, pending_journal(), loop.create_future())
+        self._queue.append(op)
+        if not self._flush_scheduled or self._flush_loop is not loop:
+            # (a store used from a new loop after the old one closed with a flush pending)
+            self._flush_scheduled, self._flush_loop = True, loop
+            loop.call_soon(self._flush, loop, 0.0, None)
+        return await op.future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, delay: float, deadline: float | None) -> None:
+        if loop is not self._flush_loop:
+            return  # superseded by a flush on the loop now in use
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        try:
+            self._run_batch(batch)
+        except _Busy:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self._busy_timeout_ms / 1000
+            if now <= deadline:
+                self._queue[0:0] = batch
+                delay = 0.00005 if delay == 0 else min(delay * 2, 0.001)  # transactions are short: poll often
+                loop.call_later(delay, self._flush, loop, delay, deadline)
+                return
+            self._fail(batch, StoreUnavailable("store is locked by another process"))
+        except BaseException as exc:  # noqa: BLE001 - every waiting request hears of it
+            self._fail(batch, exc if isinstance(exc, Exception) else StoreUnavailable(str(exc)))
+        else:
+            for op in batch:
+                if op.future.done():
+                    continue
+                if op.ok:
+                    op.journal.clear()
+                    op.future.set_result(op.result)
+                else:
+                    op.future.set_exception(op.error)
+        if self._queue:
+            loop.call_soon(self._flush, loop, 0.0, None)
+        else:
+            self._flush_scheduled = False
+
+    @staticmethod
+    def _fail(batch: list[_Op], exc: BaseException) -> None:
+        for op in batch:
+            if not op.future.done():
+                op.future.set_exception(exc)
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         attempt = 0
