@@ -279,25 +279,43 @@ def test_tenant_list_filters_search_and_pages(server: Server) -> None:
 
 # ---- audit ----
 
-def test_audit_rows_for_runtime_admin_and_failed_auth(server: Server, tenant: Tenant) -> None:
+def test_audit_rows_for_admin_and_failed_auth_not_tenant_runtime(server: Server, tenant: Tenant) -> None:
     tenant.budget(amount=100, unit=TOK)
     trace = uuid.uuid4().hex
     with tenant.client() as c:
         r = c.post("/v1/reservations", json=reserve_body(tenant, 5, unit=TOK), headers={"X-Cycles-Trace-Id": trace})
+    assert r.status_code == 200
     rid = r.json()["reservation_id"]
-    rows = audit(server, trace_id=trace)
-    assert len(rows) == 1
-    row = rows[0]
-    assert row["operation"] == "createReservation" and row["status"] == 200 and row["resource_id"] == rid
-    assert row["tenant_id"] == tenant.tenant_id and row["key_id"].startswith("key_")
-    assert row["request_id"] == r.headers["X-Request-Id"]
-    # a refused mutation leaves a row with its error code
+    # runtime operations of a tenant key are recorded by the reservation and its events, not audited
+    assert audit(server, trace_id=trace) == []
     with tenant.client() as c:
         r = c.post("/v1/reservations", json=reserve_body(tenant, 10**9, unit=TOK), headers={"X-Cycles-Trace-Id": trace})
     assert r.status_code == 409
-    rows = audit(server, trace_id=trace, error_code="BUDGET_EXCEEDED")
+    assert audit(server, trace_id=trace) == []
+    with server.admin() as c:  # ... their denial is an event carrying the request's ids
+        events = c.get("/v1/admin/events", params={"trace_id": trace}).json()["events"]
+    assert [e["event_type"] for e in events] == ["reservation.denied"]
+    assert events[0]["request_id"] == r.headers["X-Request-Id"] and events[0]["actor"]["type"] == "api_key"
+    # an operator releasing it with the admin key is audited (spec: actor_type admin_on_behalf_of)
+    with server.admin() as c:
+        r = c.post(f"/v1/reservations/{rid}/release", json={"idempotency_key": uuid.uuid4().hex},
+                   headers={"X-Cycles-Trace-Id": trace})
+    assert r.status_code == 200
+    rows = audit(server, trace_id=trace)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["operation"] == "releaseReservation" and row["status"] == 200 and row["resource_id"] == rid
+    assert row["tenant_id"] == "__admin__" and row["metadata"]["actor_type"] == "admin_on_behalf_of"
+    assert row["request_id"] == r.headers["X-Request-Id"]
+    # a refused admin mutation leaves a row with its error code
+    with server.admin() as c:
+        r = c.post("/v1/admin/budgets", json={"tenant_id": tenant.tenant_id, "scope": f"tenant:{tenant.tenant_id}",
+                                              "unit": TOK, "allocated": {"unit": TOK, "amount": 1}},
+                   headers={"X-Cycles-Trace-Id": trace})
+    assert r.status_code == 409
+    rows = audit(server, trace_id=trace, error_code=r.json()["error"])
     assert len(rows) == 1 and rows[0]["status"] == 409
-    assert len(audit(server, trace_id=trace, error_code_exclude="BUDGET_EXCEEDED")) == 1
+    assert len(audit(server, trace_id=trace, error_code_exclude=r.json()["error"])) == 1
     # reads are not audited; failed authentication is, under __unauth__
     bad_trace = uuid.uuid4().hex
     httpx.get(server.base_url + "/v1/balances", headers={"X-Cycles-API-Key": "cyc_live_nope-nope-nope",
@@ -308,21 +326,22 @@ def test_audit_rows_for_runtime_admin_and_failed_auth(server: Server, tenant: Te
 
 
 def test_audit_pagination_is_complete_and_ordered(server: Server, tenant: Tenant) -> None:
-    tenant.budget(amount=10_000, unit=TOK)
-    for _ in range(7):
-        reserve(tenant, 1)
+    for i in range(7):
+        policy(server, tenant, name=f"p{i}", scope_pattern=f"tenant:{tenant.tenant_id}")
     seen, cursor = [], None
     with server.admin() as c:
         while True:
-            params = {"tenant_id": tenant.tenant_id, "operation": "createReservation", "limit": 3,
+            params = {"tenant_id": "__admin__", "operation": "createPolicy", "limit": 3,
                       **({"cursor": cursor} if cursor else {})}
             body = c.get("/v1/admin/audit/logs", params=params).json()
             seen += body["logs"]
             cursor = body.get("next_cursor")
             if not body["has_more"]:
                 break
-        asc = c.get("/v1/admin/audit/logs", params={"tenant_id": tenant.tenant_id, "operation": "createReservation",
+        asc = c.get("/v1/admin/audit/logs", params={"tenant_id": "__admin__", "operation": "createPolicy",
                                                     "sort_dir": "asc"}).json()["logs"]
+    seen = [r for r in seen if r["metadata"]["target_tenant_id"] == tenant.tenant_id]
+    asc = [r for r in asc if r["metadata"]["target_tenant_id"] == tenant.tenant_id]
     assert len(seen) == 7 == len({r["log_id"] for r in seen})
     assert [r["log_id"] for r in asc] == [r["log_id"] for r in reversed(seen)]
 

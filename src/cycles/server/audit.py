@@ -1,9 +1,16 @@
-"""The audit log: one row per authenticated mutation and per failed authentication.
+"""The audit log: one row per authenticated governance-plane mutation and per failed authentication.
 
 A mutation's row rides in the journal of its request and is written by the store inside the same
 transaction as the change (no change without its row). Rows of requests that changed nothing (a
 refused request, an idempotent replay of a create) are written on their own when the request ends.
 Reads are not audited, except failed authentications on any route.
+
+Runtime operations of a tenant key (reserve, commit, release, extend, decide, events) write no audit
+row: the spec's correlation contract asks for one per request that hits the governance plane, and the
+runtime's own record is the reservation (or event) row, its idempotency record and the events it emits,
+all written in the same transaction. Their request still rides in the journal as a `context` entry that
+gives those events their request id, trace id and actor. An operator acting on a reservation with the
+admin key (a release on behalf of a tenant) is audited as before.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ADMIN_SENTINEL = "__admin__"
 UNAUTH_SENTINEL = "__unauth__"
 _ID_PARAMS = ("reservation_id", "tenant_id", "key_id", "policy_id", "subscription_id", "event_id")
+RUNTIME_TAGS = frozenset({"Reservations", "Decisions", "Events"})
 RESOURCE_TYPES = {"Tenants": "tenant", "Budgets": "budget", "API Keys": "api_key", "Policies": "policy",
                   "Reservations": "reservation", "Decisions": "decision", "Events": "event", "Webhooks": "webhook",
                   "Operators": "admin_key", "Configuration": "config"}
@@ -39,6 +47,7 @@ def new_log_id() -> str:
 
 def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Request, Ctx], Any], Any]:
     resource_type = RESOURCE_TYPES.get(tag, tag.lower())
+    runtime = tag in RUNTIME_TAGS
 
     def begin(request: Request, ctx: Ctx) -> Any:
         ctx.journal = []
@@ -48,6 +57,7 @@ def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Requ
             "source_ip": request.client.host if request.client else None,
             "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
         }
+        ctx.runtime = runtime
         for name in _ID_PARAMS:
             if name in request.path_params:
                 ctx.audit["resource_id"] = str(request.path_params[name])[:256]
@@ -62,7 +72,10 @@ def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Requ
         # Events that record an observation (a denial, a failed authentication) are written even
         # though no change took them; events of a change that did not happen are dropped.
         leftover = [e for e in journal if e.get("journal") == "event" and e.get("observation")]
-        if row in journal:
+        if row.get("journal") == "context":
+            if leftover:  # no row of its own (module docstring); it gives the events their request ids
+                leftover.insert(0, row)
+        elif row in journal:
             row["status"] = response.status_code
             leftover.insert(0, row)
         elif ctx.principal is None and ctx.auth_failed:
@@ -85,6 +98,8 @@ def authenticated(request: Request, ctx: Ctx, principal: Any) -> None:
         return
     row["tenant_id"] = ADMIN_SENTINEL if principal.is_admin else principal.tenant_id
     row["key_id"] = principal.key_id
+    if ctx.runtime and not principal.is_admin:
+        row["journal"] = "context"
     if request.method in MUTATING and ctx.journal is not None and row not in ctx.journal:
         ctx.journal.append(row)
 

@@ -46,10 +46,13 @@ def new_event_id(now_ms: int) -> str:
 
 def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> list[dict[str, Any]]:
     """Fill what only the transaction knows: the time, the id of what a reserve created, and for
-    events their id, category and the request they came from (taken from the request's audit row)."""
-    request = next((e for e in entries if e.get("journal", "audit") == "audit"), None)
+    events their id, category and the request they came from (taken from the request's audit row, or
+    from its `context` entry for runtime requests, which is not written)."""
+    request = next((e for e in entries if e.get("journal", "audit") in ("audit", "context")), None)
     out = []
     for entry in entries:
+        if entry.get("journal") == "context":
+            continue  # describes the request for its events; not a row of its own
         rec = dict(entry)
         rec.pop("observation", None)
         rec.pop("only_if_created", None)

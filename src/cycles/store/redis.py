@@ -122,7 +122,8 @@ def _journal_arg(*groups: list[dict[str, Any]]) -> str:
 
 def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
-    for entry, rec in zip(entries, stamp_journal(entries, 0, None)):
+    kept = [e for e in entries if e.get("journal") != "context"]  # stamp_journal leaves those out
+    for entry, rec in zip(kept, stamp_journal(entries, 0, None)):
         if "timestamp_ms" not in entry:
             del rec["timestamp_ms"]
         elif not isinstance(entry["timestamp_ms"], int) or isinstance(entry["timestamp_ms"], bool):
@@ -147,10 +148,10 @@ _PROBE = {"journal": "event", "event_type": "system.probe", "tenant_id": "", "da
 def _event_context(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """What an event the store produces takes from the request whose journal rides with the script
     (base.stamp_journal: request_id, trace_id and actor from its audit row); {} without one."""
-    request = next((e for e in entries if e.get("journal", "audit") == "audit"), None)
+    request = next((e for e in entries if e.get("journal", "audit") in ("audit", "context")), None)
     if request is None:
         return {}
-    probe = stamp_journal([request, dict(_PROBE)], 0, None)[1]
+    probe = stamp_journal([request, dict(_PROBE)], 0, None)[-1]
     out = {k: probe[k] for k in ("request_id", "trace_id", "actor") if k in probe}
     if out.get("request_id"):
         out["correlation_id"] = f"request:{out['request_id']}"

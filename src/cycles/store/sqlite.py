@@ -324,7 +324,7 @@ class SQLiteStore(Store):
                 now = self._clock()
                 try:
                     op.result = op.fn(conn, now)
-                    if op.journal or _TX_EVENTS:
+                    if _TX_EVENTS or (op.journal and _writes(op.journal)):
                         _insert_journal(conn, stamp_journal([*op.journal, *_TX_EVENTS], now,
                                                             getattr(op.result, "result", None)))
                     op.ok = True
@@ -1196,6 +1196,10 @@ def _emit(event_type: str, tenant: str, scope: str | None, data: dict[str, Any],
 def _cascade_event(event_type: str, tenant: str, correlation_id: str, **data: Any) -> None:
     _emit(event_type, tenant, data.get("scope"), {**data, "cascade_reason": "tenant_closed"})
     _TX_EVENTS[-1]["correlation_id"] = correlation_id
+
+
+def _writes(journal: list[dict[str, Any]]) -> bool:
+    return any(e.get("journal") != "context" for e in journal)
 
 
 def _insert_journal(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
