@@ -20,7 +20,7 @@ from ..store.base import FundCommand
 from .auth import KEY_PREFIX_LEN, Principal, hash_secret, new_tenant_key
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
-from . import audit, events
+from . import access, audit, events
 from ..core import events as E
 from .state import state_of
 
@@ -28,11 +28,11 @@ KEY_LIFETIME_MS = 90 * 24 * 3600 * 1000
 
 
 async def _admin(request: Request, ctx: Ctx) -> Principal:
-    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    return await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 async def tenant_or_admin(request: Request, ctx: Ctx, permission: str) -> Principal:
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
+    principal = await access.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
     if permission.endswith(":write") and not principal.is_admin:
         await refuse_if_suspended(request, principal.tenant_id or "")

@@ -1,13 +1,16 @@
 """Authentication: tenant API keys (X-Cycles-API-Key) and operator keys (X-Admin-API-Key).
 
-Secrets are stored as scrypt hashes. Verifying scrypt per request would cost milliseconds, so a
-process-local cache remembers which presented secrets already verified against which key id; the
-key record (status, expiry, permissions) is still read on every request, so revocation is immediate.
+Secrets are stored as scrypt hashes. A verification costs tens of milliseconds of CPU, so it runs in
+a small thread pool, once per presented secret and key (process-local caches remember verified and
+refused secrets), and failed checks are throttled per source address and key prefix. The runtime
+routes also cache a key's principal; revocation stays immediate (Authenticator.runtime).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import os
@@ -18,6 +21,8 @@ from typing import Any
 
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import Store
+from .govcache import GovernanceCache, TenantView
+from .throttle import WindowCounter
 
 KEY_PREFIX_LEN = 14  # "cyc_live_" + 5 characters, as in the reference
 ADMIN_HASH_SETTING = "admin_key_hash"
@@ -67,6 +72,10 @@ class Principal:
     scope_filter: tuple[str, ...] = ()
     name: str | None = None
     revoked_by_close: bool = False
+    expires_at_ms: int | None = None
+
+    def expired(self) -> bool:
+        return self.expires_at_ms is not None and time.time() * 1000 >= self.expires_at_ms
 
     @property
     def is_admin(self) -> bool:
@@ -108,7 +117,17 @@ def has_permission(granted: frozenset[str], needed: str) -> bool:
 
 
 class Authenticator:
-    def __init__(self, store: Store, admin_key: str | None, *, local: bool = False) -> None:
+    """Checks presented keys. Every slow (scrypt) verification runs in a small thread pool, never on the
+    event loop, and at most once per presented secret and key (verified and refused fingerprints are
+    remembered); failed checks are throttled per source address and per key prefix (429 + Retry-After).
+
+    For the runtime routes (`runtime`), a tenant key's principal is cached together with the tenant's
+    governance view (govcache.TenantView); the store refuses an operation sent at an older governance
+    generation, so a revoked key, a suspended tenant or a changed policy takes effect at once, whichever
+    process or server made the change."""
+
+    def __init__(self, store: Store, admin_key: str | None, *, local: bool = False,
+                 failures_per_source: int = 20, failures_per_prefix: int = 50, verify_threads: int = 2) -> None:
         self.store = store
         self._admin_key = admin_key
         # LOCAL mode (`cycles admin --store`): an in-process key for someone who already holds the
@@ -116,6 +135,18 @@ class Authenticator:
         self._local = local
         self._admin_hash: str | None = None
         self._verified: dict[bytes, str] = {}
+        self._refused: dict[bytes, str] = {}
+        self._in_flight: dict[bytes, asyncio.Future[bool]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._verify_threads = verify_threads
+        self._slots = asyncio.Semaphore(verify_threads)
+        self.by_source = WindowCounter(failures_per_source)
+        self.by_prefix = WindowCounter(failures_per_prefix)
+        self.failures = 0  # failed key checks answered (all kinds), for /metrics
+        self.throttled = 0  # key checks refused with 429 before any verification, for /metrics
+        # runtime principals: fingerprint -> (principal, governance generation it was read at)
+        self._principals: dict[bytes, tuple[Principal, int]] = {}
+        self.governance = GovernanceCache(store)
         # last_used_at without a write per request: remembered here, written in batches by the sweeper
         self.last_used: dict[str, int] = {}
 
@@ -123,35 +154,89 @@ class Authenticator:
         if self._admin_key is None:
             self._admin_hash = await self.store.get_setting(ADMIN_HASH_SETTING)
 
-    def _cached(self, fingerprint: bytes, key_id: str) -> bool:
-        return self._verified.get(fingerprint) == key_id
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
-    def _remember(self, fingerprint: bytes, key_id: str) -> None:
-        if len(self._verified) >= _CACHE_MAX:
-            self._verified.clear()
-        self._verified[fingerprint] = key_id
+    # ---- verification ----
 
-    async def admin(self, presented: str) -> Principal:
+    def _throttle(self, source: str | None, prefix: str) -> None:
+        if (source is not None and self.by_source.over(source)) or self.by_prefix.over(prefix):
+            self.throttled += 1
+            retry = max(self.by_source.retry_after_s(), self.by_prefix.retry_after_s())
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "Too many failed authentication attempts; retry later",
+                                status=429, headers={"Retry-After": str(retry)},
+                                details={"retry_after_ms": retry * 1000})
+
+    def _failed(self, source: str | None, prefix: str) -> None:
+        self.failures += 1
+        if source is not None:
+            self.by_source.count(source)
+        self.by_prefix.count(prefix)
+
+    async def _verify(self, fingerprint: bytes, presented: str, stored: str, key_id: str, source: str | None,
+                      prefix: str) -> bool:
+        """Whether `presented` matches the hash `stored` of key `key_id`."""
+        if self._verified.get(fingerprint) == key_id:
+            return True
+        if self._refused.get(fingerprint) == key_id:
+            self._failed(source, prefix)
+            return False
+        self._throttle(source, prefix)
+        pending = self._in_flight.get(fingerprint)
+        if pending is None:  # concurrent checks of the same secret share one verification
+            pending = asyncio.get_running_loop().create_future()
+            self._in_flight[fingerprint] = pending
+            try:
+                async with self._slots:
+                    if self._pool is None:
+                        self._pool = concurrent.futures.ThreadPoolExecutor(self._verify_threads,
+                                                                           thread_name_prefix="cycles-keycheck")
+                    ok = await asyncio.get_running_loop().run_in_executor(self._pool, verify_secret, presented, stored)
+                table = self._verified if ok else self._refused
+                if len(table) >= _CACHE_MAX:
+                    table.clear()
+                table[fingerprint] = key_id
+                pending.set_result(ok)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved: a lone waiter that went away leaves no warning
+                raise
+            finally:
+                del self._in_flight[fingerprint]
+        ok = await asyncio.shield(pending)
+        if not ok:
+            self._failed(source, prefix)
+        return ok
+
+    def _refuse(self, message: str, source: str | None, prefix: str) -> ProtocolError:
+        self._failed(source, prefix)
+        return ProtocolError(ErrorCode.UNAUTHORIZED, message)
+
+    # ---- admin keys ----
+
+    async def admin(self, presented: str, source: str | None = None) -> Principal:
         """The bootstrap key (env, or the hash stored at first start) or a named operator key.
 
         CYCLES_ADMIN_API_KEY may list two keys separated by a comma while a rotation rolls out; once
         every operator has a named key, `bootstrap_disabled` turns the bootstrap key off."""
         if len(presented) > 512:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+            raise self._refuse("Invalid admin API key", source, "admin")
         if presented.startswith(OPERATOR_KEY_PREFIX):
-            return await self._operator(presented)
-        fingerprint = hashlib.sha256(b"admin:" + presented.encode()).digest()
+            return await self._operator(presented, source)
         if self._admin_key is not None:
             ok = any(hmac.compare_digest(presented.encode(), k.strip().encode())
                      for k in self._admin_key.split(",") if k.strip())
-        elif self._cached(fingerprint, "admin"):
-            ok = True
+            if not ok:
+                self._throttle(source, "admin")
+                self._failed(source, "admin")
         else:
             if self._admin_hash is None:
                 await self.load()
-            ok = self._admin_hash is not None and verify_secret(presented, self._admin_hash)
-            if ok:
-                self._remember(fingerprint, "admin")
+            fingerprint = hashlib.sha256(b"admin:" + presented.encode()).digest()
+            ok = self._admin_hash is not None and await self._verify(fingerprint, presented, self._admin_hash, "admin",
+                                                                     source, "admin")
         if ok and self._local:
             return Principal("admin", None, "local", frozenset({"*"}), name="local")
         if ok and await self.store.get_setting(BOOTSTRAP_DISABLED_SETTING) == "1":
@@ -160,15 +245,15 @@ class Authenticator:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
         return Principal("admin", None, "bootstrap", frozenset({"*"}), name="bootstrap")
 
-    async def _operator(self, presented: str) -> Principal:
-        record = await self.store.get_doc(OPERATOR_KIND, presented[:OPERATOR_PREFIX_LEN])
+    async def _operator(self, presented: str, source: str | None) -> Principal:
+        prefix = presented[:OPERATOR_PREFIX_LEN]
+        record = await self.store.get_doc(OPERATOR_KIND, prefix)
         if record is None:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+            self._throttle(source, prefix)
+            raise self._refuse("Invalid admin API key", source, prefix)
         fingerprint = hashlib.sha256(b"operator:" + presented.encode()).digest()
-        if not self._cached(fingerprint, record["key_id"]):
-            if not verify_secret(presented, record["secret_hash"]):
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
-            self._remember(fingerprint, record["key_id"])
+        if not await self._verify(fingerprint, presented, record["secret_hash"], record["key_id"], source, prefix):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
         if record.get("status") != "ACTIVE":
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "Admin API key is revoked")
         expires = record.get("expires_at_ms")
@@ -177,33 +262,66 @@ class Authenticator:
         return Principal("admin", None, record["key_id"], frozenset(record.get("permissions") or ()),
                          name=record.get("name"))
 
-    async def tenant(self, presented: str) -> Principal:
+    # ---- tenant keys ----
+
+    async def _tenant_record(self, presented: str, source: str | None) -> tuple[dict[str, Any], bytes]:
         if len(presented) < KEY_PREFIX_LEN or len(presented) > 512:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
-        record = await self.store.find_api_key(presented[:KEY_PREFIX_LEN])
+            raise self._refuse("Invalid API key", source, "short")
+        prefix = presented[:KEY_PREFIX_LEN]
+        record = await self.store.find_api_key(prefix)
         if record is None:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
+            self._throttle(source, prefix)
+            raise self._refuse("Invalid API key", source, prefix)
         fingerprint = hashlib.sha256(presented.encode()).digest()
-        if not self._cached(fingerprint, record["key_id"]):
-            if not verify_secret(presented, record["secret_hash"]):
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
-            self._remember(fingerprint, record["key_id"])
+        if not await self._verify(fingerprint, presented, record["secret_hash"], record["key_id"], source, prefix):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
+        return record, fingerprint
+
+    async def tenant(self, presented: str, source: str | None = None) -> Principal:
+        record, _ = await self._tenant_record(presented, source)
         principal = principal_of(record)
         self.last_used[record["key_id"]] = int(time.time() * 1000)
         return principal
+
+    async def runtime(self, presented: str, source: str | None = None) -> tuple[Principal, TenantView]:
+        """A tenant key's principal and its tenant's governance view, from the cache when both are of the
+        same generation; the store checks that generation again when it acts (StaleGovernance)."""
+        fingerprint = hashlib.sha256(presented.encode()).digest()
+        hit = self._principals.get(fingerprint)
+        if hit is not None:
+            principal, gen = hit
+            view = self.governance.cached(principal.tenant_id or "")
+            if view is not None and view.gen == gen and not principal.expired():
+                self.last_used[principal.key_id or ""] = int(time.time() * 1000)
+                return principal, view
+        record, fingerprint = await self._tenant_record(presented, source)
+        view = await self.governance.load(record["tenant_id"])
+        # read again after the generation, so the cached record is at least as new as the generation it is kept at
+        record = await self.store.find_api_key(presented[:KEY_PREFIX_LEN]) or record
+        principal = principal_of(record)
+        if len(self._principals) >= _CACHE_MAX:
+            self._principals.clear()
+        self._principals[fingerprint] = (principal, view.gen)
+        self.last_used[record["key_id"]] = int(time.time() * 1000)
+        return principal, view
+
+    def forget(self, tenant: str) -> None:
+        """Drop what is cached about `tenant` (its generation moved on)."""
+        self.governance.forget(tenant)
 
     async def flush_last_used(self) -> None:
         if self.last_used:
             batch, self.last_used = self.last_used, {}
             await self.store.touch_api_keys(batch)
 
-    async def authenticate(self, headers: Any, *, allow_admin: bool = False, allow_tenant: bool = True) -> Principal:
+    async def authenticate(self, headers: Any, *, allow_admin: bool = False, allow_tenant: bool = True,
+                           source: str | None = None) -> Principal:
         tenant_key = headers.get("x-cycles-api-key")
         admin_key = headers.get("x-admin-api-key")
         if tenant_key and allow_tenant:
-            return await self.tenant(tenant_key)
+            return await self.tenant(tenant_key, source)
         if admin_key and allow_admin:
-            return await self.admin(admin_key)
+            return await self.admin(admin_key, source)
         wanted = " or ".join(h for h, ok in (("X-Cycles-API-Key", allow_tenant), ("X-Admin-API-Key", allow_admin)) if ok)
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"Missing {wanted} header")
 
@@ -227,4 +345,4 @@ def principal_of(record: dict[str, Any]) -> Principal:
     if expires is not None and time.time() * 1000 >= expires:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key has expired")
     return Principal("tenant", record["tenant_id"], record["key_id"], frozenset(record.get("permissions") or ()),
-                     tuple(record.get("scope_filter") or ()), record.get("name"))
+                     tuple(record.get("scope_filter") or ()), record.get("name"), expires_at_ms=expires)

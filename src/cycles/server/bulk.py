@@ -43,7 +43,7 @@ from ..core import scopes as S
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
 from ..store.base import FundCommand, Store, reset_journal, start_journal
-from . import audit
+from . import access, audit
 from .admin import finish_cascade
 from .http import Ctx, check_idempotency_header, decode, json_response, read_body
 from .params import bad, iso
@@ -341,7 +341,7 @@ _TENANT_EVENT = {"SUSPEND": "tenant.suspended", "REACTIVATE": "tenant.reactivate
 
 
 async def bulk_action_tenants(request: Request, ctx: Ctx) -> Response:
-    principal = await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    principal = await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
     req = decode(await read_body(request), TenantBulkActionRequest)
     check_idempotency_header(request, req.idempotency_key)
     f = req.filter
@@ -483,7 +483,7 @@ async def _matching_budgets(store: Store, tenant: str, matches: Any, store_filte
 
 
 async def bulk_action_budgets(request: Request, ctx: Ctx) -> Response:
-    principal = await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    principal = await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
     req = decode(await read_body(request), BudgetBulkActionRequest)
     check_idempotency_header(request, req.idempotency_key)
     # The action/payload combination first: nothing is matched for a request that cannot apply.

@@ -12,35 +12,12 @@ from starlette.responses import Response
 from ..core import events as E
 from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..store.base import AuditScan, pending_journal
-from . import audit
+from ..store.base import AuditScan
+from . import access
+from .emit import drop_events, emit  # noqa: F401 - events.emit is where the routes queue their events
 from .http import Ctx, json_response
 from .params import decode_cursor, enum_param, filter_hash, int_param, iso, page_log, str_param, time_param
 from .state import state_of
-
-
-def emit(ctx: Ctx | None, event_type: str, tenant: str, *, scope: str | None = None,
-         data: dict[str, Any] | None = None, data_from_result: bool = False, correlation_id: str | None = None,
-         only_if_created: bool = False, observation: bool = False) -> None:
-    """Queue an event for the request's next write transaction (written atomically with it)."""
-    entry: dict[str, Any] = {"journal": "event", "event_type": event_type, "tenant_id": tenant, "scope": scope,
-                             "data": data or {}}
-    if data_from_result:
-        entry["data_from"] = "result"
-    if correlation_id:
-        entry["correlation_id"] = correlation_id
-    if only_if_created:
-        entry["only_if_created"] = True
-    if observation:  # written even when no change takes it (a denial, a failed authentication)
-        entry["observation"] = True
-    journal = ctx.journal if ctx is not None and ctx.journal is not None else pending_journal()
-    journal.append(entry)
-
-
-def drop_events(ctx: Ctx) -> None:
-    """Forget queued events (the change they describe did not happen)."""
-    if ctx.journal:
-        ctx.journal[:] = [e for e in ctx.journal if e.get("journal") != "event"]
 
 
 # ---- queries ----
@@ -100,13 +77,13 @@ async def _list(request: Request, ctx: Ctx, tenant: str | None, tenant_view: boo
 
 
 async def list_events(request: Request, ctx: Ctx) -> Response:
-    await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
     tenant = str_param(request.query_params, "tenant_id", max_length=64)
     return await _list(request, ctx, tenant, tenant_view=False)
 
 
 async def get_event(request: Request, ctx: Ctx) -> Response:
-    await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
     event_id = request.path_params["event_id"]
     row = await state_of(request).store.get_event(event_id) if len(event_id) <= 128 else None
     if row is None:
@@ -115,6 +92,6 @@ async def get_event(request: Request, ctx: Ctx) -> Response:
 
 
 async def list_tenant_events(request: Request, ctx: Ctx) -> Response:
-    principal = await audit.authenticate(request, ctx)
+    principal = await access.authenticate(request, ctx)
     principal.require("events:read")
     return await _list(request, ctx, principal.tenant_id, tenant_view=True)

@@ -14,7 +14,7 @@ from ..protocol import governance as g
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import AuditScan
-from . import audit, events
+from . import access, audit, events
 from .admin import _budget_scope, _same_unit, _tenant_wire, ledger_wire
 from .auth import KEY_PREFIX_LEN, Principal, verify_secret
 from .http import Ctx, decode, json_response, read_body
@@ -25,7 +25,7 @@ TENANT_SORTS = ("tenant_id", "name", "status", "created_at")
 
 
 async def _admin(request: Request, ctx: Ctx) -> Principal:
-    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    return await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 def _page(rows: list[dict[str, Any]], key: Any, q: Any, filters: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], str | None]:
@@ -203,7 +203,7 @@ _ADMIN_ONLY = ("view_overview", "view_audit", "view_tenants", "view_api_keys", "
 
 
 async def introspect(request: Request, ctx: Ctx) -> Response:
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
+    principal = await access.authenticate(request, ctx, allow_admin=True)
     if principal.revoked_by_close:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key is revoked (its tenant is closed)")
     if principal.is_admin:
@@ -238,7 +238,7 @@ def _budget_target(request: Request) -> tuple[str, str, str]:
 
 
 async def lookup_budget(request: Request, ctx: Ctx) -> Response:
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
+    principal = await access.authenticate(request, ctx, allow_admin=True)
     principal.require("budgets:read")
     tenant, scope, unit = _budget_target(request)
     if not principal.is_admin:

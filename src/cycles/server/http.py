@@ -40,6 +40,7 @@ class Ctx:
     auth_failed: bool = False
     audit: dict[str, Any] | None = None  # this request's audit row, filled as the request goes
     journal: list[dict[str, Any]] | None = None  # rows waiting for the request's write transaction
+    view: Any = None  # the tenant's governance view (govcache.TenantView) on runtime routes
     runtime: bool = False  # a runtime route (reservations, decide, events): no audit row for tenant keys
 
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from ..protocol.admin import Name, Permission, Timestamp
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.models import Wire
-from . import audit
+from . import access, audit
 from .auth import (BOOTSTRAP_DISABLED_SETTING, OPERATOR_KIND, OPERATOR_PREFIX_LEN, Principal, has_permission,
                    hash_secret, new_operator_key)
 from .http import Ctx, decode, json_response, read_body
@@ -61,7 +61,7 @@ def _wire(rec: dict[str, Any]) -> OperatorKey:
 
 
 async def _operator(request: Request, ctx: Ctx) -> Principal:
-    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    return await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 def _grantable(creator: Principal, wanted: list[str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -12,24 +12,69 @@ from starlette.responses import Response
 from ..core import scopes as S
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..store.base import EventCommand, ReservationQuery, ReserveCommand, SettleCommand
+from ..core import policies as P
+from ..store.base import EventCommand, ReservationQuery, ReserveCommand, SettleCommand, StaleGovernance
 from . import render
 from .auth import Principal
+from .govcache import TenantView
 from .http import Ctx, check_idempotency_header, decode, json_response, read_body
 from .params import (
     bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
 )
-from . import audit, events, policies
+from . import access, events, policies
 from .state import state_of
 
+T = TypeVar("T")
+_ATTEMPTS = 3
 RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
 SORT_KEYS = ("reservation_id", "tenant", "scope_path", "status", "reserved", "created_at_ms", "expires_at_ms")
 
 
-async def _auth(request: Request, ctx: Ctx, permission: str, *, allow_admin: bool = False) -> Principal:
-    principal = await audit.authenticate(request, ctx, allow_admin=allow_admin)
-    principal.require(permission)
+async def _auth(request: Request, ctx: Ctx, permission: str, *, allow_admin: bool = False,
+                runtime: bool = False) -> Principal:
+    principal = await access.authenticate(request, ctx, allow_admin=allow_admin, runtime=runtime)
+    try:
+        principal.require(permission)
+    except ProtocolError:
+        if await _current(request, ctx, principal):
+            raise
+        principal = await access.authenticate(request, ctx, allow_admin=allow_admin, runtime=runtime)
+        principal.require(permission)
     return principal
+
+
+async def _current(request: Request, ctx: Ctx, principal: Principal) -> bool:
+    """After a refusal decided on cached data (a permission, a scope filter): whether the cache was current,
+    so the refusal stands. Allowing on stale data is caught by the store; refusing is caught here."""
+    if ctx.view is None:
+        return True
+    st = state_of(request)
+    if await st.store.governance_gen(principal.tenant_id or "") == ctx.view.gen:
+        return True
+    st.auth.forget(principal.tenant_id or "")
+    ctx.view = None
+    return False
+
+
+async def _acting(request: Request, ctx: Ctx, permission: str, principal: Principal,
+                  act: Callable[[Principal, int | None], Awaitable[T]], *, allow_admin: bool = False) -> T:
+    """Run a runtime operation for a key checked through the governance cache (govcache): the store refuses
+    it when the tenant's keys, record or policies changed since the cache was read (StaleGovernance), and
+    it runs again on fresh reads. The last attempt goes unchecked, as an uncached request would, so a
+    tenant whose governance changes continuously still gets answers."""
+    for attempt in range(_ATTEMPTS):
+        view = ctx.view
+        gen = view.gen if view is not None and attempt < _ATTEMPTS - 1 else None
+        try:
+            return await act(principal, gen)
+        except StaleGovernance:
+            state_of(request).auth.forget(principal.tenant_id or "")
+            ctx.view = None
+        except ProtocolError as err:
+            if err.status != 403 or gen is None or await _current(request, ctx, principal):
+                raise
+        principal = await _auth(request, ctx, permission, allow_admin=allow_admin, runtime=True)
+    raise AssertionError("unreachable: the last attempt is never refused as stale")
 
 
 def _hash(*parts: bytes) -> str:
@@ -50,10 +95,15 @@ def _subject(subject: m.Subject, principal: Principal) -> tuple[dict[str, Any], 
     return fields, path, scopes
 
 
-async def _govern(store: Any, principal: Principal, cmd: ReserveCommand) -> None:
+async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: TenantView | None) -> None:
     """Apply the key's scope_filter and the tenant's policies to a reservation request."""
     principal.require_scope(cmd.scope_path)
-    res = await policies.resolve_for(store, cmd.tenant, cmd.scopes)
+    if view is None:
+        res = await policies.resolve_for(store, cmd.tenant, cmd.scopes)
+    elif not view.policies:
+        res = P.Resolution()
+    else:
+        res = P.resolve(view.policies, cmd.scopes, await store.now_ms() if view.timed else 0)
     cmd.caps = res.caps
     cmd.policy = res.store_args()
     for lim in res.limits:
@@ -77,49 +127,45 @@ def _rid(request: Request) -> str:
 
 
 async def create_reservation(request: Request, ctx: Ctx) -> Response:
-    principal = await _auth(request, ctx, "reservations:create")
-    req = decode(await read_body(request), m.ReservationCreateRequest)
-    check_idempotency_header(request, req.idempotency_key)
-    subject, path, scopes = _subject(req.subject, principal)
-    cmd = ReserveCommand(
-        tenant=principal.tenant_id or "", endpoint="reserve", idempotency_key=req.idempotency_key,
-        payload_hash=_hash(m.canonical(req)), subject=subject, action=msgspec.to_builtins(req.action),
-        unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, dry_run=req.dry_run,
-        ttl_ms=req.ttl_ms, grace_ms=req.grace_period_ms, overage_policy=req.overage_policy, metadata=req.metadata,
-    )
-    st = state_of(request)
-    await _govern(st.store, principal, cmd)
-    try:
-        out = await st.store.reserve(cmd)
-    except ProtocolError as err:
-        if err.status in (409, 429):  # budget, governance and policy denials, not malformed requests
-            st.metrics.decision("reserve", "DENY", err.code.value)
-            _denied(ctx, cmd, err.code.value, err.details)
-        raise
-    body = render.reservation_create(out)
-    if not out.replay:
-        st.metrics.decision("dry_run" if req.dry_run else "reserve", body.decision, body.reason_code or body.decision)
-        if body.decision == "DENY":
-            _denied(ctx, cmd, body.reason_code or "DENY", None)
-    return json_response(ctx, body)
+    return await _evaluate(request, ctx, m.ReservationCreateRequest, "reserve")
 
 
 async def decide(request: Request, ctx: Ctx) -> Response:
-    principal = await _auth(request, ctx, "reservations:create")
-    req = decode(await read_body(request), m.DecisionRequest)
+    return await _evaluate(request, ctx, m.DecisionRequest, "decide")
+
+
+async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Response:
+    """createReservation (live and dry run) and decide: the same evaluation, one store step."""
+    principal = await _auth(request, ctx, "reservations:create", runtime=True)
+    req = decode(await read_body(request), typ)
     check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
-    cmd = ReserveCommand(
-        tenant=principal.tenant_id or "", endpoint="decide", idempotency_key=req.idempotency_key,
-        payload_hash=_hash(m.canonical(req)), subject=subject, action=msgspec.to_builtins(req.action),
-        unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, metadata=req.metadata,
-    )
+    payload_hash = _hash(m.canonical(req))
+    dry_run = endpoint == "reserve" and req.dry_run
     st = state_of(request)
-    await _govern(st.store, principal, cmd)
-    out = await st.store.reserve(cmd)
-    body = render.decision(out)
+
+    async def act(principal: Principal, gen: int | None) -> tuple[ReserveCommand, Any]:
+        cmd = ReserveCommand(
+            tenant=principal.tenant_id or "", endpoint=endpoint, idempotency_key=req.idempotency_key,
+            payload_hash=payload_hash, subject=subject, action=msgspec.to_builtins(req.action),
+            unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, metadata=req.metadata,
+            gen=gen)
+        if endpoint == "reserve":
+            cmd.dry_run, cmd.ttl_ms, cmd.grace_ms, cmd.overage_policy = (req.dry_run, req.ttl_ms, req.grace_period_ms,
+                                                                         req.overage_policy)
+        await _govern(st.store, principal, cmd, ctx.view)
+        try:
+            return cmd, await st.store.reserve(cmd)
+        except ProtocolError as err:
+            if err.status in (409, 429):  # budget, governance and policy denials, not malformed requests
+                st.metrics.decision(endpoint, "DENY", err.code.value)
+                _denied(ctx, cmd, err.code.value, err.details)
+            raise
+
+    cmd, out = await _acting(request, ctx, "reservations:create", principal, act)
+    body = render.reservation_create(out) if endpoint == "reserve" else render.decision(out)
     if not out.replay:
-        st.metrics.decision("decide", body.decision, body.reason_code or body.decision)
+        st.metrics.decision("dry_run" if dry_run else endpoint, body.decision, body.reason_code or body.decision)
         if body.decision == "DENY":
             _denied(ctx, cmd, body.reason_code or "DENY", None)
     return json_response(ctx, body)
@@ -127,26 +173,28 @@ async def decide(request: Request, ctx: Ctx) -> Response:
 
 async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
     rid = _rid(request)
-    principal = await _auth(request, ctx, f"reservations:{kind}", allow_admin=(kind == "release"))
+    permission = f"reservations:{kind}"
+    allow_admin = kind == "release"
+    principal = await _auth(request, ctx, permission, allow_admin=allow_admin, runtime=True)
     typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
     req = decode(await read_body(request), typ)
     check_idempotency_header(request, req.idempotency_key)
-    cmd = SettleCommand(
-        tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
-        idempotency_key=req.idempotency_key, payload_hash=_hash(rid.encode(), m.canonical(req)),
-    )
-    st = state_of(request)
-    if isinstance(req, m.CommitRequest):
-        cmd.actual, cmd.unit, cmd.metadata = req.actual.amount, req.actual.unit, req.metadata
-        out = await st.store.commit(cmd)
-        return json_response(ctx, render.commit(out))
-    if isinstance(req, m.ReleaseRequest):
-        cmd.reason = req.reason
-        out = await st.store.release(cmd)
-        return json_response(ctx, render.release(out))
-    cmd.extend_by_ms = req.extend_by_ms
-    out = await st.store.extend(cmd)
-    return json_response(ctx, render.extend(out))
+    payload_hash = _hash(rid.encode(), m.canonical(req))
+    store = state_of(request).store
+
+    async def act(principal: Principal, gen: int | None) -> Response:
+        cmd = SettleCommand(tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
+                            idempotency_key=req.idempotency_key, payload_hash=payload_hash, gen=gen)
+        if isinstance(req, m.CommitRequest):
+            cmd.actual, cmd.unit, cmd.metadata = req.actual.amount, req.actual.unit, req.metadata
+            return json_response(ctx, render.commit(await store.commit(cmd)))
+        if isinstance(req, m.ReleaseRequest):
+            cmd.reason = req.reason
+            return json_response(ctx, render.release(await store.release(cmd)))
+        cmd.extend_by_ms = req.extend_by_ms
+        return json_response(ctx, render.extend(await store.extend(cmd)))
+
+    return await _acting(request, ctx, permission, principal, act, allow_admin=allow_admin)
 
 
 async def commit(request: Request, ctx: Ctx) -> Response:
@@ -256,15 +304,20 @@ async def balances(request: Request, ctx: Ctx) -> Response:
 
 
 async def create_event(request: Request, ctx: Ctx) -> Response:
-    principal = await _auth(request, ctx, "reservations:commit")
+    principal = await _auth(request, ctx, "reservations:commit", runtime=True)
     req = decode(await read_body(request), m.EventCreateRequest)
     check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
-    cmd = EventCommand(
-        tenant=principal.tenant_id or "", idempotency_key=req.idempotency_key, payload_hash=_hash(m.canonical(req)),
-        subject=subject, action=msgspec.to_builtins(req.action), unit=req.actual.unit, amount=req.actual.amount,
-        scope_path=path, scopes=scopes, overage_policy=req.overage_policy, metadata=req.metadata,
-        metrics=msgspec.to_builtins(req.metrics) if req.metrics else None, client_time_ms=req.client_time_ms,
-    )
-    out = await state_of(request).store.create_event(cmd)
-    return json_response(ctx, render.event(out), status=201)
+    payload_hash = _hash(m.canonical(req))
+    store = state_of(request).store
+
+    async def act(principal: Principal, gen: int | None) -> Response:
+        cmd = EventCommand(
+            tenant=principal.tenant_id or "", idempotency_key=req.idempotency_key, payload_hash=payload_hash,
+            subject=subject, action=msgspec.to_builtins(req.action), unit=req.actual.unit, amount=req.actual.amount,
+            scope_path=path, scopes=scopes, overage_policy=req.overage_policy, metadata=req.metadata,
+            metrics=msgspec.to_builtins(req.metrics) if req.metrics else None, client_time_ms=req.client_time_ms,
+            gen=gen)
+        return json_response(ctx, render.event(await store.create_event(cmd)), status=201)
+
+    return await _acting(request, ctx, "reservations:commit", principal, act)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -10,6 +10,7 @@ from starlette.requests import Request
 from ..store.base import Store
 from .auth import Authenticator
 from .metrics import Metrics
+from .throttle import FailureRecords
 
 
 @dataclass
@@ -20,6 +21,7 @@ class AppState:
     error_trace_id: bool = True
     audit_retention_ms: int = 90 * 86_400_000
     secret_box: Any = None  # cycles.webhooks.crypto.SecretBox, None when no key was configured
+    failure_records: FailureRecords = field(default_factory=FailureRecords)
 
 
 def state_of(request: Request) -> AppState:

@@ -28,7 +28,7 @@ from ..store.base import new_event_id
 from ..webhooks import dispatch as D
 from ..webhooks.deliver import Result, Sender, build_headers, open_box
 from ..webhooks.subscriptions import load_url_policy
-from . import audit
+from . import access, audit
 from .auth import Principal
 from .events import event_wire
 from .http import Ctx, decode, json_response, read_body
@@ -142,11 +142,11 @@ async def _load(request: Request, principal: Principal) -> dict[str, Any]:
 
 
 async def _admin(request: Request, ctx: Ctx) -> Principal:
-    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    return await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 async def _tenant_plane(request: Request, ctx: Ctx, permission: str) -> Principal:
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
+    principal = await access.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
     return principal
 

@@ -17,7 +17,7 @@ from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import reset_journal, start_journal
 from ..webhooks import subscriptions as W
 from ..webhooks import urlpolicy
-from . import audit, bulk, events
+from . import access, audit, bulk, events
 from .admin import owning_tenant, refuse_if_suspended
 from .auth import Principal
 from .http import Ctx, check_idempotency_header, decode, json_response, read_body
@@ -41,12 +41,12 @@ class WebhookBulkActionResponse(m.Wire):
 # ---- shared ----
 
 async def _admin(request: Request, ctx: Ctx) -> Principal:
-    return await audit.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
+    return await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
 
 
 async def _tenant_plane(request: Request, ctx: Ctx, permission: str) -> Principal:
     """A tenant key with `permission`, or the admin key acting on behalf of a tenant."""
-    principal = await audit.authenticate(request, ctx, allow_admin=True)
+    principal = await access.authenticate(request, ctx, allow_admin=True)
     principal.require(permission)
     if permission.endswith(":write") and not principal.is_admin:
         await refuse_if_suspended(request, principal.tenant_id or "")

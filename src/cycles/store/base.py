@@ -80,6 +80,12 @@ def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> li
     return out
 
 
+class StaleGovernance(Exception):
+    """A runtime operation was sent with the governance generation its caller's cache was read at, and
+    the tenant's key records, tenant record or policies have changed since: nothing was done; the caller
+    reloads what it cached and retries (cycles.server.govcache)."""
+
+
 @dataclass(slots=True)
 class Outcome:
     result: dict[str, Any]
@@ -111,6 +117,7 @@ class ReserveCommand:
     # are kept on the reservation and checked when it is committed
     limits: list[tuple[str, int, str, str]] = field(default_factory=list)
     commit_limits: list[tuple[str, int, str, str]] = field(default_factory=list)
+    gen: int | None = None  # governance generation the caller's cache was read at (None: no check)
 
 
 @dataclass(slots=True)
@@ -126,6 +133,7 @@ class SettleCommand:
     extend_by_ms: int | None = None
     metadata: dict[str, Any] | None = None
     reason: str | None = None
+    gen: int | None = None  # as on ReserveCommand
 
 
 @dataclass(slots=True)
@@ -143,6 +151,7 @@ class EventCommand:
     metadata: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     client_time_ms: int | None = None
+    gen: int | None = None  # as on ReserveCommand
 
 
 @dataclass(slots=True)
@@ -226,6 +235,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def find_api_key(self, prefix: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def governance_gen(self, tenant: str) -> int:
+        """The tenant's governance generation: changes with every change to its record, its API keys
+        (other than last use) and its policies, in the same step as the change."""
 
     # budgets
     @abc.abstractmethod

@@ -43,6 +43,7 @@ from .base import (
     ReservationQuery,
     ReserveCommand,
     SettleCommand,
+    StaleGovernance,
     Store,
     pending_journal,
     stamp_journal,
@@ -170,8 +171,10 @@ def _iso_ms(text: Any) -> int:
         return 0
 
 
-def _script_error(out: dict[str, Any]) -> ProtocolError:
+def _script_error(out: dict[str, Any]) -> Exception:
     code = out["err"]
+    if code == "STALE_GOVERNANCE":
+        return StaleGovernance()  # type: ignore[return-value]
     if code == "RATE_LIMITED":
         bucket, limit, policy_id, scope, prev, cur, now = out["rate"]
         limit, prev, cur, now = int(limit), int(prev), int(cur), int(now)
@@ -293,6 +296,9 @@ class RedisStore(Store):
         await self._script("apikey", "", ["create", record["key_id"], record["key_prefix"], record["tenant_id"],
                                           _s(record)])
 
+    async def governance_gen(self, tenant: str) -> int:
+        return int(await self._call(lambda: self.r.get(prefix(tenant) + "gen")) or 0)
+
     async def find_api_key(self, key_prefix: str) -> dict[str, Any] | None:
         raw = await self._call(lambda: self.r.get(f"cy:apikey:{key_prefix}"))
         return _decode(raw) if raw else None
@@ -354,15 +360,18 @@ class RedisStore(Store):
             _opt(cmd.overage_policy), _s(cmd.subject), _s(cmd.action),
             _s(cmd.metadata) if cmd.metadata is not None else "", rid,
             "ALLOW_WITH_CAPS" if cmd.caps else "ALLOW", "null" if cmd.caps is None else _s(cmd.caps),
-            _s(cmd.policy or {}), _s(_limits(cmd.limits)), _s(_limits(cmd.commit_limits)) if cmd.commit_limits else ""])
+            _s(cmd.policy or {}), _s(_limits(cmd.limits)), _s(_limits(cmd.commit_limits)) if cmd.commit_limits else "",
+            _opt(cmd.gen)])
         return self._outcome(out)
 
     async def _settle(self, endpoint: str, cmd: SettleCommand, extra: list[str]) -> Outcome:
         owner = tenant_of_reservation(cmd.reservation_id)
         if owner is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
+        # the caller's cache generation is checked on its own tenant only (another owner answers 403 anyway)
+        gen = _opt(cmd.gen) if owner == cmd.tenant else ""
         out = await self._script("settle", owner, [endpoint, cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash,
-                                                   cmd.tenant or "", *extra])
+                                                   cmd.tenant or "", *extra, gen])
         return self._outcome(out)
 
     async def commit(self, cmd: SettleCommand) -> Outcome:
@@ -380,7 +389,7 @@ class RedisStore(Store):
         extra = _s({"metadata": cmd.metadata, "metrics": cmd.metrics, "client_time_ms": cmd.client_time_ms})
         out = await self._script("event", cmd.tenant, [
             cmd.idempotency_key, cmd.payload_hash, cmd.unit, str(cmd.amount), cmd.scope_path, _s(cmd.scopes),
-            _opt(cmd.overage_policy), eid, _s(cmd.subject), _s(cmd.action), extra])
+            _opt(cmd.overage_policy), eid, _s(cmd.subject), _s(cmd.action), extra, _opt(cmd.gen)])
         return self._outcome(out)
 
     # ---- reads ----

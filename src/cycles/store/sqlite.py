@@ -35,6 +35,7 @@ from .base import (
     ReservationQuery,
     ReserveCommand,
     SettleCommand,
+    StaleGovernance,
     Store,
     pending_journal,
     stamp_journal,
@@ -96,6 +97,7 @@ CREATE TABLE IF NOT EXISTS gov_events (
 );
 CREATE INDEX IF NOT EXISTS gov_events_time ON gov_events (timestamp_ms, event_id);
 CREATE INDEX IF NOT EXISTS gov_events_tenant_time ON gov_events (tenant_id, timestamp_ms, event_id);
+CREATE TABLE IF NOT EXISTS gens (tenant_id TEXT PRIMARY KEY, gen INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, scope_path TEXT NOT NULL, subject TEXT NOT NULL,
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
@@ -126,6 +128,31 @@ WHEN OLD.status != NEW.status OR OLD.is_over_limit != NEW.is_over_limit OR (OLD.
     ON CONFLICT (name) DO UPDATE SET value = value + NEW.is_over_limit - OLD.is_over_limit;
   INSERT INTO counters VALUES ('budgets.with_debt', (NEW.debt > 0) - (OLD.debt > 0))
     ON CONFLICT (name) DO UPDATE SET value = value + (NEW.debt > 0) - (OLD.debt > 0);
+END
+"""
+
+# The governance generation of a tenant (Store.governance_gen), bumped in the same transaction as every change
+# to what servers cache about the tenant: its record, its API keys (other than their last use), its policies.
+GEN_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS gen_tenant AFTER UPDATE ON tenants BEGIN
+  INSERT INTO gens VALUES (NEW.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+END;;
+CREATE TRIGGER IF NOT EXISTS gen_key_update AFTER UPDATE ON api_keys
+WHEN json_remove(OLD.record, '$.last_used_at_ms') IS NOT json_remove(NEW.record, '$.last_used_at_ms') BEGIN
+  INSERT INTO gens VALUES (NEW.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+END;;
+CREATE TRIGGER IF NOT EXISTS gen_key_delete AFTER DELETE ON api_keys BEGIN
+  INSERT INTO gens VALUES (OLD.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+END;;
+CREATE TRIGGER IF NOT EXISTS gen_policy_insert AFTER INSERT ON docs WHEN NEW.kind = 'policy' BEGIN
+  INSERT INTO gens VALUES (NEW.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+END;;
+CREATE TRIGGER IF NOT EXISTS gen_policy_update AFTER UPDATE ON docs WHEN NEW.kind = 'policy' OR OLD.kind = 'policy' BEGIN
+  INSERT INTO gens VALUES (NEW.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+  INSERT INTO gens VALUES (OLD.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
+END;;
+CREATE TRIGGER IF NOT EXISTS gen_policy_delete AFTER DELETE ON docs WHEN OLD.kind = 'policy' BEGIN
+  INSERT INTO gens VALUES (OLD.tenant_id, 1) ON CONFLICT (tenant_id) DO UPDATE SET gen = gen + 1;
 END
 """
 
@@ -488,6 +515,10 @@ class SQLiteStore(Store):
 
         await self._awrite(tx)
 
+    async def governance_gen(self, tenant: str) -> int:
+        rows = self._read("SELECT gen FROM gens WHERE tenant_id=?", (tenant,))
+        return rows[0][0] if rows else 0
+
     async def find_api_key(self, prefix: str) -> dict[str, Any] | None:
         rows = self._read("SELECT record FROM api_keys WHERE prefix=?", (prefix,))
         return _decode(rows[0][0]) if rows else None
@@ -582,6 +613,8 @@ class SQLiteStore(Store):
         return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd))
 
     def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
+        if cmd.gen is not None:
+            _check_gen(conn, cmd.tenant, cmd.gen)
         replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
         if replay is not None:
             return _replayed(conn, replay, now)
@@ -752,6 +785,8 @@ class SQLiteStore(Store):
 
     async def create_event(self, cmd: EventCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            if cmd.gen is not None:
+                _check_gen(conn, cmd.tenant, cmd.gen)
             replay = _replay(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash)
             if replay is not None:
                 return Outcome(_decode(replay[0]), replay=True, now_ms=now)
@@ -1124,6 +1159,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_period_end ON budgets (period_end_ms) WHERE period_end_ms IS NOT NULL")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_over_limit ON budgets (debt DESC) WHERE is_over_limit = 1")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_with_debt ON budgets (debt DESC) WHERE debt > 0")
+    for stmt in GEN_TRIGGERS.split(";;"):
+        conn.execute(stmt)
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone() is None:
         conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
         for stmt in COUNTER_TRIGGERS.split(";;"):
@@ -1269,6 +1306,16 @@ def _remember(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, pa
     )
 
 
+def _gen(conn: sqlite3.Connection, tenant: str) -> int:
+    row = conn.execute("SELECT gen FROM gens WHERE tenant_id=?", (tenant,)).fetchone()
+    return row[0] if row else 0
+
+
+def _check_gen(conn: sqlite3.Connection, tenant: str, gen: int) -> None:
+    if _gen(conn, tenant) != gen:
+        raise StaleGovernance()
+
+
 def _tenant_state(conn: sqlite3.Connection, tenant_id: str) -> dict[str, Any] | None:
     row = conn.execute("SELECT record FROM tenants WHERE tenant_id=?", (tenant_id,)).fetchone()
     if row is None:
@@ -1343,6 +1390,8 @@ def _reservation(row: Sequence[Any]) -> dict[str, Any]:
 def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,
                       *, allow_grace: bool) -> tuple[dict[str, Any], Outcome | None]:
     """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
+    if cmd.gen is not None and cmd.tenant is not None:
+        _check_gen(conn, cmd.tenant, cmd.gen)
     row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id=?", (cmd.reservation_id,)).fetchone()
     res = _reservation(row) if row else None
     # Ownership before replay: another tenant must never see this tenant's stored responses.

@@ -44,6 +44,7 @@ if mode == 'update' then
   end
   local js = jpatch(raw, jmembers(ARGV[7]))
   redis.call('SET', k_apikey(key_prefix), js)
+  bump_governance(jvalue(raw, 'tenant_id'))
   return cjson.encode({record = js})
 end
 

@@ -79,6 +79,7 @@ for _, key_id in ipairs(key_ids) do
     cascade_event('api_key.revoked_via_tenant_cascade', nil, {{'key_id', jstr(key_id)},
       {'name', jget(raw, 'name') or 'null'}, {'prior_status', jget(raw, 'status') or 'null'},
       {'new_status', '"REVOKED"'}})
+    bump_governance(jvalue(raw, 'tenant_id'))
     redis.call('SET', k_apikey(key_prefix), jpatch(raw, {{'status', '"REVOKED"'}, {'revoked_at_ms', nows},
                                                         {'revoked_reason', '"tenant closed"'}}))
   end

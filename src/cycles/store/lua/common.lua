@@ -98,6 +98,17 @@ local function prefix_of(tenant) return 'cy:{' .. tenant .. '}:' end
 local function k_apikey(key_prefix) return 'cy:apikey:' .. key_prefix end
 local function k_doc(kind, id) return 'cy:doc:' .. kind .. ':' .. id end
 local function k_docs(kind) return 'cy:docs:' .. kind end
+-- The governance generation of a tenant: bumped by every change to what servers cache about it (its record,
+-- its API keys, its policies). Runtime scripts are passed the generation the caller's cache was read at and
+-- refuse to act on an older one (cycles.store.base.StaleGovernance); '' skips the check.
+local function bump_governance(tenant)
+  if type(tenant) == 'string' and tenant ~= '' then redis.call('INCR', prefix_of(tenant) .. 'gen') end
+end
+local function stale_governance(expected)
+  if expected == nil or expected == '' then return nil end
+  if (redis.call('GET', P .. 'gen') or '0') == expected then return nil end
+  return cjson.encode({err = 'STALE_GOVERNANCE', msg = 'governance changed'})
+end
 local function k_rate(bucket, window) return P .. 'rl:' .. bucket .. ':' .. string.format('%d', window) end
 
 -- ---- JSON text surgery ----

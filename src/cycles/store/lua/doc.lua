@@ -15,6 +15,10 @@ if (current or '') ~= expect then
   return cjson.encode({err = 'VERSION_CONFLICT', msg = kind .. ' ' .. doc_id})
 end
 if owner then redis.call('ZREM', prefix_of(owner) .. 'docs:' .. kind, doc_id) end
+if kind == 'policy' then
+  bump_governance(tenant)
+  if owner and owner ~= tenant then bump_governance(owner) end
+end
 -- documents with a `due_ms` (work queues) are queued by it for due_docs
 local due = record ~= '' and jget(record, 'due_ms') or nil
 if due and string.match(due, '^%-?%d+$') then

@@ -1,9 +1,11 @@
 -- post-only accounting event. ARGV: 1 prefix, 2 tenant, 3 retention_ms, 4 test clock, 5 key, 6 payload hash, 7 unit,
 -- 8 amount, 9 scope_path, 10 scopes (json), 11 overage policy, 12 event id, 13 subject json, 14 action json,
--- 15 extra json (metadata, metrics, client time)
+-- 15 extra json (metadata, metrics, client time), 16 governance generation of the caller's cache ('' = no check)
 local tenant_id, retention, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6]
 local unit, amount, scope_path = ARGV[7], I(ARGV[8]), ARGV[9]
 local now = now_ms()
+local stale = stale_governance(ARGV[16])
+if stale then return stale end
 local replayed = replay('event', key, payload_hash, now)
 if replayed then return replayed end
 local tenant, err = guard_closed(tenant_id)

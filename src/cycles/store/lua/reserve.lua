@@ -3,11 +3,14 @@
 -- 15 overage policy, 16 subject (json), 17 action (json), 18 metadata (json), 19 reservation id, 20 decision when
 -- allowed (ALLOW / ALLOW_WITH_CAPS), 21 caps (json text, returned verbatim), 22 governing policy settings (json:
 -- default_ttl_ms, max_ttl_ms, max_extensions, overage_policy), 23 reserve rate limits (json [[bucket, limit,
--- policy_id, scope]], limits as decimal strings), 24 commit rate limits (same, '' = none; kept on the reservation)
+-- policy_id, scope]], limits as decimal strings), 24 commit rate limits (same, '' = none; kept on the reservation),
+-- 25 governance generation the caller read its key, tenant and policies at ('' = no check)
 local tenant_id, retention, endpoint, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7]
 local unit, amount, scope_path, scopes_json = ARGV[8], I(ARGV[9]), ARGV[10], ARGV[11]
 local evaluate_only = ARGV[12] == '1' or endpoint == 'decide'
 local now = now_ms()
+local stale = stale_governance(ARGV[25])
+if stale then return stale end
 
 local replayed = replay(endpoint, key, payload_hash, now)
 if replayed then return replayed end

@@ -1,9 +1,12 @@
 -- commit / release / extend of one reservation. ARGV: 1 prefix, 2 owner tenant (from the reservation id),
 -- 3 retention_ms, 4 test clock, 5 endpoint, 6 reservation id, 7 key, 8 payload hash, 9 caller tenant ('' = admin),
--- 10 actual (commit) or extend_by_ms (extend), 11 unit (commit), 12 metadata json (commit)
+-- 10 actual (commit) or extend_by_ms (extend), 11 unit (commit), 12 metadata json (commit), 13 governance
+-- generation of the caller's cache ('' = no check; common.lua stale_governance)
 local tenant_id, retention, endpoint, rid, key, payload_hash, caller =
   ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local now = now_ms()
+local stale = stale_governance(ARGV[13])
+if stale then return stale end
 local rk = k_res(rid)
 local exists = redis.call('EXISTS', rk) == 1
 -- Ownership before replay: another tenant must never see this tenant's stored responses.

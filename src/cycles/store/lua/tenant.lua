@@ -26,6 +26,7 @@ for _, m in ipairs(jmembers(changes)) do table.insert(patch, m) end
 table.insert(patch, {'updated_at', now_iso})
 local js = jpatch(raw, patch)
 redis.call('SET', k_tenant(), js)
+bump_governance(tenant_id)
 local new_status = jvalue(js, 'status')
 if new_status ~= t.status then
   count('tenants.' .. tostring(t.status), -1)

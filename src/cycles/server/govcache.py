@@ -1,0 +1,53 @@
+"""What the runtime routes cache about a tenant between requests, and why it is never stale when used.
+
+Each tenant has a governance generation in the store (Store.governance_gen), changed in the same step as
+any change to the tenant's record, its API keys or its policies. A TenantView holds the tenant's policies
+as read *after* the generation it carries, so anything changed later moves the generation past it. Every
+runtime operation is sent to the store with the generation of the view (and of the key principal) it was
+decided with; the store refuses it (StaleGovernance) when the generation moved on, in the same atomic
+step as the operation, and the route reloads and decides again. So a policy change, a suspended tenant
+or a revoked key applies to the very next operation, whichever process or server made the change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..store.base import Store
+
+POLICY_KIND = "policy"
+_MAX_TENANTS = 10_000
+
+
+@dataclass(slots=True)
+class TenantView:
+    gen: int
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    # whether any policy has an effective window (then resolving needs the store's time)
+    timed: bool = False
+
+
+class GovernanceCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._views: dict[str, TenantView] = {}
+        self.loads = 0  # views read from the store, for tests and /metrics
+
+    def cached(self, tenant: str) -> TenantView | None:
+        return self._views.get(tenant)
+
+    async def load(self, tenant: str) -> TenantView:
+        gen = await self.store.governance_gen(tenant)  # first: what is read below is at least this new
+        policies = await self.store.list_docs(POLICY_KIND, tenant)
+        timed = any(p.get("effective_from_ms") is not None or p.get("effective_until_ms") is not None
+                    for p in policies)
+        view = TenantView(gen, policies, timed)
+        if len(self._views) >= _MAX_TENANTS:
+            self._views.clear()
+        self._views[tenant] = view
+        self.loads += 1
+        return view
+
+    def forget(self, tenant: str) -> None:
+        self._views.pop(tenant, None)

@@ -1,0 +1,65 @@
+"""Counting failures per source address and per key prefix, in fixed one-minute windows, in memory.
+
+Used to throttle failed key checks (each costs a slow scrypt verification) and to bound how many
+failed-authentication audit rows and events a flood of bad keys can write. Per process: with N server
+processes an attacker gets N times the allowance, which is still a constant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+WINDOW_S = 60.0
+_MAX_TRACKED = 100_000
+RECORD_PER_SOURCE = 10  # failed authentications recorded (audit row + event) per source and minute
+RECORD_TOTAL = 300  # ... and in all  # beyond this many counters the table starts over (bounded memory)
+
+
+class WindowCounter:
+    """How many times each key was counted in the current window."""
+
+    def __init__(self, limit: int, window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._window = -1
+        self._counts: dict[str, int] = {}
+
+    def _roll(self) -> float:
+        now = self._clock()
+        window = int(now // self.window_s)
+        if window != self._window or len(self._counts) > _MAX_TRACKED:
+            self._window, self._counts = window, {}
+        return now
+
+    def count(self, key: str) -> int:
+        """Count one more for `key`; the count so far in this window."""
+        self._roll()
+        n = self._counts.get(key, 0) + 1
+        self._counts[key] = n
+        return n
+
+    def over(self, key: str) -> bool:
+        self._roll()
+        return self._counts.get(key, 0) >= self.limit
+
+    def retry_after_s(self) -> int:
+        now = self._roll()
+        return max(1, math.ceil((self._window + 1) * self.window_s - now))
+
+
+class FailureRecords:
+    """Which failed authentications get an audit row and an event."""
+
+    def __init__(self, per_source: int = RECORD_PER_SOURCE, total: int = RECORD_TOTAL) -> None:
+        self.by_source = WindowCounter(per_source)
+        self.total = WindowCounter(total)
+        self.unrecorded = 0
+
+    def allow(self, source: str | None) -> bool:
+        if self.by_source.count(source or "?") > self.by_source.limit or self.total.count("*") > self.total.limit:
+            self.unrecorded += 1
+            return False
+        return True
