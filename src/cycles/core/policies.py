@@ -128,6 +128,8 @@ class Resolution:
 
     def store_args(self) -> dict[str, Any]:
         """What the store needs inside the reserve transaction."""
+        if not self.policy_ids:
+            return {}
         return {k: v for k, v in (("default_ttl_ms", self.default_ttl_ms), ("max_ttl_ms", self.max_ttl_ms),
                                   ("max_extensions", self.max_extensions), ("overage_policy", self.overage_policy))
                 if v is not None}

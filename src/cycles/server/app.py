@@ -76,12 +76,13 @@ async def _resume_cascades(store: Store) -> None:
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
                sweep_interval_s: float = 1.0, error_trace_id: bool = True,
-               audit_retention_days: int = 90, local: bool = False) -> Starlette:
+               audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
-    state = AppState(store=store, auth=Authenticator(store, admin_key, local=local), metrics=metrics,
-                     error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
+    auth = Authenticator(store, admin_key, local=local, failures_per_source=auth_failures_per_minute,
+                         failures_per_prefix=max(50, auth_failures_per_minute))
+    state = AppState(store=store, auth=auth, metrics=metrics, error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
                      secret_box=_secret_box())
 
     wrapped = {(op.method, op.path): endpoint(op.operation_id, metrics.observe, audit_hooks(
@@ -201,6 +202,7 @@ def create_app_from_env() -> Starlette:
         sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
         error_trace_id=os.environ.get("CYCLES_ERROR_TRACE_ID", "1") != "0",
         audit_retention_days=int(os.environ.get("CYCLES_AUDIT_RETENTION_DAYS", "90")),
+        auth_failures_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURES_PER_MINUTE", "20")),
     )
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.scopes import within_filter
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import Store
 from .govcache import GovernanceCache, TenantView
@@ -83,8 +84,6 @@ class Principal:
 
     def require_scope(self, scope: str) -> None:
         """Refuse a scope outside the key's scope_filter (403, never a hint of what exists there)."""
-        from ..core.scopes import within_filter
-
         if self.scope_filter and not within_filter(scope, self.scope_filter):
             raise ProtocolError(ErrorCode.FORBIDDEN, f"API key scope_filter does not allow scope {scope}")
 

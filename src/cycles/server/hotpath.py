@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+from starlette.requests import ClientDisconnect
+
 Endpoint = Callable[[Any], Awaitable[Any]]
 _RESERVATION_ACTIONS = ("commit", "release", "extend")
 
@@ -65,7 +67,16 @@ class HotRequest:
 
     async def body(self) -> bytes:
         if self._body is None:
-            self._body = b"".join([chunk async for chunk in self.stream()])
+            message = await self._receive()  # a small JSON body comes whole, in one message
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
+            if message.get("more_body", False):
+                chunks = [body]
+                async for chunk in self.stream():
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+            self._body = body
         return self._body
 
 

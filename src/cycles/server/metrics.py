@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +21,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=5_000)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)
@@ -49,14 +51,20 @@ class Metrics:
                                              "Subscriptions disabled after consecutive failures", registry=self.registry)
 
     def observe(self, ctx, method: str, status: int) -> None:  # noqa: ANN001 - Ctx, avoids an import cycle
-        elapsed = time.perf_counter() - ctx.started
-        self.requests.labels(ctx.route, method, str(status)).inc()
-        self.latency.labels(ctx.route).observe(elapsed)
-        self.recent.append((time.monotonic(), elapsed))
+        now = time.perf_counter()
+        elapsed = now - ctx.started
+        key = (ctx.route, method, status)
+        children = self._children.get(key)
+        if children is None:  # labelled children are looked up once per (route, method, status)
+            children = self._children[key] = (self.requests.labels(ctx.route, method, str(status)),
+                                              self.latency.labels(ctx.route))
+        children[0].inc()
+        children[1].observe(elapsed)
+        self.recent.append((now, elapsed))
 
     def p99_ms(self, window_s: float = 60.0) -> float | None:
         """This process's p99 request latency over the last minute (for system.high_latency)."""
-        horizon = time.monotonic() - window_s
+        horizon = time.perf_counter() - window_s
         while self.recent and self.recent[0][0] < horizon:
             self.recent.popleft()
         if len(self.recent) < 20:
