@@ -63,7 +63,7 @@ def _webhook_secret_key(store_url: str) -> None:
                            f"or {PLAINTEXT_ENV}=1 to keep webhook secrets in plaintext")
     path = os.path.join(os.path.dirname(os.path.abspath(store_url[len("sqlite:///"):])), "webhook-secret.key")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the database lives here too
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(base64.b64encode(_secrets.token_bytes(32)).decode())
