@@ -78,6 +78,45 @@ def _read_all(s: socket.socket) -> bytes:
     return out
 
 
+# ---- item 5: weak operator key ----
+
+@pytest.mark.parametrize("key,weak", [
+    ("demo-admin-key", True), ("changeme", True), ("short-key-123", True), ("a" * 40, True),
+    ("test-admin-key-0123456789", False), ("cyc_admin_" + "Ab3" * 10, False),
+    ("strong-key-number-one-0123456789,demo-admin-key", True),
+])
+def test_weak_key_rule(key: str, weak: bool) -> None:
+    from cycles.server.keystrength import weak_reasons
+
+    reasons = weak_reasons(key)
+    assert bool(reasons) is weak
+    assert not any(k in r for r in reasons for k in key.split(",")), "the key itself must never be printed"
+
+
+def test_weak_admin_key_warns_at_start_and_in_health_but_works(tmp_path: Path) -> None:
+    proc, base, log = _serve(tmp_path, "--data-dir", str(tmp_path / "data"), env={"CYCLES_ADMIN_API_KEY": "demo-admin-key"})
+    try:
+        health = httpx.get(base + "/actuator/health").json()
+        assert health["status"] == "UP"
+        assert any("weak admin key" in w for w in health["details"]["warnings"]), health
+        r = httpx.post(base + "/v1/admin/tenants", headers={"X-Admin-API-Key": "demo-admin-key"},
+                       json={"tenant_id": "demo-tenant", "name": "d"})
+        assert r.status_code == 201, r.text
+    finally:
+        _stop(proc)
+    err = log.read_text()
+    assert "WARNING: weak operator key" in err and "well-known" in err
+
+
+def test_strong_admin_key_gives_a_plain_health(tmp_path: Path) -> None:
+    proc, base, log = _serve(tmp_path, "--data-dir", str(tmp_path / "data"))
+    try:
+        assert httpx.get(base + "/actuator/health").json() == {"status": "UP"}
+    finally:
+        _stop(proc)
+    assert "weak" not in log.read_text()
+
+
 # ---- item 8: private store files ----
 
 def test_data_dir_and_database_files_are_private(tmp_path: Path) -> None:

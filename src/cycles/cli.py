@@ -104,7 +104,12 @@ def serve(
     """Run the Cycles server."""
     import uvicorn
 
+    from .server.keystrength import warning_text, weak_reasons
+
     store_url = _store_with_secret_key(store, data_dir)
+    weak = weak_reasons(os.environ.get("CYCLES_ADMIN_API_KEY"))
+    if weak:
+        typer.echo(warning_text(weak), err=True)
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")

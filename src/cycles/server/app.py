@@ -78,7 +78,7 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     metrics = Metrics()
     state = AppState(store=store, auth=Authenticator(store, admin_key, local=local), metrics=metrics,
                      error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
-                     secret_box=_secret_box())
+                     secret_box=_secret_box(), health_details=_health_details(admin_key))
 
     routes: list[Route | Mount] = [
         Route(op.path, endpoint(op.operation_id, metrics.observe, audit_hooks(op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler),
@@ -88,7 +88,8 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     async def health(request: Request) -> Response:
         up = await store.health()
         ctx = new_ctx(request)
-        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN"), status=200 if up else 503)
+        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN", details=state.health_details),
+                             status=200 if up else 503)
 
     async def liveness(request: Request) -> Response:
         # The process answers; the store is not consulted (that is readiness).
@@ -179,6 +180,16 @@ def _webhook_engine(state: AppState) -> object | None:
         log.error("the embedded webhook worker could not start", exc_info=True)
         return None
     return engine
+
+
+def _health_details(admin_key: str | None) -> dict | None:
+    from .keystrength import weak_reasons
+
+    reasons = weak_reasons(admin_key)
+    if not reasons:
+        return None
+    log.warning("weak operator key: %s", "; ".join(reasons))
+    return {"warnings": [f"weak admin key: {r}" for r in reasons]}
 
 
 def _secret_box() -> object | None:

@@ -20,6 +20,7 @@ class AppState:
     error_trace_id: bool = True
     audit_retention_ms: int = 90 * 86_400_000
     secret_box: Any = None  # cycles.webhooks.crypto.SecretBox, None when no key was configured
+    health_details: dict[str, Any] | None = None  # computed once at start: health checks are polled constantly
 
 
 def state_of(request: Request) -> AppState:
