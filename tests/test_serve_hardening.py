@@ -117,6 +117,49 @@ def test_strong_admin_key_gives_a_plain_health(tmp_path: Path) -> None:
     assert "weak" not in log.read_text()
 
 
+# ---- item 6: workers die with their parent ----
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_kill_9_of_the_parent_stops_its_workers(tmp_path: Path) -> None:
+    proc, base, _ = _serve(tmp_path, "--data-dir", str(tmp_path / "data"), "--workers", "2")
+    port = int(base.rsplit(":", 1)[1])
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            workers = [p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) >= 2, _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "workers outlived their parent"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        for p in workers:  # orphans of a failed run must not keep serving
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        _stop(proc)
+
+
 # ---- item 8: private store files ----
 
 def test_data_dir_and_database_files_are_private(tmp_path: Path) -> None:

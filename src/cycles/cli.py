@@ -144,8 +144,38 @@ def _listener(host: str, port: int, *, listen: bool) -> socket.socket:
     return sock
 
 
-def _worker_main(common: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive `cycles serve`: orphans would keep serving on the port (SO_REUSEPORT) beside
+    the next server started there. Linux signals the worker when its parent dies (PR_SET_PDEATHSIG);
+    elsewhere a thread watches the parent id."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cycles-parent-watch", daemon=True).start()
+
+
+def _worker_main(common: dict, parent: int) -> None:
     """One server process with its own SO_REUSEPORT listener."""
+    _die_with_parent(parent)
     import uvicorn
 
     from .server.app import create_app_from_env
@@ -180,7 +210,7 @@ def _run_workers(workers: int, common: dict) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = [ctx.Process(target=_worker_main, args=(common,), daemon=False) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(common, os.getpid()), daemon=False) for _ in range(workers)]
     for proc in procs:
         proc.start()
     restarts: list[float] = []
@@ -198,7 +228,7 @@ def _run_workers(workers: int, common: dict) -> int:
                     stopping, code = True, 1
                     break
                 typer.echo(f"worker {proc.pid} exited with {proc.exitcode}; restarting", err=True)
-                procs[i] = ctx.Process(target=_worker_main, args=(common,), daemon=False)
+                procs[i] = ctx.Process(target=_worker_main, args=(common, os.getpid()), daemon=False)
                 procs[i].start()
     finally:
         for proc in procs:
