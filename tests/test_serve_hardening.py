@@ -78,6 +78,120 @@ def _read_all(s: socket.socket) -> bytes:
     return out
 
 
+# ---- item 2: connection limits ----
+
+def test_huge_header_is_refused_before_it_is_buffered(limited: tuple[str, int]) -> None:
+    _, port = limited
+    s = _conn(port)
+    s.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    sent, refused = 0, False
+    try:
+        while sent < 8 * 1024 * 1024:
+            s.sendall(b"a" * 16384)
+            sent += 16384
+            if sent > 64 * 1024:
+                s.settimeout(0.2)
+                try:
+                    if s.recv(1, socket.MSG_PEEK):
+                        refused = True
+                        break
+                except socket.timeout:
+                    pass
+    except (BrokenPipeError, ConnectionResetError):
+        refused = True
+    assert refused and sent < 1024 * 1024, f"8 MB header still being accepted after {sent} bytes"
+    s.settimeout(5)
+    assert _read_all(s).startswith(b"HTTP/1.1 431 ")
+
+
+def test_too_many_headers_get_431(limited: tuple[str, int]) -> None:
+    _, port = limited
+    s = _conn(port)
+    s.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(21)) + b"\r\n")
+    assert _read_all(s).startswith(b"HTTP/1.1 431 ")
+    s = _conn(port)  # 20,000 headers: refused by the byte cap on the way
+    try:
+        s.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(20000)) + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert _read_all(s).startswith(b"HTTP/1.1 431 ")
+    # at the limit it is served
+    s = _conn(port)
+    s.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(19)) + b"\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
+def test_idle_half_sent_and_slow_connections_are_closed(limited: tuple[str, int]) -> None:
+    _, port = limited
+    idle, half_head, half_body = _conn(port), _conn(port), _conn(port)
+    started = time.monotonic()
+    half_head.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    half_body.sendall(b"POST /v1/reservations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"a\":")
+    assert _read_all(idle) == b""  # closed, nothing said: no request was in progress
+    assert _read_all(half_head).startswith(b"HTTP/1.1 408 ")
+    _read_all(half_body)
+    assert time.monotonic() - started < 4, "timeouts of 1 s took too long"
+    # a keep-alive connection is closed after its idle timeout, not before serving more requests
+    with httpx.Client(base_url=limited[0]) as c:
+        assert c.get("/actuator/health").status_code == 200
+        assert c.get("/actuator/health").status_code == 200
+
+
+def test_connection_cap_evicts_idle_then_refuses(limited: tuple[str, int]) -> None:
+    base, port = limited
+    idle = [_conn(port) for _ in range(30)]  # over the cap of 20: idle ones give way to newer ones
+    assert httpx.get(base + "/actuator/health", timeout=5).status_code == 200
+    for s in idle:
+        s.close()
+    time.sleep(0.2)
+    busy = [_conn(port) for _ in range(20)]
+    for s in busy:  # requests in progress are not evicted
+        s.sendall(b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n")
+    time.sleep(0.1)
+    s = _conn(port)
+    assert _read_all(s).startswith(b"HTTP/1.1 503 ")
+    for s in busy:
+        s.close()
+    time.sleep(0.2)
+    assert httpx.get(base + "/actuator/health", timeout=5).status_code == 200
+
+
+def test_idle_connections_cannot_exhaust_descriptors(tmp_path: Path) -> None:
+    """With a 400-descriptor limit, 500 idle connections used to make every request fail for 20 s."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 700:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+
+    def limit_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    proc, base, _ = _serve(tmp_path, "--data-dir", str(tmp_path / "data"), preexec=limit_fds)
+    port = int(base.rsplit(":", 1)[1])
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            try:
+                conns.append(_conn(port))
+            except OSError:
+                pass
+        started = time.monotonic()
+        assert httpx.get(base + "/actuator/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2
+    finally:
+        for s in conns:
+            s.close()
+        _stop(proc)
+
+
+def test_bad_limits_are_one_clear_line(tmp_path: Path) -> None:
+    out = subprocess.run([cycles_bin(), "serve", "--data-dir", str(tmp_path), "--timeout-header", "0"],
+                         capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "CYCLES_WEBHOOK_SECRET_KEY": WEBHOOK_KEY})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: timeout-header must be more than 0 seconds"
+
+
 # ---- item 5: weak operator key ----
 
 @pytest.mark.parametrize("key,weak", [

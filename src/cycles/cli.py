@@ -98,11 +98,37 @@ def serve(
     error_trace_id: bool = typer.Option(
         True, envvar="CYCLES_ERROR_TRACE_ID", help="Put trace_id in error bodies, as the spec asks. --no-error-trace-id leaves it to the "
         "X-Cycles-Trace-Id header, for strict clients such as runcycles 0.5.3 that reject unknown keys."),
+    max_connections: int = typer.Option(
+        1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
+        "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),
+    timeout_keep_alive: float = typer.Option(
+        5.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
+        "request and between requests)."),
+    timeout_header: float = typer.Option(
+        10.0, envvar="CYCLES_TIMEOUT_HEADER", help="Seconds from a request's first byte to the end of its headers "
+        "(408 and close after)."),
+    timeout_body: float = typer.Option(
+        30.0, envvar="CYCLES_TIMEOUT_BODY", help="Seconds from the end of a request's headers to the end of its "
+        "body (close after)."),
+    max_header_bytes: int = typer.Option(
+        32 * 1024, envvar="CYCLES_MAX_HEADER_BYTES", help="Bytes of request line and headers (431 and close above)."),
+    max_headers: int = typer.Option(100, envvar="CYCLES_MAX_HEADERS", help="Request headers (431 and close above)."),
     access_log: bool = typer.Option(False, help="Log every request."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the Cycles server."""
     import uvicorn
+
+    from .server.connections import Limits, uvicorn_options
+
+    limits = Limits(max_connections=max_connections, timeout_keep_alive=timeout_keep_alive,
+                    timeout_header=timeout_header, timeout_body=timeout_body, max_header_bytes=max_header_bytes,
+                    max_headers=max_headers)
+    try:
+        limits.check()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     from .server.keystrength import warning_text, weak_reasons
 
@@ -119,16 +145,16 @@ def serve(
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
     os.environ["CYCLES_ERROR_TRACE_ID"] = "1" if error_trace_id else "0"
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
-                  loop="auto", http="auto", timeout_graceful_shutdown=5)
+                  loop="auto", timeout_graceful_shutdown=5)
     if workers == 1:
         from .server.app import create_app_from_env
 
-        uvicorn.run(create_app_from_env(), **common)
+        uvicorn.run(create_app_from_env(), **common, **uvicorn_options(limits))
         return
     metrics_dir = tempfile.mkdtemp(prefix="cycles-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        raise typer.Exit(_run_workers(workers, common))
+        raise typer.Exit(_run_workers(workers, common, limits))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -173,19 +199,20 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="cycles-parent-watch", daemon=True).start()
 
 
-def _worker_main(common: dict, parent: int) -> None:
+def _worker_main(common: dict, limits: object, parent: int) -> None:
     """One server process with its own SO_REUSEPORT listener."""
     _die_with_parent(parent)
     import uvicorn
 
     from .server.app import create_app_from_env
+    from .server.connections import uvicorn_options
 
     options = {k: v for k, v in common.items() if k not in ("host", "port")}
     sock = _listener(common["host"], common["port"], listen=True)
-    uvicorn.Server(uvicorn.Config(create_app_from_env(), **options)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app_from_env(), **options, **uvicorn_options(limits))).run(sockets=[sock])
 
 
-def _run_workers(workers: int, common: dict) -> int:
+def _run_workers(workers: int, common: dict, limits: object) -> int:
     """Run N worker processes, each listening on its own SO_REUSEPORT socket.
 
     With one shared listening socket (uvicorn's --workers), a burst of keep-alive connections lands
@@ -210,7 +237,7 @@ def _run_workers(workers: int, common: dict) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = [ctx.Process(target=_worker_main, args=(common, os.getpid()), daemon=False) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(common, limits, os.getpid()), daemon=False) for _ in range(workers)]
     for proc in procs:
         proc.start()
     restarts: list[float] = []
@@ -228,7 +255,7 @@ def _run_workers(workers: int, common: dict) -> int:
                     stopping, code = True, 1
                     break
                 typer.echo(f"worker {proc.pid} exited with {proc.exitcode}; restarting", err=True)
-                procs[i] = ctx.Process(target=_worker_main, args=(common, os.getpid()), daemon=False)
+                procs[i] = ctx.Process(target=_worker_main, args=(common, limits, os.getpid()), daemon=False)
                 procs[i].start()
     finally:
         for proc in procs:
