@@ -412,6 +412,29 @@ BAD_PATCH: list[Any] = [
 ]
 
 
+UNSENDABLE_HEADERS = [
+    ({"X-Team": "équipe"}, "non-ASCII"), ({"X-Team": "a\u2028b"}, "non-ASCII"), ({"X-Team": "a\x01b"}, "control"),
+    ({"X-Team": "a\x7fb"}, "control"), ({"X-Team": "a\rb"}, "CR, LF and NUL"), ({"X-Team": "a\x00"}, "CR, LF and NUL"),
+    ({"X-Team\n": "v"}, "not a valid HTTP header name"), ({"X-Tëam": "v"}, "not a valid HTTP header name"),
+]
+
+
+def test_header_values_must_be_sendable(server: Server) -> None:
+    t = wh_tenant(server)
+    sid = create(t)["subscription"]["subscription_id"]
+    with t.client() as c, server.admin() as a:
+        for headers, why in UNSENDABLE_HEADERS:
+            for r in (c.post("/v1/webhooks", json=body(headers=headers)),
+                      a.post("/v1/admin/webhooks", json=body(headers=headers)),
+                      c.patch(f"/v1/webhooks/{sid}", json={"headers": headers}),
+                      a.patch(f"/v1/admin/webhooks/{sid}", json={"headers": headers})):
+                assert_400(r, "INVALID_REQUEST")
+                assert why in r.json()["message"], r.json()
+        # printable ASCII with spaces and tabs is fine
+        r = c.patch(f"/v1/webhooks/{sid}", json={"headers": {"X-Team": "sre team\t~!"}})
+        assert r.status_code == 200, r.text
+
+
 def test_bad_input_is_400_never_5xx(server: Server) -> None:
     t = wh_tenant(server)
     sid = create(t)["subscription"]["subscription_id"]
