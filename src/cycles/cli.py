@@ -95,9 +95,12 @@ def serve(
         "(default $CYCLES_DATA_DIR, else $XDG_DATA_HOME/cycles, else ~/.local/share/cycles)."),
     workers: int = typer.Option(1, min=1, max=64, help="Server processes sharing the store."),
     sweep_interval_ms: int = typer.Option(1000, min=0, help="How often expired leases are swept (0 disables)."),
-    error_trace_id: bool = typer.Option(
-        True, envvar="CYCLES_ERROR_TRACE_ID", help="Put trace_id in error bodies, as the spec asks. --no-error-trace-id leaves it to the "
-        "X-Cycles-Trace-Id header, for strict clients such as runcycles 0.5.3 that reject unknown keys."),
+    error_trace_id: Optional[bool] = typer.Option(
+        None, "--error-trace-id/--no-error-trace-id", show_default="by client",
+        help="trace_id in error bodies (the X-Cycles-Trace-Id header always has it). Default: in every body "
+        "except for the published runcycles SDK (User-Agent python-httpx/*, no trace headers), whose strict "
+        "ErrorResponse rejects it; --error-trace-id: always; --no-error-trace-id: never. "
+        "Env CYCLES_ERROR_TRACE_ID=1|0|auto."),
     max_connections: int = typer.Option(
         1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
         "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),
@@ -120,6 +123,14 @@ def serve(
     import uvicorn
 
     from .server.connections import Limits, uvicorn_options
+    from .server.errors_compat import parse_setting
+
+    if error_trace_id is None:
+        try:
+            error_trace_id = parse_setting(os.environ.get("CYCLES_ERROR_TRACE_ID"))
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     limits = Limits(max_connections=max_connections, timeout_keep_alive=timeout_keep_alive,
                     timeout_header=timeout_header, timeout_body=timeout_body, max_header_bytes=max_header_bytes,
@@ -143,7 +154,7 @@ def serve(
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
-    os.environ["CYCLES_ERROR_TRACE_ID"] = "1" if error_trace_id else "0"
+    os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                   loop="auto", timeout_graceful_shutdown=5)
     if workers == 1:

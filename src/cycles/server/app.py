@@ -71,13 +71,14 @@ async def _resume_cascades(store: Store) -> None:
 
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
-               sweep_interval_s: float = 1.0, error_trace_id: bool = True,
+               sweep_interval_s: float = 1.0, error_trace_id: bool | None = None,
                audit_retention_days: int = 90, local: bool = False) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
     state = AppState(store=store, auth=Authenticator(store, admin_key, local=local), metrics=metrics,
-                     error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
+                     error_trace_id=error_trace_id is not False, error_trace_mode=error_trace_id,
+                     audit_retention_ms=audit_retention_days * 86_400_000,
                      secret_box=_secret_box(), health_details=_health_details(admin_key))
 
     routes: list[Route | Mount] = [
@@ -203,11 +204,13 @@ def _secret_box() -> object | None:
 
 def create_app_from_env() -> Starlette:
     """Factory for worker processes: `cycles serve` passes its settings through the environment."""
+    from .errors_compat import parse_setting
+
     return create_app(
         store_url=os.environ.get("CYCLES_STORE_URL"),
         admin_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
-        error_trace_id=os.environ.get("CYCLES_ERROR_TRACE_ID", "1") != "0",
+        error_trace_id=parse_setting(os.environ.get("CYCLES_ERROR_TRACE_ID")),
         audit_retention_days=int(os.environ.get("CYCLES_AUDIT_RETENTION_DAYS", "90")),
     )
 
