@@ -71,6 +71,7 @@ class _Sweeper:
         loop.call_later(interval, self.tick)
 
     def tick(self) -> None:
+        self.loop.call_later(self.interval, self.tick)  # first: a failure below must not stop the timeouts
         self.now = now = self.loop.time()
         for conn in [c for c in self.connections if getattr(c, "_deadline", INF) <= now]:
             conn._expire()
@@ -79,7 +80,6 @@ class _Sweeper:
             log.warning("connection limits: %s", ", ".join(f"{k} {v - self._logged[k]}" for k, v in self.counts.items()
                                                            if v != self._logged[k]))
             self._logged, self._last_log = dict(self.counts), now
-        self.loop.call_later(self.interval, self.tick)
 
 
 def _plain(status: bytes, text: bytes, extra: bytes = b"") -> bytes:
