@@ -59,7 +59,7 @@ class Server:
 
 
 def start_server(store_url: str, log_dir: Path, *, workers: int = 1, sweep_interval_ms: int = 100,
-                 admin_key: str | None = ADMIN_KEY, extra_env: dict[str, str] | None = None,
+                 admin_key: str | None = ADMIN_KEY, extra_env: dict[str, str | None] | None = None,
                  port: int | None = None) -> Server:
     port = port or free_port()
     env = dict(os.environ)
@@ -71,7 +71,14 @@ def start_server(store_url: str, log_dir: Path, *, workers: int = 1, sweep_inter
     env.setdefault("CYCLES_WEBHOOK_SECRET_KEY", WEBHOOK_KEY)
     # The hostile-input suites send thousands of bad keys from one address; the throttle has its own tests.
     env.setdefault("CYCLES_AUTH_FAILURES_PER_MINUTE", "1000000")
-    env.update(extra_env or {})
+    # The tests read error bodies with httpx, whose User-Agent the default (errors_compat) takes for the
+    # published runcycles SDK: they ask for the spec's body explicitly. None in extra_env unsets a variable.
+    env.setdefault("CYCLES_ERROR_TRACE_ID", "1")
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     log_path = log_dir / f"server-{port}.log"
     args = [cycles_bin(), "serve", "--port", str(port), "--store", store_url, "--workers", str(workers),
             "--sweep-interval-ms", str(sweep_interval_ms), "--log-level", "warning"]

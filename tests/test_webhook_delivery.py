@@ -572,6 +572,28 @@ def test_ssrf_recheck_at_send_time(env: Env, receivers: Callable[..., Receiver])
     run(main())
 
 
+def test_unsendable_stored_header_fails_with_an_honest_message(env: Env, receivers: Callable[..., Receiver]) -> None:
+    """A header value stored before values were validated (non-ASCII) fails the delivery with a message that
+    names the header, not CYCLES_WEBHOOK_SECRET_KEY; nothing is sent."""
+    async def main() -> None:
+        store = env.store()
+        try:
+            await set_security(store)
+            t = tenant_id()
+            receiver = receivers([])
+            sub, secret = await make_sub(store, t, receiver.url("/hook"), headers={"X-Team": BOX.seal("équipe")})
+            async with Running(store):
+                await emit(store, "budget.funded", t)
+                [d] = await until(lambda: deliveries(store, status="FAILED"), what="refused delivery")
+            assert "custom headers cannot be sent" in d["error"] and "X-Team" in d["error"], d["error"]
+            assert "U+00E9" in d["error"] and "CYCLES_WEBHOOK_SECRET_KEY" not in d["error"]
+            assert receiver.requests == []
+        finally:
+            await store.close()
+
+    run(main())
+
+
 def test_invariants_rechecked_at_dispatch_and_send(env: Env, receivers: Callable[..., Receiver]) -> None:
     async def main() -> None:
         store = env.store()

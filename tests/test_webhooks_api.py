@@ -16,7 +16,9 @@ import pytest
 from support import ADMIN_KEY, WEBHOOK_KEY, Server, Tenant, new_tenant
 
 WH_PERMS = ["webhooks:read", "webhooks:write", "budgets:read", "events:read"]
-PUBLIC = "https://203.0.113.10"  # TEST-NET-3: public (not in a blocked range), resolves without DNS
+# TEST-NET-3 stands in for a public address: it resolves without DNS and nothing is served there. It is
+# special-purpose, so blocked by default; these tests run with it unblocked (`tests_security`).
+PUBLIC = "https://203.0.113.10"
 SECURITY = "/v1/admin/config/webhook-security"
 BULK = "/v1/admin/webhooks/bulk-action"
 
@@ -100,6 +102,21 @@ def assert_400(r: httpx.Response, code: str | None = None) -> None:
     assert r.status_code == 400, (r.status_code, r.text)
     if code:
         assert r.json()["error"] == code, r.text
+
+
+def tests_blocked() -> list[str]:
+    from cycles.webhooks.urlpolicy import DEFAULT_BLOCKED
+
+    return [r for r in DEFAULT_BLOCKED if r != "203.0.113.0/24"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tests_security(server: Server) -> Iterator[None]:
+    with server.admin() as c:
+        assert c.put(SECURITY, json={"blocked_cidr_ranges": tests_blocked()}).status_code == 200
+    yield
+    with server.admin() as c:
+        assert c.put(SECURITY, json={}).status_code == 200
 
 
 @pytest.fixture
@@ -395,6 +412,29 @@ BAD_PATCH: list[Any] = [
 ]
 
 
+UNSENDABLE_HEADERS = [
+    ({"X-Team": "équipe"}, "non-ASCII"), ({"X-Team": "a\u2028b"}, "non-ASCII"), ({"X-Team": "a\x01b"}, "control"),
+    ({"X-Team": "a\x7fb"}, "control"), ({"X-Team": "a\rb"}, "CR, LF and NUL"), ({"X-Team": "a\x00"}, "CR, LF and NUL"),
+    ({"X-Team\n": "v"}, "not a valid HTTP header name"), ({"X-Tëam": "v"}, "not a valid HTTP header name"),
+]
+
+
+def test_header_values_must_be_sendable(server: Server) -> None:
+    t = wh_tenant(server)
+    sid = create(t)["subscription"]["subscription_id"]
+    with t.client() as c, server.admin() as a:
+        for headers, why in UNSENDABLE_HEADERS:
+            for r in (c.post("/v1/webhooks", json=body(headers=headers)),
+                      a.post("/v1/admin/webhooks", json=body(headers=headers)),
+                      c.patch(f"/v1/webhooks/{sid}", json={"headers": headers}),
+                      a.patch(f"/v1/admin/webhooks/{sid}", json={"headers": headers})):
+                assert_400(r, "INVALID_REQUEST")
+                assert why in r.json()["message"], r.json()
+        # printable ASCII with spaces and tabs is fine
+        r = c.patch(f"/v1/webhooks/{sid}", json={"headers": {"X-Team": "sre team\t~!"}})
+        assert r.status_code == 200, r.text
+
+
 def test_bad_input_is_400_never_5xx(server: Server) -> None:
     t = wh_tenant(server)
     sid = create(t)["subscription"]["subscription_id"]
@@ -522,6 +562,8 @@ def test_ssrf_refused_on_create_and_url_change(server: Server, restore_security:
         r = a.put(SECURITY, json={"allowed_url_patterns": [f"{PUBLIC}/ok/*"]})
         assert r.status_code == 200 and r.json()["allow_http"] is False
         assert r.json()["blocked_cidr_ranges"][0] == "10.0.0.0/8"  # defaults for what a PUT leaves out
+        assert_400(c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/ok/1")), "WEBHOOK_URL_INVALID")  # TEST-NET-3
+        r = a.put(SECURITY, json={"allowed_url_patterns": [f"{PUBLIC}/ok/*"], "blocked_cidr_ranges": tests_blocked()})
         assert c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/ok/1")).status_code == 201
         assert_400(c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/other")), "WEBHOOK_URL_INVALID")
         # not retroactive: subscriptions created under the relaxed config stay and can be edited,
@@ -548,6 +590,66 @@ def test_security_config_validation(server: Server, restore_security: None) -> N
         assert r.json() == {"blocked_cidr_ranges": list(DEFAULT_BLOCKED), "allowed_url_patterns": [],
                             "allow_http": False}
         assert a.get(SECURITY).json() == r.json()
+
+
+# Special-purpose addresses (IANA IPv4/IPv6 registries) and the IPv6 forms that embed an IPv4 address.
+SSRF_FORMS = [
+    # NAT64 well-known and local-use prefixes
+    "[64:ff9b::a9fe:a9fe]", "[64:ff9b::7f00:1]", "[64:ff9b::169.254.169.254]", "[64:ff9b:1::a00:1]",
+    # 6to4, Teredo (client 127.0.0.1, inverted), IPv4-mapped, IPv4-compatible, SIIT
+    "[2002:a9fe:a9fe::]", "[2002:7f00:1::1]", "[2001:0:4136:e378:8000:63bf:80ff:fffe]", "[::ffff:a9fe:a9fe]",
+    "[::ffff:10.0.0.1]", "[::7f00:1]", "[::127.0.0.1]", "[::ffff:0:7f00:1]",
+    # IPv4 special-purpose
+    "198.18.0.1", "198.19.255.254", "192.0.0.8", "192.0.0.170", "192.0.2.1", "198.51.100.1", "192.88.99.1",
+    "192.31.196.1", "192.52.193.1", "192.175.48.1", "100.64.0.1", "224.0.0.1", "255.255.255.255",
+    # IPv6 special-purpose, and deprecated site-local
+    "[fec0::1]", "[2001:db8::1]", "[3fff::1]", "[100::1]", "[5f00::1]", "[2620:4f:8000::1]", "[2001:2::1]",
+    "[fd12::1]", "[fe80::1]", "[ff02::1]", "[::]", "[::1]",
+]
+
+
+def test_ssrf_special_purpose_forms_refused_at_write(server: Server) -> None:
+    from cycles.webhooks.urlpolicy import DEFAULT_BLOCKED
+
+    t = wh_tenant(server)
+    sid = create(t)["subscription"]["subscription_id"]
+    with t.client() as c, server.admin() as a:
+        # the defaults themselves (TEST-NET-3 included), not the tests' relaxed copy
+        assert a.put(SECURITY, json={}).json()["blocked_cidr_ranges"] == list(DEFAULT_BLOCKED)
+        try:
+            for host in SSRF_FORMS + ["203.0.113.10"]:
+                bad = f"https://{host}/hook"
+                assert_400(c.post("/v1/webhooks", json=body(url=bad)), "WEBHOOK_URL_INVALID")
+                assert_400(a.post("/v1/admin/webhooks", json=body(url=bad)), "WEBHOOK_URL_INVALID")
+                assert_400(c.patch(f"/v1/webhooks/{sid}", json={"url": bad}), "WEBHOOK_URL_INVALID")
+        finally:
+            assert a.put(SECURITY, json={"blocked_cidr_ranges": tests_blocked()}).status_code == 200
+
+
+@pytest.mark.parametrize("host", SSRF_FORMS)
+def test_ssrf_special_purpose_forms_refused_at_send(host: str) -> None:
+    """The sender resolves, checks and pins the address on every attempt: nothing is sent."""
+    from cycles.webhooks.deliver import Sender
+    from cycles.webhooks.urlpolicy import UrlPolicy, UrlRejected, resolve
+
+    with pytest.raises(UrlRejected, match="blocked range"):
+        resolve(f"https://{host}/hook", UrlPolicy())
+    result = asyncio.run(Sender(per_endpoint=1).post(f"https://{host}/hook", UrlPolicy(), b"{}", httpx.Headers(), 2))
+    assert result.outcome == "refused" and not result.sent, result
+
+
+@pytest.mark.parametrize("address,blocked", [
+    ("64:ff9b::a9fe:a9fe", True), ("64:ff9b::808:808", False), ("2002:a9fe:a9fe::", True), ("2002:808:808::", False),
+    ("64:ff9b:1:a9fe:a9:fe00::", True), ("2001:0:4136:e378:8000:63bf:80ff:fffe", True), ("::ffff:7f00:1", True),
+    ("8.8.8.8", False), ("2606:4700::1111", False),
+])
+def test_ssrf_embedded_ipv4_checked_when_the_prefix_is_unblocked(address: str, blocked: bool) -> None:
+    """An operator may unblock a translation prefix (DNS64); the IPv4 address inside is still checked."""
+    from cycles.webhooks.urlpolicy import DEFAULT_BLOCKED, UrlPolicy, _blocked
+
+    prefixes = {"64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/23", "::ffff:0:0/96"}
+    policy = UrlPolicy(blocked_cidr_ranges=[r for r in DEFAULT_BLOCKED if r not in prefixes])
+    assert _blocked(address, policy.networks()) is blocked
 
 
 # ---- secrets ----

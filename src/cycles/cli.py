@@ -63,7 +63,7 @@ def _webhook_secret_key(store_url: str) -> None:
                            f"or {PLAINTEXT_ENV}=1 to keep webhook secrets in plaintext")
     path = os.path.join(os.path.dirname(os.path.abspath(store_url[len("sqlite:///"):])), "webhook-secret.key")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the database lives here too
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(base64.b64encode(_secrets.token_bytes(32)).decode())
@@ -95,16 +95,58 @@ def serve(
         "(default $CYCLES_DATA_DIR, else $XDG_DATA_HOME/cycles, else ~/.local/share/cycles)."),
     workers: int = typer.Option(1, min=1, max=64, help="Server processes sharing the store."),
     sweep_interval_ms: int = typer.Option(1000, min=0, help="How often expired leases are swept (0 disables)."),
-    error_trace_id: bool = typer.Option(
-        True, envvar="CYCLES_ERROR_TRACE_ID", help="Put trace_id in error bodies, as the spec asks. --no-error-trace-id leaves it to the "
-        "X-Cycles-Trace-Id header, for strict clients such as runcycles 0.5.3 that reject unknown keys."),
+    error_trace_id: Optional[bool] = typer.Option(
+        None, "--error-trace-id/--no-error-trace-id", show_default="by client",
+        help="trace_id in error bodies (the X-Cycles-Trace-Id header always has it). Default: in every body "
+        "except for the published runcycles SDK (User-Agent python-httpx/*, no trace headers), whose strict "
+        "ErrorResponse rejects it; --error-trace-id: always; --no-error-trace-id: never. "
+        "Env CYCLES_ERROR_TRACE_ID=1|0|auto."),
+    max_connections: int = typer.Option(
+        1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
+        "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),
+    timeout_keep_alive: float = typer.Option(
+        5.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
+        "request and between requests)."),
+    timeout_header: float = typer.Option(
+        10.0, envvar="CYCLES_TIMEOUT_HEADER", help="Seconds from a request's first byte to the end of its headers "
+        "(408 and close after)."),
+    timeout_body: float = typer.Option(
+        30.0, envvar="CYCLES_TIMEOUT_BODY", help="Seconds from the end of a request's headers to the end of its "
+        "body (close after)."),
+    max_header_bytes: int = typer.Option(
+        32 * 1024, envvar="CYCLES_MAX_HEADER_BYTES", help="Bytes of request line and headers (431 and close above)."),
+    max_headers: int = typer.Option(100, envvar="CYCLES_MAX_HEADERS", help="Request headers (431 and close above)."),
     access_log: bool = typer.Option(False, help="Log every request."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the Cycles server."""
     import uvicorn
 
+    from .server.connections import Limits, uvicorn_options
+    from .server.errors_compat import parse_setting
+
+    if error_trace_id is None:
+        try:
+            error_trace_id = parse_setting(os.environ.get("CYCLES_ERROR_TRACE_ID"))
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    limits = Limits(max_connections=max_connections, timeout_keep_alive=timeout_keep_alive,
+                    timeout_header=timeout_header, timeout_body=timeout_body, max_header_bytes=max_header_bytes,
+                    max_headers=max_headers)
+    try:
+        limits.check()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    from .server.keystrength import warning_text, weak_reasons
+
     store_url = _store_with_secret_key(store, data_dir)
+    weak = weak_reasons(os.environ.get("CYCLES_ADMIN_API_KEY"))
+    if weak:
+        typer.echo(warning_text(weak), err=True)
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
@@ -112,18 +154,18 @@ def serve(
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
-    os.environ["CYCLES_ERROR_TRACE_ID"] = "1" if error_trace_id else "0"
+    os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
-                  loop="auto", http="auto", timeout_graceful_shutdown=5)
+                  loop="auto", timeout_graceful_shutdown=5)
     if workers == 1:
         from .server.app import create_app_from_env
 
-        uvicorn.run(create_app_from_env(), **common)
+        uvicorn.run(create_app_from_env(), **common, **uvicorn_options(limits))
         return
     metrics_dir = tempfile.mkdtemp(prefix="cycles-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        raise typer.Exit(_run_workers(workers, common))
+        raise typer.Exit(_run_workers(workers, common, limits))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -139,18 +181,49 @@ def _listener(host: str, port: int, *, listen: bool) -> socket.socket:
     return sock
 
 
-def _worker_main(common: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive `cycles serve`: orphans would keep serving on the port (SO_REUSEPORT) beside
+    the next server started there. Linux signals the worker when its parent dies (PR_SET_PDEATHSIG);
+    elsewhere a thread watches the parent id."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cycles-parent-watch", daemon=True).start()
+
+
+def _worker_main(common: dict, limits: object, parent: int) -> None:
     """One server process with its own SO_REUSEPORT listener."""
+    _die_with_parent(parent)
     import uvicorn
 
     from .server.app import create_app_from_env
+    from .server.connections import uvicorn_options
 
     options = {k: v for k, v in common.items() if k not in ("host", "port")}
     sock = _listener(common["host"], common["port"], listen=True)
-    uvicorn.Server(uvicorn.Config(create_app_from_env(), **options)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app_from_env(), **options, **uvicorn_options(limits))).run(sockets=[sock])
 
 
-def _run_workers(workers: int, common: dict) -> int:
+def _run_workers(workers: int, common: dict, limits: object) -> int:
     """Run N worker processes, each listening on its own SO_REUSEPORT socket.
 
     With one shared listening socket (uvicorn's --workers), a burst of keep-alive connections lands
@@ -175,7 +248,7 @@ def _run_workers(workers: int, common: dict) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = [ctx.Process(target=_worker_main, args=(common,), daemon=False) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(common, limits, os.getpid()), daemon=False) for _ in range(workers)]
     for proc in procs:
         proc.start()
     restarts: list[float] = []
@@ -193,7 +266,7 @@ def _run_workers(workers: int, common: dict) -> int:
                     stopping, code = True, 1
                     break
                 typer.echo(f"worker {proc.pid} exited with {proc.exitcode}; restarting", err=True)
-                procs[i] = ctx.Process(target=_worker_main, args=(common,), daemon=False)
+                procs[i] = ctx.Process(target=_worker_main, args=(common, limits, os.getpid()), daemon=False)
                 procs[i].start()
     finally:
         for proc in procs:

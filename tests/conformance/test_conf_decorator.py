@@ -206,7 +206,8 @@ def test_reject_overage_commit_is_a_terminal_rejection_without_release(sdk, tena
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "trace_id conflict (see test_conf_gate.test_sdk_parses_our_error_bodies_completely): runcycles 0.5.3's "
+    "trace_id conflict with trace_id forced into error bodies (see test_conf_gate.test_sdk_parses_our_error_bodies_"
+    "completely; passes by default: test_conf_default_errors): runcycles 0.5.3's "
     "first commit attempt reads the error code only through ErrorResponse (extra='forbid'), so our 409 "
     "BUDGET_EXCEEDED looks codeless, is journaled as 'unclassifiable' and retried once with the same key "
     "before the retry engine (which falls back to the raw 'error' field) drops it."))

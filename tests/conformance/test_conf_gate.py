@@ -82,8 +82,10 @@ def test_gate_rejects_each_violation(sdk, tenant, sdk_python, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Known conflict, not fixed here: cycles-protocol-v0 (CORRELATION AND TRACING) says ErrorResponse bodies "
-    "MUST carry trace_id, but runcycles 0.5.3's ErrorResponse model has extra='forbid', so "
+    "Known conflict, shown with trace_id forced into error bodies (CYCLES_ERROR_TRACE_ID=1, the session server's "
+    "setting; the default leaves it out for this SDK: test_conf_default_errors): cycles-protocol-v0 (CORRELATION "
+    "AND TRACING) says ErrorResponse bodies MUST carry trace_id, but runcycles 0.5.3's ErrorResponse model has "
+    "extra='forbid', so "
     "CyclesResponse.get_error_response() returns None for our error bodies and SDK exceptions lose "
     "request_id and details (error_code still comes from the raw 'error' field). If this starts passing, "
     "the server dropped trace_id or the SDK learned it: revisit the trace_id handling in drivers/validate.py."))

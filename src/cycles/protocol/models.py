@@ -249,6 +249,7 @@ class ErrorResponse(Wire):
 
 class HealthResponse(Wire):
     status: Literal["UP", "DOWN"]
+    details: dict[str, Any] | None = None  # operator warnings (e.g. a weak admin key); omitted when none
 
 
 _encoder = msgspec.json.Encoder()

@@ -75,15 +75,17 @@ async def _resume_cascades(store: Store) -> None:
 
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
-               sweep_interval_s: float = 1.0, error_trace_id: bool = True,
+               sweep_interval_s: float = 1.0, error_trace_id: bool | None = None,
                audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
     auth = Authenticator(store, admin_key, local=local, failures_per_source=auth_failures_per_minute,
                          failures_per_prefix=max(50, auth_failures_per_minute))
-    state = AppState(store=store, auth=auth, metrics=metrics, error_trace_id=error_trace_id, audit_retention_ms=audit_retention_days * 86_400_000,
-                     secret_box=_secret_box())
+    state = AppState(store=store, auth=auth, metrics=metrics,
+                     error_trace_id=error_trace_id is not False, error_trace_mode=error_trace_id,
+                     audit_retention_ms=audit_retention_days * 86_400_000,
+                     secret_box=_secret_box(), health_details=_health_details(admin_key))
 
     wrapped = {(op.method, op.path): endpoint(op.operation_id, metrics.observe, audit_hooks(
         op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler) for op in OPS}
@@ -92,7 +94,8 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     async def health(request: Request) -> Response:
         up = await store.health()
         ctx = new_ctx(request)
-        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN"), status=200 if up else 503)
+        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN", details=state.health_details),
+                             status=200 if up else 503)
 
     async def liveness(request: Request) -> Response:
         # The process answers; the store is not consulted (that is readiness).
@@ -185,6 +188,16 @@ def _webhook_engine(state: AppState) -> object | None:
     return engine
 
 
+def _health_details(admin_key: str | None) -> dict | None:
+    from .keystrength import weak_reasons
+
+    reasons = weak_reasons(admin_key)
+    if not reasons:
+        return None
+    log.warning("weak operator key: %s", "; ".join(reasons))
+    return {"warnings": [f"weak admin key: {r}" for r in reasons]}
+
+
 def _secret_box() -> object | None:
     from ..webhooks.crypto import SecretBox, SecretKeyMissing
 
@@ -196,11 +209,13 @@ def _secret_box() -> object | None:
 
 def create_app_from_env() -> Starlette:
     """Factory for worker processes: `cycles serve` passes its settings through the environment."""
+    from .errors_compat import parse_setting
+
     return create_app(
         store_url=os.environ.get("CYCLES_STORE_URL"),
         admin_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval_s=float(os.environ.get("CYCLES_SWEEP_INTERVAL_MS", "1000")) / 1000,
-        error_trace_id=os.environ.get("CYCLES_ERROR_TRACE_ID", "1") != "0",
+        error_trace_id=parse_setting(os.environ.get("CYCLES_ERROR_TRACE_ID")),
         audit_retention_days=int(os.environ.get("CYCLES_AUDIT_RETENTION_DAYS", "90")),
         auth_failures_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURES_PER_MINUTE", "20")),
     )

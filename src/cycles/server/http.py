@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
 from ..store.base import reset_journal
+from .errors_compat import trace_in_error_body
 
 log = logging.getLogger("cycles.server")
 
@@ -70,7 +71,8 @@ def new_ctx(request: Request) -> Ctx:
     trace_id, flags = trace_from(request.headers)
     state = getattr(request.app.state, "cycles", None)
     return Ctx(request_id=f"req_{_PROCESS}{next(_SEQ) & 0xFFFFFFFFFFFFFF:014x}", trace_id=trace_id, trace_flags=flags,
-               started=time.perf_counter(), trace_in_errors=getattr(state, "error_trace_id", True))
+               started=time.perf_counter(),
+               trace_in_errors=trace_in_error_body(request.headers, getattr(state, "error_trace_mode", None)))
 
 
 class JSONBody(Response):
@@ -100,8 +102,8 @@ def json_response(ctx: Ctx, obj: Any, status: int = 200) -> Response:
 
 
 def error_response(ctx: Ctx, err: ProtocolError) -> Response:
-    # trace_id in the body is what the spec asks; strict clients that forbid unknown keys (runcycles
-    # 0.5.3) can have it left out with --no-error-trace-id. The X-Cycles-Trace-Id header always carries it.
+    # trace_id in the body is what the spec asks; the published runcycles 0.5.3 SDK cannot read such a body
+    # (errors_compat decides per request). The X-Cycles-Trace-Id header always carries it.
     body = m.encode(m.ErrorResponse(error=err.code.value, message=err.message, request_id=ctx.request_id,
                                     trace_id=ctx.trace_id if ctx.trace_in_errors else None,
                                     details=err.details or None))
@@ -183,9 +185,13 @@ def endpoint(route: str, observe: Observer | None = None, audit: tuple[Callable[
                 response = error_response(ctx, err)
             except StoreUnavailable as exc:
                 log.warning("store unavailable on %s: %s", route, exc)
-                err = ProtocolError(ErrorCode.INTERNAL_ERROR, "The store is unavailable; retry with the same idempotency key",
+                advice = "retry shortly" if request.method in ("GET", "HEAD") else "retry with the same idempotency key"
+                err = ProtocolError(ErrorCode.INTERNAL_ERROR, f"The store is unavailable; {advice}",
                                     status=503, headers={"Retry-After": "1"})
                 response = error_response(ctx, err)
+            except ClientDisconnect:  # the client went away mid-body (or a body timeout closed it): nobody to answer
+                failure = ProtocolError(ErrorCode.INVALID_REQUEST, "Client disconnected before the body was read")
+                response = error_response(ctx, failure)
             except Exception:  # noqa: BLE001 - the last line of defence answers with the spec body
                 log.exception("unhandled error on %s (request_id=%s)", route, ctx.request_id)
                 response = error_response(ctx, ProtocolError(ErrorCode.INTERNAL_ERROR, "Internal server error"))

@@ -18,10 +18,12 @@ class AppState:
     store: Store
     auth: Authenticator
     metrics: Metrics
-    error_trace_id: bool = True
+    error_trace_id: bool = True  # False only under --no-error-trace-id
+    error_trace_mode: bool | None = None  # errors_compat.trace_in_error_body's `configured`: None = by client
     audit_retention_ms: int = 90 * 86_400_000
     secret_box: Any = None  # cycles.webhooks.crypto.SecretBox, None when no key was configured
     failure_records: FailureRecords = field(default_factory=FailureRecords)
+    health_details: dict[str, Any] | None = None  # computed once at start: health checks are polled constantly
 
 
 def state_of(request: Request) -> AppState:

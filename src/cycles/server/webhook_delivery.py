@@ -188,11 +188,11 @@ async def _test(request: Request, ctx: Ctx, principal: Principal, tenant_plane: 
         headers = build_headers(sub, open_box(st.secret_box), body, delivery_id=delivery_id, event_id=event_id,
                                 event_type=D.TEST_EVENT, trace_id=ctx.trace_id, trace_flags=ctx.trace_flags,
                                 request_id=ctx.request_id, now_ms=now)
-    except Exception:  # noqa: BLE001 - sealed under another key
+    except Exception as exc:  # noqa: BLE001 - SealedUnreadable (another key), HeaderUnusable (stored before validation)
         headers = None
+        unusable = str(exc) if isinstance(exc, ValueError) else "the delivery headers could not be built"
     if headers is None:
-        result = Result("refused", error="the subscription's signing secret or headers cannot be opened with this "
-                        "server's CYCLES_WEBHOOK_SECRET_KEY", retryable=False, sent=False)
+        result = Result("refused", error=unusable, retryable=False, sent=False)
     else:
         sender = Sender(per_endpoint=1)
         try:

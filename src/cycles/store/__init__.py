@@ -23,6 +23,7 @@ def default_store_url(data_dir: str | None = None) -> str:
 def open_store(url: str) -> Store:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
+        from .files import create_private
         from .sqlite import SQLiteStore
 
         # sqlite:///abs/path.db is absolute; sqlite:relative/path.db is relative to the working directory
@@ -33,6 +34,7 @@ def open_store(url: str) -> Store:
         sync = query.get("synchronous", "NORMAL").upper()
         if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {sync}")
+        create_private(path)
         return SQLiteStore(path, synchronous=sync, busy_timeout_ms=int(query.get("busy_timeout_ms", "10000")))
     if parsed.scheme in ("redis", "rediss"):
         from .redis import RedisStore

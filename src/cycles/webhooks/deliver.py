@@ -55,7 +55,7 @@ from ..protocol.errors import ProtocolError, VersionConflict
 from ..store.base import Store, reset_journal, start_journal
 from . import dispatch as D
 from . import signing, urlpolicy
-from .subscriptions import header_values, iso, load_url_policy, signing_secrets
+from .subscriptions import header_problem, header_values, iso, load_url_policy, signing_secrets
 
 log = logging.getLogger("cycles.webhooks")
 
@@ -227,6 +227,14 @@ class Sender:
         return Result("transport_error", error=last_error[:500], duration_ms=took(), sent=False)
 
 
+class SealedUnreadable(ValueError):
+    pass
+
+
+class HeaderUnusable(ValueError):
+    pass
+
+
 def traceparent(trace_id: str, flags: str = "01") -> str:
     span = os.urandom(8).hex()
     while span == "0" * 16:
@@ -238,9 +246,21 @@ def build_headers(sub: dict[str, Any], box: Any, body: bytes, *, delivery_id: st
                   trace_id: str, trace_flags: str = "01", request_id: str | None = None,
                   now_ms: int | None = None) -> httpx.Headers:
     """Every header of one attempt: the subscription's custom headers (opened), then ours (they win),
-    then the signatures over the exact body. Raises ValueError when a sealed value cannot be opened."""
+    then the signatures over the exact body. Raises SealedUnreadable when a sealed value cannot be opened,
+    HeaderUnusable when a stored custom header cannot be sent."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    headers = httpx.Headers(header_values(sub, box) if sub.get("headers") else {})
+    try:
+        custom = header_values(sub, box) if sub.get("headers") else {}
+        secrets = signing_secrets(sub, box, now_ms)
+    except Exception as exc:  # noqa: BLE001 - a value sealed under another key (or damaged)
+        raise SealedUnreadable("the subscription's signing secret or headers cannot be opened with this "
+                               "server's CYCLES_WEBHOOK_SECRET_KEY") from exc
+    for name, value in custom.items():  # stored before header values were validated on write
+        problem = header_problem(name, value)
+        if problem:
+            raise HeaderUnusable(f"the subscription's custom headers cannot be sent: {problem}; "
+                                 "replace them with a PATCH of headers")
+    headers = httpx.Headers(custom)
     ours = {
         "Content-Type": "application/json", "User-Agent": USER_AGENT,
         "X-Cycles-Event-Id": event_id, "X-Cycles-Event-Type": event_type, "X-Cycles-Delivery-Id": delivery_id,
@@ -248,7 +268,6 @@ def build_headers(sub: dict[str, Any], box: Any, body: bytes, *, delivery_id: st
     }
     if request_id:
         ours["X-Request-Id"] = request_id
-    secrets = signing_secrets(sub, box, now_ms)
     ours.update(signing.sign_headers(body, secrets, delivery_id, _now_s()))
     for name, value in ours.items():
         headers[name] = value
@@ -532,9 +551,11 @@ class Worker:
                                     event_type=event["event_type"], trace_id=rec.get("trace_id") or event.get("trace_id")
                                     or os.urandom(16).hex(), trace_flags=rec.get("trace_flags") or "01",
                                     request_id=event.get("request_id"), now_ms=now)
-        except Exception:  # noqa: BLE001 - a value sealed under another key
-            return await self._give_up(rec, "secret_unreadable", "the subscription's signing secret or headers "
-                                       "cannot be opened with this server's CYCLES_WEBHOOK_SECRET_KEY")
+        except HeaderUnusable as exc:
+            return await self._give_up(rec, "header_invalid", str(exc))
+        except Exception as exc:  # noqa: BLE001 - SealedUnreadable: a value sealed under another key
+            return await self._give_up(rec, "secret_unreadable", str(exc) if isinstance(exc, SealedUnreadable) else
+                                       f"the delivery headers could not be built: {exc}")
         url_policy = await load_url_policy(store)
         budget_ms = min(self.config.timeout_ms, int(rec["lease_until_ms"]) - now - LEASE_MARGIN_MS // 2)
         if budget_ms <= 0:

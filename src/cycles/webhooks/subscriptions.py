@@ -288,19 +288,34 @@ def _scope_filter(value: str | None) -> str | None:
     return value
 
 
+def header_problem(name: str, value: str) -> str | None:
+    """Why this custom header cannot be sent on the wire, or None. Values are sent as ASCII (httpx, and
+    most receivers, refuse anything else): visible characters, spaces and tabs only (RFC 9110 field-value)."""
+    if not _HEADER_NAME.fullmatch(name):
+        return f"header name {name[:64]!r} is not a valid HTTP header name"
+    for i, c in enumerate(value):
+        if not (" " <= c <= "~" or c == "\t"):
+            what = "CR, LF and NUL" if c in "\r\n\x00" else ("control characters" if c < " " or c == "\x7f"
+                                                              else "non-ASCII characters")
+            return (f"header {name} value must be printable ASCII (no {what}): "
+                    f"U+{ord(c):04X} at position {i}")
+    return None
+
+
 def _check_headers(headers: dict[str, str]) -> None:
     seen: set[str] = set()
     for name, value in headers.items():
         lowered = name.lower()
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):
             raise invalid(f"header name {name[:64]!r} is not a valid HTTP header name")
         if lowered in RESERVED_HEADERS or lowered.startswith("x-cycles-"):
             raise invalid(f"header {name} is set by the server and cannot be overridden")
         if lowered in seen:
             raise invalid(f"header {name} is given twice (header names are case-insensitive)")
         seen.add(lowered)
-        if any(c in value for c in "\r\n\x00"):
-            raise invalid(f"header {name} value must not contain CR, LF or NUL")
+        problem = header_problem(name, value)
+        if problem:
+            raise invalid(problem)
 
 
 def _check_retry(policy: dict[str, Any]) -> None:

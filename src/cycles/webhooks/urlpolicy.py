@@ -10,9 +10,19 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-DEFAULT_BLOCKED = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
-                   "0.0.0.0/8", "100.64.0.0/10", "224.0.0.0/4", "240.0.0.0/4", "::1/128", "::/128",
-                   "fc00::/7", "fe80::/10", "ff00::/8", "::ffff:0:0/96")
+# Every range of the IANA IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890 and updates, as of
+# 2025), plus multicast and the deprecated site-local and IPv4-compatible forms. Test and documentation
+# ranges are included: they are special-purpose, and nothing legitimate is served there.
+DEFAULT_BLOCKED = (
+    # IPv4
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/8",
+    "100.64.0.0/10", "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
+    "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    # IPv6
+    "::1/128", "::/128", "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
+    "100::/64", "100:0:0:1::/64", "2001::/23", "2001:db8::/32", "2002::/16", "2620:4f:8000::/48", "3fff::/20",
+    "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+)
 
 
 class UrlRejected(ValueError):
@@ -58,11 +68,33 @@ def check_syntax(url: str, policy: UrlPolicy) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
 
 
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and that a translator or tunnel may reach: IPv4-mapped,
+    IPv4-compatible, SIIT, NAT64 (well-known and local-use prefixes, RFC 6052 layouts), 6to4 and Teredo.
+    Checked even when the operator unblocks the IPv6 prefix itself (e.g. for DNS64)."""
+    b = ip.packed
+    v4 = ipaddress.IPv4Address
+    if b[:10] == bytes(10) and b[10:12] in (b"\xff\xff", b"\x00\x00"):  # ::ffff:a.b.c.d, ::a.b.c.d
+        return [v4(b[12:])]
+    if b[:12] == bytes(8) + b"\xff\xff\x00\x00":  # ::ffff:0:a.b.c.d (SIIT)
+        return [v4(b[12:])]
+    if b[:12] == b"\x00\x64\xff\x9b" + bytes(8):  # 64:ff9b::/96
+        return [v4(b[12:])]
+    if b[:6] == b"\x00\x64\xff\x9b\x00\x01":  # 64:ff9b:1::/48, whichever RFC 6052 prefix length it uses
+        return [v4(b[6:8] + b[9:11]), v4(b[7:8] + b[9:12]), v4(b[9:13]), v4(b[12:])]
+    if b[:2] == b"\x20\x02":  # 2002:aabb:ccdd::/48 (6to4)
+        return [v4(b[2:6])]
+    if b[:4] == b"\x20\x01\x00\x00":  # 2001::/32 (Teredo): the server, and the client (inverted)
+        return [v4(b[4:8]), v4(bytes(x ^ 0xFF for x in b[12:]))]
+    return []
+
+
 def _blocked(address: str, nets: list) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in nets)
+    candidates: list = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates += embedded_ipv4(ip)
+    return any(c.version == n.version and c in n for c in candidates for n in nets)
 
 
 def resolve(url: str, policy: UrlPolicy) -> Target:

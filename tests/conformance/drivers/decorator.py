@@ -1,6 +1,7 @@
 """The @cycles decorator against our server. Modes: happy, no_actual, raise, keyboard_interrupt,
 dry_allow, dry_deny, reject_overage (actual above the estimate under REJECT),
-expire (reservation expires while the guarded function runs)."""
+expire (reservation expires while the guarded function runs), finalized (the reservation is released by
+another caller while the guarded function runs, so the decorator's commit meets RESERVATION_FINALIZED)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from typing import Any
 
 from _common import config, emit, exc_info, flush_sync_engines, journal_files, params, wait_journal_empty
 
-from runcycles import CyclesClient, CyclesMetrics, DryRunResult, cycles, get_cycles_context
+from runcycles import CyclesClient, CyclesMetrics, DryRunResult, ReleaseRequest, cycles, get_cycles_context
 
 p = params()
 mode = p["mode"]
 client = CyclesClient(config(p))
 state: dict[str, Any] = {"executions": 0, "reservation_id": None, "ctx_expires_at_ms": None, "decision": None,
-                         "caps": None, "shell_allowed": None}
+                         "caps": None, "shell_allowed": None, "release_status": None}
 common = dict(action_kind="llm.completion", action_name="conformance-model", client=client)
 
 
@@ -55,6 +56,14 @@ elif mode == "reject_overage":
 elif mode == "expire":
     fn = cycles(estimate=estimate, actual=lambda r: p["actual"], ttl_ms=1000, grace_period_ms=0,
                 **common)(lambda: _body(p["sleep_s"]))
+elif mode == "finalized":
+    def _released_meanwhile() -> str:
+        done = _body()
+        rid = state["reservation_id"]
+        released = client.release_reservation(rid, ReleaseRequest(idempotency_key=f"rel-{rid}", reason="elsewhere"))
+        state["release_status"] = released.status
+        return done
+    fn = cycles(estimate=estimate, actual=lambda r: p.get("actual", 700), **common)(_released_meanwhile)
 else:
     raise SystemExit(f"unknown mode {mode}")
 
@@ -71,6 +80,7 @@ out: dict[str, Any] = {
     "decision": state["decision"],
     "caps": state["caps"],
     "shell_allowed": state["shell_allowed"],
+    "release_status": state["release_status"],
     "result_type": type(result).__name__,
     "result": result.model_dump(mode="json", exclude_none=True) if isinstance(result, DryRunResult) else result,
     "error": exc_info(error),
