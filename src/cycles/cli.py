@@ -11,10 +11,36 @@ from typing import Optional
 
 import typer
 
+from . import help_format, startup
 from .store import default_data_dir, default_store_url, open_store
 
+help_format.install()
 app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.", no_args_is_help=True,
                   add_completion=False)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"cycles {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", envvar="CYCLES_DEBUG",
+                               help="Show the full traceback when a command fails."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Cycles: the runtime budget and action authority for AI agents.
+
+    Exit codes: 1 the server refused, 2 bad usage, 3 missing configuration, 4 data directory unusable,
+    5 store or server unreachable, 6 cannot listen on the address.
+    """
+    if debug:
+        os.environ["CYCLES_DEBUG"] = "1"
 
 
 async def bootstrap_admin_key(store_url: str) -> str | None:
@@ -36,39 +62,13 @@ async def bootstrap_admin_key(store_url: str) -> str | None:
 
 
 def _store_with_secret_key(store: str | None, data_dir: str | None) -> str:
-    """The store URL to use, after making sure webhook secrets can be sealed (exit 2 if not)."""
+    """The store URL to use, after checking it and making sure webhook secrets can be sealed."""
     store_url = store or default_store_url(data_dir or default_data_dir())
-    try:
-        _webhook_secret_key(store_url)
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    startup.check_store_url(store_url)
+    startup.ensure_data_dir(store_url)
+    startup.ensure_webhook_key(store_url)
+    os.environ["CYCLES_STORE_URL"] = store_url  # also names the store in a failure's one-line message
     return store_url
-
-
-def _webhook_secret_key(store_url: str) -> None:
-    """Webhook signing secrets are sealed with a key the server must have before it starts. On the
-    embedded store (one machine) a key file beside the database is made once and reused; servers
-    sharing a Redis store must all be given the same key (CYCLES_WEBHOOK_SECRET_KEY)."""
-    import base64
-    import secrets as _secrets
-
-    from .webhooks.crypto import KEY_ENV, PLAINTEXT_ENV, SecretBox
-
-    if os.environ.get(KEY_ENV) or os.environ.get(PLAINTEXT_ENV):
-        SecretBox.from_env()  # a malformed key fails here, before the server starts
-        return
-    if not store_url.startswith("sqlite:///"):
-        raise RuntimeError(f"set {KEY_ENV} (the same 32-byte key, base64, on every server sharing this store), "
-                           f"or {PLAINTEXT_ENV}=1 to keep webhook secrets in plaintext")
-    path = os.path.join(os.path.dirname(os.path.abspath(store_url[len("sqlite:///"):])), "webhook-secret.key")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(_secrets.token_bytes(32)).decode())
-    with open(path) as f:
-        os.environ[KEY_ENV] = f.read().strip()
 
 
 from .demos.cli import app as demo_app  # noqa: E402
@@ -105,10 +105,13 @@ def serve(
     import uvicorn
 
     store_url = _store_with_secret_key(store, data_dir)
+    startup.check_port(host, port)  # before a key is generated and shown for a server that never starts
+    startup.probe_store(store_url)
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
         typer.echo(f"  {new_key}")
+        typer.echo("  Lost it? Restart with CYCLES_ADMIN_API_KEY=<a new secret>: that key then replaces it.")
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
@@ -278,7 +281,20 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Every failure ends as one line and a distinct exit code (cycles.startup); --debug shows tracebacks."""
+    import sys
+
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - the last resort of a command-line program
+        if startup.debug_enabled():
+            raise
+        verdict = startup.classify(exc, os.environ.get("CYCLES_STORE_URL"))
+        if verdict is None:
+            typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+            sys.exit(1)
+        typer.echo(f"error: {verdict.message}", err=True)
+        sys.exit(verdict.code)
 
 
 if __name__ == "__main__":

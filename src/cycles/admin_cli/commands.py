@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Iterator, List, Literal, NoReturn, 
 import httpx
 import typer
 
+from .. import startup
 from . import render
 from .client import DEFAULT_URL, AdminClient, ApiError, Connection, UsageError, connect
 
@@ -23,7 +24,8 @@ OveragePolicy = Literal["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT"]
 FundOperation = Literal["CREDIT", "DEBIT", "RESET", "REPAY_DEBT", "RESET_SPENT"]
 
 Json = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer instead of a table.")]
-Url = Annotated[str, typer.Option("--url", envvar="CYCLES_URL", show_envvar=True, help="Server base URL.")]
+Url = Annotated[str, typer.Option("--url", envvar=["CYCLES_BASE_URL", "CYCLES_URL"], show_envvar=True,
+                                   help="Server base URL (CYCLES_URL is the deprecated name).")]
 AdminKey = Annotated[Optional[str], typer.Option(
     "--admin-key", envvar="CYCLES_ADMIN_API_KEY", show_envvar=True, show_default=False,
     help="Operator key (X-Admin-API-Key).")]
@@ -59,7 +61,16 @@ app.add_typer(reservations_app, name="reservations")
 @app.callback()
 def admin(ctx: typer.Context, url: Url = DEFAULT_URL, admin_key: AdminKey = None, store: Store = None) -> None:
     """Admin commands. Connect with --url and --admin-key, or work on a store directly with --store."""
+    deprecated_env()
     ctx.obj = Connection(url=url, admin_key=admin_key, store=store)
+
+
+def deprecated_env() -> None:
+    import os
+
+    if os.environ.get("CYCLES_URL") and not os.environ.get("CYCLES_BASE_URL"):
+        typer.echo("note: CYCLES_URL is deprecated; set CYCLES_BASE_URL (the name the SDK, MCP and demos read)",
+                   err=True)
 
 
 def usage(message: str) -> NoReturn:
@@ -74,13 +85,32 @@ def session(conn: Connection) -> Iterator[AdminClient]:
         with connect(conn) as client:
             yield client
     except ApiError as err:
-        render.error(err.code, err.message, err.request_id)
-        raise typer.Exit(1)
+        render.error(err.code, err.message + key_hint(err, conn.admin_key, admin=True), err.request_id)
+        raise typer.Exit(startup.EXIT_REFUSED)
+    except httpx.TransportError as err:
+        render.error("CONNECTION_FAILED", f"cannot reach {conn.describe()} ({err or type(err).__name__}); is "
+                     "`cycles serve` running there? Check --url / CYCLES_BASE_URL")
+        raise typer.Exit(startup.EXIT_UNREACHABLE)
     except httpx.HTTPError as err:
         render.error("CONNECTION_FAILED", f"{conn.describe()}: {err}")
-        raise typer.Exit(1)
+        raise typer.Exit(startup.EXIT_UNREACHABLE)
+    except startup.StartupError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(err.code)
     except UsageError as err:
         usage(str(err))
+
+
+def key_hint(err: ApiError, key: str | None, *, admin: bool) -> str:
+    """Which kind of key a 401 wanted, when the one sent is visibly the other kind."""
+    if err.status != 401 or not key:
+        return ""
+    if admin and key.startswith("cyc_live_"):
+        return ("; this is a tenant API key (X-Cycles-API-Key): admin commands need the operator key "
+                "(X-Admin-API-Key, CYCLES_ADMIN_API_KEY)")
+    if not admin and key.startswith("cyc_op_"):
+        return "; this is an operator key (X-Admin-API-Key): runtime commands need a tenant API key (CYCLES_API_KEY)"
+    return ""
 
 
 def run(ctx: typer.Context, as_json: bool, call: Callable[[AdminClient], Any], show: Callable[[Any], None]) -> None:
@@ -538,6 +568,7 @@ def apply_command(
         for problem in err.problems:
             typer.echo(f"{file}: {problem}", err=True)
         raise typer.Exit(2)
+    deprecated_env()
     conn = Connection(url=url, admin_key=admin_key, store=store)
     with session(conn) as client:
         code = apply.run(client, doc, plan_only=plan_only, as_json=as_json)
