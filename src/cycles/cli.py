@@ -84,6 +84,10 @@ from .admin_cli.commands import app as admin_app, apply_command  # noqa: E402
 app.add_typer(admin_app, name="admin")
 app.command(name="apply")(apply_command)
 
+from .admin_cli.runtime import register as register_runtime  # noqa: E402
+
+register_runtime(app)
+
 
 @app.command()
 def serve(

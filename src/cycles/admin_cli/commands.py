@@ -80,19 +80,27 @@ def usage(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def session(conn: Connection) -> Iterator[AdminClient]:
-    """A client whose failures end the command: exit 1 for the server's errors, 2 for unusable options."""
-    try:
+    """A client whose failures end the command (see `failures`)."""
+    with failures(conn.describe(), conn.admin_key, admin=True):
         with connect(conn) as client:
             yield client
+
+
+@contextlib.contextmanager
+def failures(where: str, key: str | None, *, admin: bool) -> Iterator[None]:
+    """Failures end the command as one line: exit 1 for the server's errors, 2 for unusable options,
+    5 when the server or store cannot be reached, and the startup codes (cycles.startup) otherwise."""
+    try:
+        yield
     except ApiError as err:
-        render.error(err.code, err.message + key_hint(err, conn.admin_key, admin=True), err.request_id)
+        render.error(err.code, err.message + key_hint(err, key, admin=admin), err.request_id)
         raise typer.Exit(startup.EXIT_REFUSED)
     except httpx.TransportError as err:
-        render.error("CONNECTION_FAILED", f"cannot reach {conn.describe()} ({err or type(err).__name__}); is "
+        render.error("CONNECTION_FAILED", f"cannot reach {where} ({err or type(err).__name__}); is "
                      "`cycles serve` running there? Check --url / CYCLES_BASE_URL")
         raise typer.Exit(startup.EXIT_UNREACHABLE)
     except httpx.HTTPError as err:
-        render.error("CONNECTION_FAILED", f"{conn.describe()}: {err}")
+        render.error("CONNECTION_FAILED", f"{where}: {err}")
         raise typer.Exit(startup.EXIT_UNREACHABLE)
     except startup.StartupError as err:
         typer.echo(f"error: {err.message}", err=True)
