@@ -205,10 +205,21 @@ def audit(page: dict[str, Any]) -> None:
 
 def overview(o: dict[str, Any]) -> None:
     typer.echo(f"As of {o.get('as_of')} (events over the last {o.get('event_window_seconds')} s)")
-    for name in ("tenant_counts", "budget_counts", "webhook_counts", "event_counts"):
+    for name in ("tenant_counts", "budget_counts", "webhook_counts"):
         counts = o.get(name)
         if isinstance(counts, dict):
             table(name.replace("_", " ").capitalize(), ["What", "Count"], sorted(counts.items()), numeric=["Count"])
+    events = o.get("event_counts") or {}
+    table("Events", ["What", "Count"], [["total_recent", events.get("total_recent", 0)]] +
+          sorted((events.get("by_category") or {}).items()), numeric=["Count"])
+    for title, name in (("Recent denials", "recent_denials"), ("Recent expiries", "recent_expiries")):
+        table(title, ["Time", "Tenant", "Scope", "Event", "Reason"],
+              ([e.get("timestamp"), e.get("tenant_id"), e.get("scope"), e.get("event_id"),
+                (e.get("data") or {}).get("reason_code") if isinstance(e.get("data"), dict) else None]
+               for e in o.get(name) or []))
+    table("Failing webhooks", ["Subscription", "URL", "Failures", "Last failure"],
+          ([w.get("subscription_id"), w.get("url"), w.get("consecutive_failures"), w.get("last_failure_at")]
+           for w in o.get("failing_webhooks") or []), numeric=["Failures"], whole=("Subscription", "URL"))
     table("Over-limit budgets", ["Scope", "Unit", "Allocated", "Remaining", "Debt"],
           ([s.get("scope"), s.get("unit"), s.get("allocated"), s.get("remaining"), s.get("debt")]
            for s in o.get("over_limit_scopes") or []), numeric=["Allocated", "Remaining", "Debt"])
