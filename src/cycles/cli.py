@@ -15,8 +15,10 @@ from . import help_format, startup
 from .store import default_data_dir, default_store_url, open_store
 
 help_format.install()
-app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.\n\n"
+                       "Exit codes: 1 the server refused, 2 bad usage, 3 missing configuration, 4 data "
+                       "directory unusable, 5 store or server unreachable, 6 cannot listen on the address.",
+                  no_args_is_help=True, add_completion=False)
 
 
 def _show_version(value: bool) -> None:
@@ -34,11 +36,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    """Cycles: the runtime budget and action authority for AI agents.
-
-    Exit codes: 1 the server refused, 2 bad usage, 3 missing configuration, 4 data directory unusable,
-    5 store or server unreachable, 6 cannot listen on the address.
-    """
+    """Options of every command."""
     if debug:
         os.environ["CYCLES_DEBUG"] = "1"
 
@@ -227,7 +225,7 @@ def worker(
                                  "dies leaves it to another after this."),
     timeout_ms: int = typer.Option(30_000, min=100, help="Request timeout; must be shorter than --lease-ms."),
     poll_ms: int = typer.Option(200, min=10, help="How often the queue and the event log are read when idle."),
-    dispatch: bool = typer.Option(True, help="Also turn new events into deliveries (--no-dispatch: deliver only)."),
+    dispatch: bool = typer.Option(True, help="Also turn new events into deliveries (off: deliver only)."),
     metrics_port: int = typer.Option(0, min=0, max=65535, help="Serve Prometheus metrics on this port (0: off)."),
     metrics_host: str = typer.Option("127.0.0.1", help="Address of the metrics listener."),
     log_level: str = typer.Option("info", help="Log level."),

@@ -38,7 +38,8 @@ Scope = Annotated[Optional[str], typer.Option("--scope", help="Canonical scope, 
                                                              "(default: tenant:<tenant>).")]
 Unit = Annotated[UnitName, typer.Option("--unit", help="Budget unit.")]
 OptUnit = Annotated[Optional[UnitName], typer.Option("--unit", help="Budget unit.")]
-Overage = Annotated[Optional[OveragePolicy], typer.Option("--commit-overage-policy")]
+Overage = Annotated[Optional[OveragePolicy], typer.Option(
+    "--commit-overage-policy", metavar="POLICY", help="REJECT, ALLOW_IF_AVAILABLE or ALLOW_WITH_OVERDRAFT.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Page size.")]
 Cursor = Annotated[Optional[str], typer.Option("--cursor", help="Cursor from the previous page.")]
 All = Annotated[bool, typer.Option("--all", help="Follow cursors and print every page.")]
@@ -186,7 +187,8 @@ def _tenant_settings(overage: str | None, default_ttl: int | None, max_ttl: int 
             "max_reservation_ttl_ms": max_ttl, "max_reservation_extensions": max_ext, "metadata": _metadata(metadata)}
 
 
-TenantOverage = Annotated[Optional[OveragePolicy], typer.Option("--default-commit-overage-policy")]
+TenantOverage = Annotated[Optional[OveragePolicy], typer.Option(
+    "--default-commit-overage-policy", metavar="POLICY", help="REJECT, ALLOW_IF_AVAILABLE or ALLOW_WITH_OVERDRAFT.")]
 DefaultTtl = Annotated[Optional[int], typer.Option("--default-reservation-ttl-ms", min=1000, max=86_400_000)]
 MaxTtl = Annotated[Optional[int], typer.Option("--max-reservation-ttl-ms", min=1000, max=86_400_000)]
 MaxExt = Annotated[Optional[int], typer.Option("--max-reservation-extensions", min=0)]
