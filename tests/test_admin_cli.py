@@ -311,3 +311,23 @@ def test_local_mode_then_serve_the_same_store(tmp_path: Path) -> None:
         assert over_http.exit_code == 0 and json.loads(over_http.stdout)["tenant_id"] == "local-acme"
     finally:
         srv.stop()
+
+
+def test_tables_at_80_columns_keep_ids_whole(server: Server) -> None:
+    """Issue 15 item 11: ids, scopes and times are never wrapped, so they can be copied."""
+    tenant = new_tenant(server)
+    tenant.budget(amount=10_000_000)
+    with tenant.client() as c:
+        rid = c.post("/v1/reservations", json=reserve_body(tenant, 1_000)).json()["reservation_id"]
+    env = {**os.environ, "COLUMNS": "80", "CYCLES_BASE_URL": server.base_url, "CYCLES_API_KEY": tenant.key,
+           "CYCLES_TENANT": tenant.tenant_id, "CYCLES_ADMIN_API_KEY": server.admin_key}
+    keys = subprocess.run([cycles_bin(), "admin", "keys", "list", "--tenant", tenant.tenant_id], env=env,
+                          capture_output=True, text=True, timeout=30)
+    listed = subprocess.run([cycles_bin(), "reservations"], env=env, capture_output=True, text=True, timeout=30)
+    balance = subprocess.run([cycles_bin(), "balance"], env=env, capture_output=True, text=True, timeout=30)
+    assert keys.returncode == listed.returncode == balance.returncode == 0, keys.stderr + listed.stderr
+    with server.admin() as c:
+        key_id = c.get("/v1/admin/api-keys", params={"tenant_id": tenant.tenant_id}).json()["keys"][0]["key_id"]
+    assert key_id in keys.stdout and rid in listed.stdout and f"tenant:{tenant.tenant_id}" in balance.stdout
+    row = next(line for line in listed.stdout.splitlines() if rid in line)
+    assert "ACTIVE" in row and "USD_MICROCENTS" in row  # the whole row on one line
