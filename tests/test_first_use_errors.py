@@ -63,6 +63,11 @@ def test_data_dir_problems(tmp_path: Path) -> None:
              "cannot create data directory", "--data-dir")
     one_line(cycles("serve", "--data-dir", str(tmp_path / "afile"), tmp=tmp_path), 4, "is a file")
     one_line(cycles("serve", "--data-dir", "/sys/cycles-not-writable", tmp=tmp_path), 4, "cannot create")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "cycles.db").write_bytes(b"not a database " * 100)
+    one_line(cycles("serve", "--data-dir", str(garbage), "--port", str(free_port()), tmp=tmp_path), 4,
+             "is not a Cycles SQLite database")
     blocked = tmp_path / "blocked"
     (blocked / "webhook-secret.key").mkdir(parents=True)  # the key file cannot be written or read
     one_line(cycles("serve", "--data-dir", str(blocked), tmp=tmp_path), 4, "webhook-secret.key")
@@ -76,6 +81,7 @@ def test_redis_not_running(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{closed_port()}/0"
     one_line(cycles("serve", "--store", url, tmp=tmp_path, CYCLES_WEBHOOK_SECRET_KEY=KEY), 5,
              "cannot connect to Redis", "start redis-server")
+    one_line(cycles("worker", "--store", url, tmp=tmp_path, CYCLES_WEBHOOK_SECRET_KEY=KEY), 5, "cannot connect to Redis")
     err = one_line(cycles("admin", "--store", url, "tenants", "list", tmp=tmp_path), 5, "cannot connect to Redis")
     assert "idempotency" not in err
     debug = cycles("--debug", "serve", "--store", url, tmp=tmp_path, CYCLES_WEBHOOK_SECRET_KEY=KEY)

@@ -238,6 +238,7 @@ def worker(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store_url = _store_with_secret_key(store, data_dir)
+    startup.probe_store(store_url)
     from .server.metrics import Metrics
     from .webhooks.crypto import SecretBox
     from .webhooks.deliver import Engine, EngineConfig, WorkerConfig
