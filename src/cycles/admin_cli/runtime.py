@@ -80,7 +80,7 @@ def reserve(amount: Annotated[int, typer.Argument(min=1, help="Estimate, in the 
     else:
         decision = answer.get("decision")
         rid = answer.get("reservation_id")
-        typer.echo(f"{decision}" + (f" {rid}" if rid else "") +
+        typer.echo(f"{decision}" + (f" {rid}" if rid else "") + (" (dry run: nothing held)" if dry_run else "") +
                    (f" (reason {answer['reason_code']})" if answer.get("reason_code") else "") +
                    (f", expires {render.ms_time(answer.get('expires_at_ms'))}" if answer.get("expires_at_ms") else ""))
         if rid:
