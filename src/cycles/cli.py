@@ -113,7 +113,8 @@ def serve(
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
         typer.echo(f"  {new_key}")
-        typer.echo("  Lost it? Restart with CYCLES_ADMIN_API_KEY=<a new secret>: that key then replaces it.")
+        typer.echo("  Lost it? Start the server with CYCLES_ADMIN_API_KEY=<a secret you choose>: while set, "
+                   "it is the operator key.")
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)

@@ -10,14 +10,13 @@ import contextlib
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, List, Literal, NoReturn, Optional
+from typing import Annotated, Any, Callable, Iterator, List, Literal, Optional
 
-import httpx
 import typer
 
-from .. import startup
 from . import render
-from .client import DEFAULT_URL, AdminClient, ApiError, Connection, UsageError, connect
+from .client import DEFAULT_URL, AdminClient, Connection, connect
+from .failures import failures, usage
 
 UnitName = Literal["USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS"]
 OveragePolicy = Literal["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT"]
@@ -74,52 +73,12 @@ def deprecated_env() -> None:
                    err=True)
 
 
-def usage(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 @contextlib.contextmanager
 def session(conn: Connection) -> Iterator[AdminClient]:
     """A client whose failures end the command (see `failures`)."""
     with failures(conn.describe(), conn.admin_key, admin=True):
         with connect(conn) as client:
             yield client
-
-
-@contextlib.contextmanager
-def failures(where: str, key: str | None, *, admin: bool) -> Iterator[None]:
-    """Failures end the command as one line: exit 1 for the server's errors, 2 for unusable options,
-    5 when the server or store cannot be reached, and the startup codes (cycles.startup) otherwise."""
-    try:
-        yield
-    except ApiError as err:
-        render.error(err.code, err.message + key_hint(err, key, admin=admin), err.request_id)
-        raise typer.Exit(startup.EXIT_REFUSED)
-    except httpx.TransportError as err:
-        render.error("CONNECTION_FAILED", f"cannot reach {where} ({err or type(err).__name__}); is "
-                     "`cycles serve` running there? Check --url / CYCLES_BASE_URL")
-        raise typer.Exit(startup.EXIT_UNREACHABLE)
-    except httpx.HTTPError as err:
-        render.error("CONNECTION_FAILED", f"{where}: {err}")
-        raise typer.Exit(startup.EXIT_UNREACHABLE)
-    except startup.StartupError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(err.code)
-    except UsageError as err:
-        usage(str(err))
-
-
-def key_hint(err: ApiError, key: str | None, *, admin: bool) -> str:
-    """Which kind of key a 401 wanted, when the one sent is visibly the other kind."""
-    if err.status != 401 or not key:
-        return ""
-    if admin and key.startswith("cyc_live_"):
-        return ("; this is a tenant API key (X-Cycles-API-Key): admin commands need the operator key "
-                "(X-Admin-API-Key, CYCLES_ADMIN_API_KEY)")
-    if not admin and key.startswith("cyc_op_"):
-        return "; this is an operator key (X-Admin-API-Key): runtime commands need a tenant API key (CYCLES_API_KEY)"
-    return ""
 
 
 def run(ctx: typer.Context, as_json: bool, call: Callable[[AdminClient], Any], show: Callable[[Any], None]) -> None:

@@ -16,7 +16,8 @@ import typer
 
 from . import render
 from .client import DEFAULT_URL, AdminClient
-from .commands import Json, Limit, Cursor, All, UnitName, failures, usage
+from .commands import All, Cursor, Json, Limit, UnitName
+from .failures import failures, usage
 
 BaseUrl = Annotated[str, typer.Option("--url", envvar="CYCLES_BASE_URL", show_envvar=True,
                                       help="Server base URL.")]
