@@ -125,6 +125,9 @@ def test_key_of_the_wrong_kind_gets_a_hint(server: Server, tmp_path: Path) -> No
     with server.admin() as c:
         op = c.post("/v1/admin/operator-keys", json={"name": f"op-{tenant.tenant_id}"})
     assert op.status_code == 201, op.text
+    one_line(cycles("reservations", "--url", server.base_url, "--api-key", server.admin_key if
+                    server.admin_key.startswith("cyc_admin_") else "cyc_admin_" + server.admin_key,
+                    "--tenant", tenant.tenant_id, tmp=tmp_path), 1, "this is an operator key")
     one_line(cycles("balance", "--url", server.base_url, "--api-key", op.json()["key_secret"], "--tenant",
                     tenant.tenant_id, tmp=tmp_path), 1, "this is an operator key")
 

@@ -48,7 +48,7 @@ def key_hint(err: ApiError, key: str | None, *, admin: bool) -> str:
     if admin and key.startswith("cyc_live_"):
         return ("; this is a tenant API key (X-Cycles-API-Key): admin commands need the operator key "
                 "(X-Admin-API-Key, CYCLES_ADMIN_API_KEY)")
-    if not admin and key.startswith("cyc_op_"):
+    if not admin and key.startswith(("cyc_op_", "cyc_admin_")):
         return "; this is an operator key (X-Admin-API-Key): runtime commands need a tenant API key (CYCLES_API_KEY)"
     return ""
 
