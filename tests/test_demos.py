@@ -177,10 +177,13 @@ def test_demo_with_the_admin_key_on_an_existing_server_uses_and_closes_a_fresh_t
 def test_demo_explains_a_missing_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYCLES_")}
     env["CYCLES_BASE_URL"] = "http://127.0.0.1:9"
-    proc = subprocess.run([cycles_bin(), "demo", "runaway", "--server", "--mode", "guarded"], env=env, capture_output=True,
-                          text=True, timeout=30)
+    args = [cycles_bin(), "demo", "runaway", "--server", "--mode", "guarded"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "neither CYCLES_API_KEY" in proc.stdout
+    env["CYCLES_API_KEY"] = "cyc_live_whatever"
+    unreachable = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
+    assert unreachable.returncode == 5 and "cannot reach the Cycles server" in unreachable.stdout
 
 
 # ---- the public demo agent, published SDK, provisioned exactly like scripts/provision.sh -------------------

@@ -54,7 +54,7 @@ def _backend(console: Any, server: bool) -> Any:
         backend.__enter__()
     except DemoSetupError as exc:
         console.print(f"[bold red]Cannot set up the demo:[/] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     return backend
 
 
@@ -92,7 +92,7 @@ def runaway(
             ok = guarded.outcome == "budget-exceeded"
         except DemoSetupError as exc:
             console.print(f"[bold red]Demo setup failed:[/] {exc}")
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         finally:
             backend.close()
             for note in backend.notes:
@@ -130,7 +130,7 @@ def action_authority(mode: Mode = MODE, speed: float = SPEED, json_out: Optional
             ok = outcome.denial is not None and outcome.error is None
         except DemoSetupError as exc:
             console.print(f"[bold red]Demo setup failed:[/] {exc}")
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         finally:
             backend.close()
             for note in backend.notes:
