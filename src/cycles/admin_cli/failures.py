@@ -26,7 +26,8 @@ def failures(where: str, key: str | None, *, admin: bool) -> Iterator[None]:
         yield
     except ApiError as err:
         render.error(err.code, err.message + key_hint(err, key, admin=admin), err.request_id)
-        raise typer.Exit(startup.EXIT_REFUSED)
+        # 503: the server is up but its store is not (health DOWN): unreachable, not a refusal
+        raise typer.Exit(startup.EXIT_UNREACHABLE if err.status == 503 else startup.EXIT_REFUSED)
     except httpx.TransportError as err:
         render.error("CONNECTION_FAILED", f"cannot reach {where} ({err or type(err).__name__}); is "
                      "`cycles serve` running there? Check --url / CYCLES_BASE_URL")
