@@ -295,10 +295,13 @@ def main() -> None:
             raise
         verdict = startup.classify(exc, os.environ.get("CYCLES_STORE_URL"))
         if verdict is None:
-            typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
-            sys.exit(1)
+            typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (a bug: run with --debug for the "
+                       "traceback and report it)", err=True)
+            sys.exit(startup.EXIT_BUG)
         typer.echo(f"error: {verdict.message}", err=True)
         sys.exit(verdict.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ EXIT_CONFIG = 3        # a required setting is missing or malformed (e.g. the we
 EXIT_DATA_DIR = 4      # the data directory or database file cannot be created, written or read
 EXIT_UNREACHABLE = 5   # the store (Redis) or the Cycles server cannot be reached
 EXIT_PORT = 6          # the address to listen on is taken or not allowed
+EXIT_BUG = 70          # anything else: an unexpected error (EX_SOFTWARE)
 
 KEY_ENV = "CYCLES_WEBHOOK_SECRET_KEY"
 PLAINTEXT_ENV = "CYCLES_WEBHOOK_ALLOW_PLAINTEXT"
