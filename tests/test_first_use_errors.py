@@ -73,12 +73,8 @@ def test_data_dir_problems(tmp_path: Path) -> None:
     one_line(cycles("serve", "--data-dir", str(blocked), tmp=tmp_path), 4, "webhook-secret.key")
 
 
-def closed_port() -> int:
-    return free_port()
-
-
 def test_redis_not_running(tmp_path: Path) -> None:
-    url = f"redis://127.0.0.1:{closed_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     one_line(cycles("serve", "--store", url, tmp=tmp_path, CYCLES_WEBHOOK_SECRET_KEY=KEY), 5,
              "cannot connect to Redis", "start redis-server")
     one_line(cycles("worker", "--store", url, tmp=tmp_path, CYCLES_WEBHOOK_SECRET_KEY=KEY), 5, "cannot connect to Redis")
@@ -89,7 +85,7 @@ def test_redis_not_running(tmp_path: Path) -> None:
 
 
 def test_server_not_running(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     one_line(cycles("admin", "--url", url, "--admin-key", "k", "tenants", "list", tmp=tmp_path), 5,
              "cannot reach", "cycles serve")
     one_line(cycles("balance", "--url", url, "--api-key", "k", "--tenant", "t", tmp=tmp_path), 5, "cannot reach")
