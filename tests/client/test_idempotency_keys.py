@@ -68,3 +68,27 @@ def test_commit_key_colliding_with_a_different_commit_warns(cycles_tenant) -> No
     with pytest.warns(IdempotencyKeyWarning, match="was not charged"):
         assert work() == 1_000
     client.close()
+
+
+def test_async_reuse_raises_too(cycles_tenant) -> None:
+    import asyncio
+
+    cycles_tenant.budget(100_000_000)
+
+    async def main() -> list[str]:
+        client = cycles_tenant.async_client()
+        runs: list[str] = []
+
+        @cycles(estimate=5_000, actual=lambda r: r, client=client, idempotency_key="job-7-step-1")
+        async def ask(prompt: str) -> int:
+            runs.append(prompt)
+            return 1_000
+
+        await ask("a")
+        with pytest.raises(IdempotencyKeyReusedError):
+            await ask("b")
+        await client.aclose()
+        return runs
+
+    assert asyncio.run(main()) == ["a"]
+    assert cycles_tenant.spent() == 1_000
