@@ -72,7 +72,7 @@ class _GuardBase:
         if resp.decision == "DENY":
             raise deny_error(resp)
         spec = self.spec
-        if resp.reservation_id and resp.remaining_ttl_ms == 0:
+        if spec.keys.chosen and resp.reservation_id and resp.remaining_ttl_ms == 0:
             # A replay answers with the original reservation and, once it is no longer ACTIVE, a
             # remaining_ttl_ms of 0 (protocol IDEMPOTENCY): the key was used by a call already settled.
             raise e.IdempotencyKeyReusedError(
@@ -104,7 +104,7 @@ class _GuardBase:
         o = self.outcome
         if o is not None and o.kind != recovery.SUCCESS:
             log.warning("settlement of %s: %s (%s)", o.reservation_id, o.kind, o.error)
-            if isinstance(o.error, (e.IdempotencyMismatchError, e.ReservationFinalizedError)):
+            if self.spec.keys.chosen and isinstance(o.error, e.IdempotencyMismatchError):
                 # the work ran and its spend was not recorded: a log line alone goes unseen
                 warnings.warn(e.IdempotencyKeyWarning(
                     f"commit of {o.reservation_id} was refused ({o.error.error_code}): its idempotency key "
