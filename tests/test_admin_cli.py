@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from cycles.cli import app
 from support import USD, Server, cycles_bin, free_port, new_tenant, reserve_body, start_server
 
 runner = CliRunner()
-WIDE = {"COLUMNS": "200", "CYCLES_ADMIN_API_KEY": None, "CYCLES_URL": None}
+WIDE = {"COLUMNS": "200", "CYCLES_ADMIN_API_KEY": None, "CYCLES_URL": None, "CYCLES_BASE_URL": None}
 
 
 def cli(server: Server, *args: str) -> Any:
@@ -81,7 +82,7 @@ def test_server_errors_exit_1_with_code_and_message(server: Server) -> None:
     assert no_key.exit_code == 2 and "admin key" in no_key.stderr
     down = runner.invoke(app, ["admin", "--url", f"http://127.0.0.1:{free_port()}", "--admin-key", "k",
                                "tenants", "get", "x"], env=WIDE)
-    assert down.exit_code == 1 and "CONNECTION_FAILED" in down.stderr
+    assert down.exit_code == 5 and "CONNECTION_FAILED" in down.stderr  # 5: unreachable (README "Exit codes")
 
 
 def test_key_create_prints_the_secret_once_and_it_works(server: Server) -> None:
@@ -230,10 +231,48 @@ def test_overview(server: Server) -> None:
     assert shown.exit_code == 0 and "Tenant counts" in shown.stdout
 
 
+def count_events(server: Server) -> int:
+    listed, params = 0, {"limit": 100}
+    with server.admin() as c:
+        while True:
+            page = c.get("/v1/admin/events", params=params).json()
+            listed += len(page["events"])
+            if not page.get("has_more"):
+                return listed
+            params = {"limit": 100, "cursor": page["next_cursor"]}
+
+
+def test_overview_event_figures_are_counted_from_the_events(server: Server) -> None:
+    """Issue 15 item 6: total_recent, recent denials and expiries are real, not hard-coded empty."""
+    tenant = new_tenant(server)
+    tenant.budget(amount=1_000)
+    with tenant.client() as c:
+        denied = c.post("/v1/reservations", json=reserve_body(tenant, 5_000))
+        assert denied.status_code == 409
+        short = c.post("/v1/reservations", json=reserve_body(tenant, 100, ttl_ms=1000, grace_period_ms=0))
+        assert short.status_code == 200
+    overview = {}
+    for _ in range(100):  # the sweeper (100 ms in tests) expires the 1 s lease
+        overview = ok(server, "overview")
+        if any(e.get("tenant_id") == tenant.tenant_id for e in overview["recent_expiries"]):
+            break
+        time.sleep(0.1)
+    assert any(e["tenant_id"] == tenant.tenant_id and e["event_type"] == "reservation.expired"
+               for e in overview["recent_expiries"])
+    assert any(e["tenant_id"] == tenant.tenant_id and e["event_type"] == "reservation.denied"
+               for e in overview["recent_denials"])
+    before = count_events(server)
+    counts = ok(server, "overview")["event_counts"]
+    assert before <= counts["total_recent"] <= count_events(server)  # every event of this session is recent
+    assert sum(counts["by_category"].values()) == counts["total_recent"]
+    shown = cli(server, "overview")
+    assert shown.exit_code == 0 and "Recent denials" in shown.stdout and tenant.tenant_id in shown.stdout
+
+
 def test_subprocess_like_a_new_user(server: Server) -> None:
     """The installed `cycles` command, configured through the environment."""
     tid = fresh_id()
-    env = {**os.environ, "CYCLES_URL": server.base_url, "CYCLES_ADMIN_API_KEY": server.admin_key, "COLUMNS": "200"}
+    env = {**os.environ, "CYCLES_BASE_URL": server.base_url, "CYCLES_ADMIN_API_KEY": server.admin_key, "COLUMNS": "200"}
 
     def cycles(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([cycles_bin(), *args], env=env, capture_output=True, text=True, timeout=60)
@@ -272,3 +311,23 @@ def test_local_mode_then_serve_the_same_store(tmp_path: Path) -> None:
         assert over_http.exit_code == 0 and json.loads(over_http.stdout)["tenant_id"] == "local-acme"
     finally:
         srv.stop()
+
+
+def test_tables_at_80_columns_keep_ids_whole(server: Server) -> None:
+    """Issue 15 item 11: ids, scopes and times are never wrapped, so they can be copied."""
+    tenant = new_tenant(server)
+    tenant.budget(amount=10_000_000)
+    with tenant.client() as c:
+        rid = c.post("/v1/reservations", json=reserve_body(tenant, 1_000)).json()["reservation_id"]
+    env = {**os.environ, "COLUMNS": "80", "CYCLES_BASE_URL": server.base_url, "CYCLES_API_KEY": tenant.key,
+           "CYCLES_TENANT": tenant.tenant_id, "CYCLES_ADMIN_API_KEY": server.admin_key}
+    keys = subprocess.run([cycles_bin(), "admin", "keys", "list", "--tenant", tenant.tenant_id], env=env,
+                          capture_output=True, text=True, timeout=30)
+    listed = subprocess.run([cycles_bin(), "reservations"], env=env, capture_output=True, text=True, timeout=30)
+    balance = subprocess.run([cycles_bin(), "balance"], env=env, capture_output=True, text=True, timeout=30)
+    assert keys.returncode == listed.returncode == balance.returncode == 0, keys.stderr + listed.stderr
+    with server.admin() as c:
+        key_id = c.get("/v1/admin/api-keys", params={"tenant_id": tenant.tenant_id}).json()["keys"][0]["key_id"]
+    assert key_id in keys.stdout and rid in listed.stdout and f"tenant:{tenant.tenant_id}" in balance.stdout
+    row = next(line for line in listed.stdout.splitlines() if rid in line)
+    assert "ACTIVE" in row and "USD_MICROCENTS" in row  # the whole row on one line

@@ -18,7 +18,7 @@ from cycles.cli import app
 from support import USD, Server
 
 runner = CliRunner()
-ENV = {"COLUMNS": "200", "CYCLES_ADMIN_API_KEY": None, "CYCLES_URL": None}
+ENV = {"COLUMNS": "200", "CYCLES_ADMIN_API_KEY": None, "CYCLES_URL": None, "CYCLES_BASE_URL": None}
 
 
 def write(tmp_path: Path, text: str, name: str = "cycles.yaml") -> Path:

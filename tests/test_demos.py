@@ -127,7 +127,7 @@ def test_demos_with_a_tenant_key_on_an_existing_server_are_repeatable(server: Se
     env = {"CYCLES_BASE_URL": server.base_url, "CYCLES_API_KEY": key, "CYCLES_TENANT": tenant}
     workspaces = set()
     for _ in range(2):  # a second run gets fresh scopes: the first run's spent budgets do not stop it
-        proc, res = demo(["runaway", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
+        proc, res = demo(["runaway", "--server", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
         assert res["server"]["mode"] == "external (tenant key)" and res["server"]["tenant"] == tenant
         scopes = res["server"]["scopes"]
         workspaces.add(scopes[1])
@@ -136,14 +136,36 @@ def test_demos_with_a_tenant_key_on_an_existing_server_are_repeatable(server: Se
         check_guarded_runaway(res, proc.stdout, scopes[1:])
         assert "is your tenant: the demo adds no budget there" in proc.stdout
     assert len(workspaces) == 2
-    proc, res = demo(["action-authority", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
+    proc, res = demo(["action-authority", "--server", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
     check_guarded_action_authority(res, proc.stdout)
+
+
+def test_demo_ignores_the_sdk_variables_without_server(server: Server, tmp_path: Path) -> None:
+    """Issue 15 item 8: exported SDK variables do not make a demo spend from the user's real tenant."""
+    tenant = new_tenant_on(server)
+    env = {"CYCLES_BASE_URL": server.base_url, "CYCLES_API_KEY": tenant[1], "CYCLES_TENANT": tenant[0],
+           "CYCLES_ADMIN_API_KEY": server.admin_key}
+    with server.admin() as c:
+        tenants_before = c.get("/v1/admin/overview").json()["tenant_counts"]["total"]
+    proc, res = demo(["action-authority", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
+    assert res["server"]["mode"] == "embedded" and "CYCLES_BASE_URL is ignored without --server" in proc.stdout
+    with server.admin() as c:
+        assert c.get("/v1/admin/budgets", params={"tenant_id": tenant[0]}).json()["ledgers"] == []
+        assert c.get("/v1/admin/overview").json()["tenant_counts"]["total"] == tenants_before
+
+
+def new_tenant_on(server: Server) -> tuple[str, str]:
+    tenant = f"real-{os.urandom(4).hex()}"
+    with server.admin() as c:
+        assert c.post("/v1/admin/tenants", json={"tenant_id": tenant, "name": "Real"}).status_code == 201
+        r = c.post("/v1/admin/api-keys", json={"tenant_id": tenant, "name": "k", "permissions": PUBLIC_DEMO_PERMISSIONS})
+    return tenant, r.json()["key_secret"]
 
 
 def test_demo_with_the_admin_key_on_an_existing_server_uses_and_closes_a_fresh_tenant(server: Server,
                                                                                       tmp_path: Path) -> None:
     env = {"CYCLES_BASE_URL": server.base_url, "CYCLES_ADMIN_API_KEY": server.admin_key}
-    proc, res = demo(["runaway", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
+    proc, res = demo(["runaway", "--server", "--mode", "guarded", "--speed", SPEED], tmp_path, env)
     tenant = res["server"]["tenant"]
     assert res["server"]["mode"] == "external (admin key)" and tenant.startswith("demo-")
     check_guarded_runaway(res, proc.stdout, res["server"]["scopes"])
@@ -155,10 +177,13 @@ def test_demo_with_the_admin_key_on_an_existing_server_uses_and_closes_a_fresh_t
 def test_demo_explains_a_missing_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYCLES_")}
     env["CYCLES_BASE_URL"] = "http://127.0.0.1:9"
-    proc = subprocess.run([cycles_bin(), "demo", "runaway", "--mode", "guarded"], env=env, capture_output=True,
-                          text=True, timeout=30)
+    args = [cycles_bin(), "demo", "runaway", "--server", "--mode", "guarded"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "neither CYCLES_API_KEY" in proc.stdout
+    env["CYCLES_API_KEY"] = "cyc_live_whatever"
+    unreachable = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
+    assert unreachable.returncode == 5 and "cannot reach the Cycles server" in unreachable.stdout
 
 
 # ---- the public demo agent, published SDK, provisioned exactly like scripts/provision.sh -------------------

@@ -44,7 +44,7 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def tenant_env(tenant: Tenant, **extra: str) -> dict[str, str]:
     return base_env(CYCLES_BASE_URL=tenant.server.base_url, CYCLES_API_KEY=tenant.key,
-                    CYCLES_DEFAULT_TENANT=tenant.tenant_id, **extra)
+                    CYCLES_TENANT=tenant.tenant_id, **extra)
 
 
 def assert_strict(schema: Any, where: str = "$") -> None:
@@ -175,7 +175,7 @@ def test_every_tool_round_trips_against_the_server(tenant: Tenant) -> None:
                                                      "clientTimeMs": t0})
             assert evt["status"] == "APPLIED" and evt["eventId"]
 
-            bal = await s.ok("cycles_check_balance", {})  # the tenant comes from CYCLES_DEFAULT_TENANT
+            bal = await s.ok("cycles_check_balance", {})  # the tenant comes from CYCLES_TENANT
             tenant_bal = next(b for b in bal["balances"] if b["scope"] == f"tenant:{tenant.tenant_id}")
             assert tenant_bal["spent"] == usd(350_000) and tenant_bal["reserved"] == usd(0)
             assert tenant_bal["remaining"] == usd(10_000_000 - 350_000)
@@ -252,12 +252,12 @@ def test_errors_are_is_error_results(tenant: Tenant) -> None:
 
 def test_subject_is_required_without_defaults(tenant: Tenant) -> None:
     env = tenant_env(tenant)
-    del env["CYCLES_DEFAULT_TENANT"]
+    del env["CYCLES_TENANT"]
 
     async def main() -> None:
         async with session(["mcp"], env) as s:
             body, _ = await s.err("cycles_reserve", {"idempotencyKey": "x", "action": ACTION, "estimate": usd(1)})
-            assert body["error"] == "INVALID_REQUEST" and "CYCLES_DEFAULT_TENANT" in body["message"]
+            assert body["error"] == "INVALID_REQUEST" and "CYCLES_TENANT" in body["message"]
             body, _ = await s.err("cycles_check_balance", {})
             assert body["error"] == "INVALID_REQUEST"
 
@@ -348,7 +348,8 @@ def test_startup_refusals() -> None:
     assert prod[0] == 2 and "refused in production" in prod[1]
     assert node_prod[0] == 2 and "refused in production" in node_prod[1]
     assert missing[0] == 2 and "CYCLES_BASE_URL" in missing[1]
-    assert bad[0] == 2 and "CYCLES_DEFAULT_TENANT" in bad[1]
+    assert bad[0] == 2 and "CYCLES_DEFAULT_TENANT" in bad[1]  # the old name is still read, and named
+    assert "CYCLES_DEFAULT_TENANT is deprecated; set CYCLES_TENANT" in bad[1]
     assert public[0] == 2 and "bearer token is required" in public[1]
     assert blank[0] == 2 and "blank" in blank[1]
 
@@ -494,7 +495,7 @@ def test_gate_config_errors(tmp_path: Path) -> None:
     )
     assert bad[0] == 2 and "estimate" in bad[1]
     assert typo[0] == 2 and "estimat" in typo[1]
-    assert no_tenant[0] == 2 and "CYCLES_DEFAULT_TENANT" in no_tenant[1]
+    assert no_tenant[0] == 2 and "CYCLES_TENANT" in no_tenant[1]
 
 
 def test_gate_config_file_shapes(tmp_path: Path) -> None:

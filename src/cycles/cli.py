@@ -11,10 +11,34 @@ from typing import Optional
 
 import typer
 
+from . import help_format, startup
 from .store import default_data_dir, default_store_url, open_store
 
-app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.", no_args_is_help=True,
-                  add_completion=False)
+help_format.install()
+app = typer.Typer(help="Cycles: the runtime budget and action authority for AI agents.\n\n"
+                       "Exit codes: 1 the server refused, 2 bad usage, 3 missing configuration, 4 data "
+                       "directory unusable, 5 store or server unreachable, 6 cannot listen on the address.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"cycles {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", envvar="CYCLES_DEBUG",
+                               help="Show the full traceback when a command fails."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Options of every command."""
+    if debug:
+        os.environ["CYCLES_DEBUG"] = "1"
 
 
 async def bootstrap_admin_key(store_url: str) -> str | None:
@@ -36,39 +60,13 @@ async def bootstrap_admin_key(store_url: str) -> str | None:
 
 
 def _store_with_secret_key(store: str | None, data_dir: str | None) -> str:
-    """The store URL to use, after making sure webhook secrets can be sealed (exit 2 if not)."""
+    """The store URL to use, after checking it and making sure webhook secrets can be sealed."""
     store_url = store or default_store_url(data_dir or default_data_dir())
-    try:
-        _webhook_secret_key(store_url)
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    startup.check_store_url(store_url)
+    startup.ensure_data_dir(store_url)
+    startup.ensure_webhook_key(store_url)
+    os.environ["CYCLES_STORE_URL"] = store_url  # also names the store in a failure's one-line message
     return store_url
-
-
-def _webhook_secret_key(store_url: str) -> None:
-    """Webhook signing secrets are sealed with a key the server must have before it starts. On the
-    embedded store (one machine) a key file beside the database is made once and reused; servers
-    sharing a Redis store must all be given the same key (CYCLES_WEBHOOK_SECRET_KEY)."""
-    import base64
-    import secrets as _secrets
-
-    from .webhooks.crypto import KEY_ENV, PLAINTEXT_ENV, SecretBox
-
-    if os.environ.get(KEY_ENV) or os.environ.get(PLAINTEXT_ENV):
-        SecretBox.from_env()  # a malformed key fails here, before the server starts
-        return
-    if not store_url.startswith("sqlite:///"):
-        raise RuntimeError(f"set {KEY_ENV} (the same 32-byte key, base64, on every server sharing this store), "
-                           f"or {PLAINTEXT_ENV}=1 to keep webhook secrets in plaintext")
-    path = os.path.join(os.path.dirname(os.path.abspath(store_url[len("sqlite:///"):])), "webhook-secret.key")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the database lives here too
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(_secrets.token_bytes(32)).decode())
-    with open(path) as f:
-        os.environ[KEY_ENV] = f.read().strip()
 
 
 from .demos.cli import app as demo_app  # noqa: E402
@@ -83,6 +81,10 @@ from .admin_cli.commands import app as admin_app, apply_command  # noqa: E402
 
 app.add_typer(admin_app, name="admin")
 app.command(name="apply")(apply_command)
+
+from .admin_cli.runtime import register as register_runtime  # noqa: E402
+
+register_runtime(app)
 
 
 @app.command()
@@ -147,10 +149,14 @@ def serve(
     weak = weak_reasons(os.environ.get("CYCLES_ADMIN_API_KEY"))
     if weak:
         typer.echo(warning_text(weak), err=True)
+    startup.check_port(host, port)  # before a key is generated and shown for a server that never starts
+    startup.probe_store(store_url)
     new_key = asyncio.run(bootstrap_admin_key(store_url))
     if new_key:
         typer.echo("Generated the operator key (X-Admin-API-Key). It is stored hashed and shown only this once:")
         typer.echo(f"  {new_key}")
+        typer.echo("  Lost it? Start the server with CYCLES_ADMIN_API_KEY=<a secret you choose>: while set, "
+                   "it is the operator key.")
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
@@ -293,7 +299,7 @@ def worker(
                                  "dies leaves it to another after this."),
     timeout_ms: int = typer.Option(30_000, min=100, help="Request timeout; must be shorter than --lease-ms."),
     poll_ms: int = typer.Option(200, min=10, help="How often the queue and the event log are read when idle."),
-    dispatch: bool = typer.Option(True, help="Also turn new events into deliveries (--no-dispatch: deliver only)."),
+    dispatch: bool = typer.Option(True, help="Also turn new events into deliveries (off: deliver only)."),
     metrics_port: int = typer.Option(0, min=0, max=65535, help="Serve Prometheus metrics on this port (0: off)."),
     metrics_host: str = typer.Option("127.0.0.1", help="Address of the metrics listener."),
     log_level: str = typer.Option("info", help="Log level."),
@@ -306,6 +312,7 @@ def worker(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store_url = _store_with_secret_key(store, data_dir)
+    startup.probe_store(store_url)
     from .server.metrics import Metrics
     from .webhooks.crypto import SecretBox
     from .webhooks.deliver import Engine, EngineConfig, WorkerConfig
@@ -351,7 +358,23 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Every failure ends as one line and a distinct exit code (cycles.startup); --debug shows tracebacks."""
+    import sys
+
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - the last resort of a command-line program
+        if startup.debug_enabled():
+            raise
+        verdict = startup.classify(exc, os.environ.get("CYCLES_STORE_URL"))
+        if verdict is None:
+            typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (a bug: run with --debug for the "
+                       "traceback and report it)", err=True)
+            sys.exit(startup.EXIT_BUG)
+        typer.echo(f"error: {verdict.message}", err=True)
+        sys.exit(verdict.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ import pytest
 import cycles.client.compat as runcycles
 from cycles.client import decorator as _native_deco
 from cycles.client import errors as native_errors
+from published_sdk import PYTHON as CONFORMANCE_PY, ensure_runcycles
 from support import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFORMANCE_PY = ROOT / ".venv-conformance" / "bin" / "python"
 
 
 @pytest.fixture(autouse=True)
@@ -432,17 +430,8 @@ def _run_with_runcycles(params: dict[str, Any], workdir: Path) -> dict[str, Any]
     return json.loads(lines[0][len("@@RESULT@@ "):])
 
 
-def _runcycles_available() -> bool:
-    if not CONFORMANCE_PY.exists():
-        return False
-    probe = subprocess.run([str(CONFORMANCE_PY), "-c", "import runcycles; assert runcycles.__version__ == '0.5.3'"],
-                           capture_output=True, timeout=60)
-    return probe.returncode == 0
-
-
 def test_same_program_real_runcycles_vs_compat(server, tmp_path):
-    if not _runcycles_available():
-        pytest.skip("runcycles 0.5.3 conformance venv not available")
+    ensure_runcycles()  # made here if no conformance test ran first: never skipped for an ordering reason
     from support import new_tenant
 
     results = {}

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from cycles.client import (BudgetExceededError, CyclesProtocolError, cycles, get_cycles_context,
-                           set_default_client)
+from cycles.client import (BudgetExceededError, CyclesProtocolError, IdempotencyKeyReusedError, cycles,
+                           get_cycles_context, set_default_client)
 from faults import Script
 
 
@@ -46,13 +46,18 @@ def test_sync_guard_commits_actual_and_metrics(tenant, client, script):
 def test_same_idempotency_key_runs_are_one_reservation(tenant, client):
     tenant.budget(amount=1_000_000)
 
+    runs = []
+
     @cycles(100, client=client, idempotency_key="fixed-key")
     def work():
+        runs.append(1)
         return 1
 
     work()
-    work()  # replay: same reservation; the commit replays too
-    assert spent(tenant) == 100
+    # the replay answers with the finished reservation: running again would go uncharged, so it refuses
+    with pytest.raises(IdempotencyKeyReusedError):
+        work()
+    assert spent(tenant) == 100 and runs == [1]
 
 
 def test_deny_raises_typed_and_function_does_not_run(tenant, client):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,43 +19,19 @@ from typing import Any, Iterator
 
 import pytest
 
+from published_sdk import SDK_VERSION, ensure_runcycles
 from support import Server, Tenant
 
 from .proxy import RecordingProxy
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".venv-conformance"
 DRIVERS = Path(__file__).resolve().parent / "drivers"
-SDK_VERSION = "0.5.3"
 RESULT_MARKER = "@@CONFORMANCE-RESULT@@ "
-
-
-def _venv_python() -> Path:
-    return VENV / "bin" / "python"
-
-
-def _sdk_ready(py: Path) -> bool:
-    if not py.exists():
-        return False
-    probe = f"import runcycles; assert runcycles.__version__ == {SDK_VERSION!r}"
-    return subprocess.run([str(py), "-c", probe], capture_output=True, timeout=60).returncode == 0
 
 
 @pytest.fixture(scope="session")
 def sdk_python() -> str:
-    """The conformance venv's python, creating the venv and installing runcycles==0.5.3 if needed."""
-    py = _venv_python()
-    if not _sdk_ready(py):
-        base = shutil.which("python3") or "python3"
-        subprocess.run([base, "-m", "venv", str(VENV)], check=True, timeout=300)
-        install = subprocess.run(
-            [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"runcycles=={SDK_VERSION}"],
-            capture_output=True, text=True, timeout=600)
-        if install.returncode != 0:
-            pytest.fail(f"pip install runcycles=={SDK_VERSION} failed:\n{install.stdout}\n{install.stderr}")
-        if not _sdk_ready(py):
-            pytest.fail(f"runcycles {SDK_VERSION} is not importable from {py} after installation")
-    return str(py)
+    """The conformance venv's python with runcycles==0.5.3 (created on first use)."""
+    return ensure_runcycles()
 
 
 def run_driver(python: str, script: str, params: dict[str, Any], workdir: Path, timeout: float = 120) -> dict[str, Any]:

@@ -132,7 +132,12 @@ class _InProcess(httpx.BaseTransport):
 @contextlib.contextmanager
 def connect(conn: Connection) -> Iterator[AdminClient]:
     if conn.store:
+        from .. import startup
         from ..server.app import create_app
+
+        startup.check_store_url(conn.store)
+        startup.ensure_data_dir(conn.store)
+        startup.probe_store(conn.store)
 
         # A key that exists only for this invocation and never leaves the process.
         key = "cyc_local_" + secrets.token_urlsafe(32)

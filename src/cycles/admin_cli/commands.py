@@ -10,20 +10,21 @@ import contextlib
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, List, Literal, NoReturn, Optional
+from typing import Annotated, Any, Callable, Iterator, List, Literal, Optional
 
-import httpx
 import typer
 
 from . import render
-from .client import DEFAULT_URL, AdminClient, ApiError, Connection, UsageError, connect
+from .client import DEFAULT_URL, AdminClient, Connection, connect
+from .failures import failures, usage
 
 UnitName = Literal["USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS"]
 OveragePolicy = Literal["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT"]
 FundOperation = Literal["CREDIT", "DEBIT", "RESET", "REPAY_DEBT", "RESET_SPENT"]
 
 Json = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer instead of a table.")]
-Url = Annotated[str, typer.Option("--url", envvar="CYCLES_URL", show_envvar=True, help="Server base URL.")]
+Url = Annotated[str, typer.Option("--url", envvar=["CYCLES_BASE_URL", "CYCLES_URL"], show_envvar=True,
+                                   help="Server base URL (CYCLES_URL is the deprecated name).")]
 AdminKey = Annotated[Optional[str], typer.Option(
     "--admin-key", envvar="CYCLES_ADMIN_API_KEY", show_envvar=True, show_default=False,
     help="Operator key (X-Admin-API-Key).")]
@@ -36,7 +37,8 @@ Scope = Annotated[Optional[str], typer.Option("--scope", help="Canonical scope, 
                                                              "(default: tenant:<tenant>).")]
 Unit = Annotated[UnitName, typer.Option("--unit", help="Budget unit.")]
 OptUnit = Annotated[Optional[UnitName], typer.Option("--unit", help="Budget unit.")]
-Overage = Annotated[Optional[OveragePolicy], typer.Option("--commit-overage-policy")]
+Overage = Annotated[Optional[OveragePolicy], typer.Option(
+    "--commit-overage-policy", metavar="POLICY", help="REJECT, ALLOW_IF_AVAILABLE or ALLOW_WITH_OVERDRAFT.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Page size.")]
 Cursor = Annotated[Optional[str], typer.Option("--cursor", help="Cursor from the previous page.")]
 All = Annotated[bool, typer.Option("--all", help="Follow cursors and print every page.")]
@@ -59,28 +61,24 @@ app.add_typer(reservations_app, name="reservations")
 @app.callback()
 def admin(ctx: typer.Context, url: Url = DEFAULT_URL, admin_key: AdminKey = None, store: Store = None) -> None:
     """Admin commands. Connect with --url and --admin-key, or work on a store directly with --store."""
+    deprecated_env()
     ctx.obj = Connection(url=url, admin_key=admin_key, store=store)
 
 
-def usage(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+def deprecated_env() -> None:
+    import os
+
+    if os.environ.get("CYCLES_URL") and not os.environ.get("CYCLES_BASE_URL"):
+        typer.echo("note: CYCLES_URL is deprecated; set CYCLES_BASE_URL (the name the SDK, MCP and demos read)",
+                   err=True)
 
 
 @contextlib.contextmanager
 def session(conn: Connection) -> Iterator[AdminClient]:
-    """A client whose failures end the command: exit 1 for the server's errors, 2 for unusable options."""
-    try:
+    """A client whose failures end the command (see `failures`)."""
+    with failures(conn.describe(), conn.admin_key, admin=True):
         with connect(conn) as client:
             yield client
-    except ApiError as err:
-        render.error(err.code, err.message, err.request_id)
-        raise typer.Exit(1)
-    except httpx.HTTPError as err:
-        render.error("CONNECTION_FAILED", f"{conn.describe()}: {err}")
-        raise typer.Exit(1)
-    except UsageError as err:
-        usage(str(err))
 
 
 def run(ctx: typer.Context, as_json: bool, call: Callable[[AdminClient], Any], show: Callable[[Any], None]) -> None:
@@ -148,7 +146,8 @@ def _tenant_settings(overage: str | None, default_ttl: int | None, max_ttl: int 
             "max_reservation_ttl_ms": max_ttl, "max_reservation_extensions": max_ext, "metadata": _metadata(metadata)}
 
 
-TenantOverage = Annotated[Optional[OveragePolicy], typer.Option("--default-commit-overage-policy")]
+TenantOverage = Annotated[Optional[OveragePolicy], typer.Option(
+    "--default-commit-overage-policy", metavar="POLICY", help="REJECT, ALLOW_IF_AVAILABLE or ALLOW_WITH_OVERDRAFT.")]
 DefaultTtl = Annotated[Optional[int], typer.Option("--default-reservation-ttl-ms", min=1000, max=86_400_000)]
 MaxTtl = Annotated[Optional[int], typer.Option("--max-reservation-ttl-ms", min=1000, max=86_400_000)]
 MaxExt = Annotated[Optional[int], typer.Option("--max-reservation-extensions", min=0)]
@@ -538,6 +537,7 @@ def apply_command(
         for problem in err.problems:
             typer.echo(f"{file}: {problem}", err=True)
         raise typer.Exit(2)
+    deprecated_env()
     conn = Connection(url=url, admin_key=admin_key, store=store)
     with session(conn) as client:
         code = apply.run(client, doc, plan_only=plan_only, as_json=as_json)

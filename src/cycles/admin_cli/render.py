@@ -66,16 +66,20 @@ def text(value: Any) -> str:
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Sequence[str] = (),
           whole: Sequence[str] = ()) -> None:
-    """Numbers are never wrapped, nor are the `whole` columns (ids and times, things to copy) while the table
-    still fits the terminal; otherwise the columns fold rather than being cut off."""
+    """Numbers and the `whole` columns (ids, scopes, times: things to copy) are never wrapped or cut; a
+    table that cannot fit the terminal that way is printed wider than it, so each row stays one line."""
     cells = [[v if isinstance(v, str) else text(v) for v in row] for row in rows]
     if not cells:
         typer.echo(f"{title}: none")
         return
+    _print(_table(title, columns, cells, numeric, whole))
+
+
+def _print(t: Table) -> None:
     out = console()
-    t = _table(title, columns, cells, numeric, whole)
-    if whole and Measurement.get(out, out.options.update_width(10_000), t).minimum > out.width:
-        t = _table(title, columns, cells, numeric, ())
+    measured = Measurement.get(out, out.options.update_width(10_000), t)
+    if measured.minimum > out.width:  # then every column gets its natural width: no cell wraps
+        out = Console(highlight=False, width=measured.maximum)
     out.print(t)
 
 
@@ -83,7 +87,7 @@ def _table(title: str, columns: Sequence[str], cells: list[list[str]], numeric: 
            whole: Sequence[str]) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in columns:
-        keep = col in numeric or col in whole
+        keep = col in numeric or col in whole or col in _ALWAYS_WHOLE
         t.add_column(col, justify="right" if col in numeric else "left", overflow="fold", no_wrap=keep,
                      min_width=None if keep else min(len(col), 8))
     for row in cells:
@@ -91,14 +95,18 @@ def _table(title: str, columns: Sequence[str], cells: list[list[str]], numeric: 
     return t
 
 
+_ALWAYS_WHOLE = ("Scope", "Tenant", "Unit", "Key", "Reservation", "Policy", "Created", "Expires", "Time")
+
+
 def detail(title: str, fields: dict[str, Any], *, amounts: Sequence[str] = ()) -> None:
     t = Table(title=title, title_justify="left", show_header=False, box=box.SIMPLE)
-    t.add_column("field", style="bold")
-    t.add_column("value", overflow="fold")
+    t.add_column("field", style="bold", no_wrap=True)
+    # Values are ids, scopes and times to copy: one line each, the table as wide as they need.
+    t.add_column("value", no_wrap=True)
     for key, value in fields.items():
         if value is not None:
             t.add_row(key, amount(value) if key in amounts else text(value))
-    console().print(t)
+    _print(t)
 
 
 def more(page: dict[str, Any]) -> None:
@@ -197,10 +205,21 @@ def audit(page: dict[str, Any]) -> None:
 
 def overview(o: dict[str, Any]) -> None:
     typer.echo(f"As of {o.get('as_of')} (events over the last {o.get('event_window_seconds')} s)")
-    for name in ("tenant_counts", "budget_counts", "webhook_counts", "event_counts"):
+    for name in ("tenant_counts", "budget_counts", "webhook_counts"):
         counts = o.get(name)
         if isinstance(counts, dict):
             table(name.replace("_", " ").capitalize(), ["What", "Count"], sorted(counts.items()), numeric=["Count"])
+    events = o.get("event_counts") or {}
+    table("Events", ["What", "Count"], [["total_recent", events.get("total_recent", 0)]] +
+          sorted((events.get("by_category") or {}).items()), numeric=["Count"])
+    for title, name in (("Recent denials", "recent_denials"), ("Recent expiries", "recent_expiries")):
+        table(title, ["Time", "Tenant", "Scope", "Event", "Reason"],
+              ([e.get("timestamp"), e.get("tenant_id"), e.get("scope"), e.get("event_id"),
+                (e.get("data") or {}).get("reason_code") if isinstance(e.get("data"), dict) else None]
+               for e in o.get(name) or []))
+    table("Failing webhooks", ["Subscription", "URL", "Failures", "Last failure"],
+          ([w.get("subscription_id"), w.get("url"), w.get("consecutive_failures"), w.get("last_failure_at")]
+           for w in o.get("failing_webhooks") or []), numeric=["Failures"], whole=("Subscription", "URL"))
     table("Over-limit budgets", ["Scope", "Unit", "Allocated", "Remaining", "Debt"],
           ([s.get("scope"), s.get("unit"), s.get("allocated"), s.get("remaining"), s.get("debt")]
            for s in o.get("over_limit_scopes") or []), numeric=["Allocated", "Remaining", "Debt"])

@@ -16,7 +16,8 @@ from ..protocol.errors import ErrorCode
 __all__ = [
     "CyclesError", "CyclesProtocolError", "CyclesTransportError", "InvalidResponseError", "BudgetExceededError",
     "BudgetFrozenError", "BudgetClosedError", "OverdraftLimitExceededError", "DebtOutstandingError",
-    "ReservationExpiredError", "ReservationFinalizedError", "IdempotencyMismatchError", "UnitMismatchError",
+    "ReservationExpiredError", "ReservationFinalizedError", "IdempotencyKeyReusedError", "IdempotencyMismatchError",
+    "IdempotencyKeyWarning", "UnitMismatchError",
     "TenantClosedError", "RateLimitedError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
     "InvalidRequestError", "MaxExtensionsExceededError", "ServerError", "JournalError", "ErrorCode",
     "error_for",
@@ -132,6 +133,16 @@ class ReservationFinalizedError(CyclesProtocolError):
 
 class IdempotencyMismatchError(CyclesProtocolError):
     pass
+
+
+class IdempotencyKeyReusedError(ReservationFinalizedError):
+    """A guarded call's idempotency key already belongs to a finished call: the server answered the
+    reserve with that call's reservation, so running the function would go uncharged. Raised before the
+    function runs. Make the key name one unit of work (job and step), not the call's arguments."""
+
+
+class IdempotencyKeyWarning(UserWarning):
+    """A caller-chosen idempotency key collided with a different request at settlement time."""
 
 
 class UnitMismatchError(CyclesProtocolError):

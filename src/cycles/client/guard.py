@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from typing import Any
 
 from ..protocol import models as m
@@ -71,6 +72,13 @@ class _GuardBase:
         if resp.decision == "DENY":
             raise deny_error(resp)
         spec = self.spec
+        if spec.keys.chosen and resp.reservation_id and resp.remaining_ttl_ms == 0:
+            # A replay answers with the original reservation and, once it is no longer ACTIVE, a
+            # remaining_ttl_ms of 0 (protocol IDEMPOTENCY): the key was used by a call already settled.
+            raise e.IdempotencyKeyReusedError(
+                f"idempotency_key {spec.keys.reservation!r} was already used by a finished call (reservation "
+                f"{resp.reservation_id}); this call would not be charged, so it does not run. Give each unit of "
+                "work its own key (e.g. job id + step)", status=200, error_code="RESERVATION_FINALIZED")
         self.ctx = CyclesContext.from_response(resp, estimate=spec.estimate, unit=spec.unit, key=spec.keys.reservation)
         if self.heartbeat and resp.reservation_id:
             self.lease = self._heartbeat().start(self.ctx, resp, spec.ttl_ms, timing, self.on_heartbeat_event)
@@ -96,6 +104,12 @@ class _GuardBase:
         o = self.outcome
         if o is not None and o.kind != recovery.SUCCESS:
             log.warning("settlement of %s: %s (%s)", o.reservation_id, o.kind, o.error)
+            if self.spec.keys.chosen and isinstance(o.error, e.IdempotencyMismatchError):
+                # the work ran and its spend was not recorded: a log line alone goes unseen
+                warnings.warn(e.IdempotencyKeyWarning(
+                    f"commit of {o.reservation_id} was refused ({o.error.error_code}): its idempotency key "
+                    f"{self.spec.keys.commit!r} belongs to a different request, so this call's spend was not "
+                    "charged; give each unit of work its own idempotency_key"), stacklevel=4)
 
 
 class SyncGuard(_GuardBase):

@@ -27,6 +27,7 @@ class Keys:
     reservation: str
     commit: str
     release: str
+    chosen: bool = False  # by the caller: only then can it collide with another request's key
 
     @classmethod
     def from_key(cls, key: str | None) -> "Keys":
@@ -34,7 +35,7 @@ class Keys:
             return cls(core.new_key(), core.new_key(), core.new_key())
         if not isinstance(key, str) or not key or len(key) > core.MAX_KEY:
             raise ValueError("idempotency_key must be a non-empty string of at most 256 characters")
-        return cls(key, core.derive_key("commit", key), core.derive_key("release", key))
+        return cls(key, core.derive_key("commit", key), core.derive_key("release", key), chosen=True)
 
 
 @dataclass

@@ -42,7 +42,12 @@ DEFAULT_LEVELS = {"workspace": "default", "app": "default", "workflow": "default
 
 
 class DemoSetupError(RuntimeError):
-    """The demo could not reach or provision its server (shown to the user, exit status 2)."""
+    """The demo could not reach or provision its server (shown to the user; exit status 2, or 5 when the
+    server cannot be reached, as for every `cycles` command)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def money(microcents: int) -> str:
@@ -186,7 +191,7 @@ class DemoBackend:
         try:
             r = httpx.get(self.base_url + "/actuator/health", timeout=5)
         except httpx.HTTPError as exc:
-            raise DemoSetupError(f"cannot reach the Cycles server at {self.base_url}: {exc}") from None
+            raise DemoSetupError(f"cannot reach the Cycles server at {self.base_url}: {exc}", 5) from None
         if r.status_code != 200:
             raise DemoSetupError(f"{self.base_url}/actuator/health answered {r.status_code}: {r.text[:200]}")
 

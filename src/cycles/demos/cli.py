@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(help="Run a demo against an embedded server (no Docker, no Redis), or the server given by "
-                       "CYCLES_BASE_URL with CYCLES_API_KEY or CYCLES_ADMIN_API_KEY.", no_args_is_help=True)
+app = typer.Typer(help="Run a demo on its own in-process server (no Docker, no Redis; nothing is left behind). "
+                       "With --server, on the real server named by CYCLES_BASE_URL instead, with "
+                       "CYCLES_API_KEY or CYCLES_ADMIN_API_KEY.", no_args_is_help=True)
 
 
 class Mode(str, Enum):
@@ -25,6 +26,9 @@ SPEED = typer.Option(1.0, "--speed", min=0.01, max=1000.0,
                      help="Run the simulation this many times faster (calls take 50 ms / SPEED; time limits shrink "
                           "the same way). Counts and costs do not change.")
 JSON_OUT = typer.Option(None, "--json-out", help="Also write the results as JSON to this file.")
+SERVER = typer.Option(False, "--server", help="Run on the real server named by CYCLES_BASE_URL (with CYCLES_API_KEY, "
+                      "a tenant key with admin:write, whose budgets the run adds and leaves; or CYCLES_ADMIN_API_KEY, "
+                      "with a fresh tenant closed afterwards) instead of an in-process one.")
 
 
 def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
@@ -32,15 +36,25 @@ def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _backend(console: Any) -> Any:
+def _backend(console: Any, server: bool) -> Any:
     from .backend import DemoBackend, DemoSetupError
 
-    backend = DemoBackend(env=dict(os.environ))
+    env = dict(os.environ)
+    if not server:
+        # the SDK's variables may point at the user's real tenant: a demo spends there only when asked
+        if env.pop("CYCLES_BASE_URL", None):
+            console.print("[dim]Using an in-process server; CYCLES_BASE_URL is ignored without --server.[/]")
+        for name in ("CYCLES_API_KEY", "CYCLES_ADMIN_API_KEY", "CYCLES_TENANT"):
+            env.pop(name, None)
+    elif not env.get("CYCLES_BASE_URL"):
+        console.print("[bold red]Cannot set up the demo:[/] --server needs CYCLES_BASE_URL (the server's URL)")
+        raise typer.Exit(2)
+    backend = DemoBackend(env=env)
     try:
         backend.__enter__()
     except DemoSetupError as exc:
         console.print(f"[bold red]Cannot set up the demo:[/] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     return backend
 
 
@@ -51,6 +65,7 @@ def runaway(
     unguarded_seconds: float = typer.Option(30.0, "--unguarded-seconds", min=0.01,
                                             help="Time limit of the unguarded run, in simulated seconds."),
     json_out: Optional[Path] = JSON_OUT,
+    server: bool = SERVER,
 ) -> None:
     """A support agent stuck in an evaluate -> refine loop: unguarded it burns money until the time limit;
     under @cycles with $1.00 budgets it stops before call 101 on the server's 409 BUDGET_EXCEEDED."""
@@ -69,7 +84,7 @@ def runaway(
         results["unguarded"] = unguarded.result()
     ok = True
     if mode in (Mode.guarded, Mode.both):
-        backend = _backend(console)
+        backend = _backend(console, server)
         try:
             results["server"] = {"mode": backend.mode, "tenant": backend.tenant, "scopes": backend.hierarchy()}
             guarded = demo.run_guarded(console, backend, speed)
@@ -77,7 +92,7 @@ def runaway(
             ok = guarded.outcome == "budget-exceeded"
         except DemoSetupError as exc:
             console.print(f"[bold red]Demo setup failed:[/] {exc}")
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         finally:
             backend.close()
             for note in backend.notes:
@@ -90,7 +105,8 @@ def runaway(
 
 
 @app.command("action-authority")
-def action_authority(mode: Mode = MODE, speed: float = SPEED, json_out: Optional[Path] = JSON_OUT) -> None:
+def action_authority(mode: Mode = MODE, speed: float = SPEED, json_out: Optional[Path] = JSON_OUT,
+                     server: bool = SERVER) -> None:
     """A support agent works a billing dispute: notes and CRM updates are approved, the customer email
     hits a $0 toolset budget and is blocked before it is sent (3 approved · 1 blocked)."""
     from . import action_authority as demo
@@ -106,7 +122,7 @@ def action_authority(mode: Mode = MODE, speed: float = SPEED, json_out: Optional
     if mode in (Mode.unguarded, Mode.both):
         results["unguarded"] = demo.run_unguarded(console, speed).result()
     if mode in (Mode.guarded, Mode.both):
-        backend = _backend(console)
+        backend = _backend(console, server)
         try:
             results["server"] = {"mode": backend.mode, "tenant": backend.tenant}
             outcome = demo.run_guarded(console, backend, speed)
@@ -114,7 +130,7 @@ def action_authority(mode: Mode = MODE, speed: float = SPEED, json_out: Optional
             ok = outcome.denial is not None and outcome.error is None
         except DemoSetupError as exc:
             console.print(f"[bold red]Demo setup failed:[/] {exc}")
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         finally:
             backend.close()
             for note in backend.notes:

@@ -30,7 +30,7 @@ def mcp(
     log_level: str = typer.Option("warning", help="HTTP transport: uvicorn log level."),
 ) -> None:
     """Run the Cycles MCP server (stdio by default). Configured by CYCLES_BASE_URL, CYCLES_API_KEY,
-    CYCLES_DEFAULT_TENANT ... CYCLES_DEFAULT_TOOLSET, CYCLES_MOCK."""
+    CYCLES_TENANT ... CYCLES_TOOLSET, CYCLES_MOCK."""
     if ctx.invoked_subcommand is not None:
         return
     from .config import Settings, check_http_token
@@ -70,7 +70,7 @@ def gate(
     try:
         settings = Settings.from_env()
         if not settings.mock and "tenant" not in settings.defaults:
-            raise ConfigError("cycles mcp gate needs CYCLES_DEFAULT_TENANT (the tenant whose budgets gate the tools)")
+            raise ConfigError("cycles mcp gate needs CYCLES_TENANT (the tenant whose budgets gate the tools)")
         from .gate import GateConfig, run_gate
 
         gate_config = GateConfig.load(config)

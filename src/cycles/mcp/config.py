@@ -3,7 +3,7 @@
 | Variable | Meaning |
 |---|---|
 | `CYCLES_BASE_URL`, `CYCLES_API_KEY` | the Cycles server and a tenant API key (required unless `CYCLES_MOCK=true`) |
-| `CYCLES_DEFAULT_TENANT` … `CYCLES_DEFAULT_TOOLSET` | subject levels filled into calls that leave them out |
+| `CYCLES_TENANT` … `CYCLES_TOOLSET` | subject levels filled into calls that leave them out (the SDK's names; the older `CYCLES_DEFAULT_TENANT` … are still read, with a deprecation note) |
 | `CYCLES_MOCK=true` | synthetic answers, no server (refused when `CYCLES_ENV`/`NODE_ENV` is `production` unless `CYCLES_ALLOW_MOCK_IN_PRODUCTION=true`) |
 | `CYCLES_CONNECT_TIMEOUT`, `CYCLES_READ_TIMEOUT`, `CYCLES_RETRY_*` | the SDK's own settings (seconds) |
 | `MCP_HTTP_AUTH_TOKEN` | bearer token required on `/mcp` by `--transport http` |
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -34,6 +35,11 @@ def is_production(env: Mapping[str, str]) -> bool:
     return any(env.get(n, "").strip().lower() in ("production", "prod") for n in ("CYCLES_ENV", "NODE_ENV"))
 
 
+def deprecated(old: str, new: str) -> None:
+    # stderr: stdout carries the MCP protocol on the stdio transport
+    sys.stderr.write(f"note: {old} is deprecated; set {new} (the name the SDK and the CLI read)\n")
+
+
 @dataclass(frozen=True)
 class Settings:
     base_url: str | None = None
@@ -46,8 +52,12 @@ class Settings:
         env = os.environ if env is None else env
         defaults: dict[str, str] = {}
         for level in LEVELS:
-            name = f"CYCLES_DEFAULT_{level.upper()}"
+            name = f"CYCLES_{level.upper()}"
             value = env.get(name, "")
+            old = f"CYCLES_DEFAULT_{level.upper()}"
+            if value == "" and env.get(old, ""):
+                name, value = old, env[old]
+                deprecated(old, f"CYCLES_{level.upper()}")
             if value == "":
                 continue
             if not _VALUE.fullmatch(value):

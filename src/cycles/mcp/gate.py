@@ -2,7 +2,7 @@
 
 The gate is an MCP server (stdio) that starts another MCP server (the upstream, over stdio) and
 offers the upstream's tools unchanged. Every `tools/call` is reserved first, with the subject
-`CYCLES_DEFAULT_*` + `toolset=<tool name>` and the estimate/unit of the tool's entry in the config
+`CYCLES_TENANT … CYCLES_TOOLSET` + `toolset=<tool name>` and the estimate/unit of the tool's entry in the config
 file. A reservation that is not allowed returns an `isError` result and the call never reaches the
 upstream; an allowed call is forwarded, and then committed (the estimate is the actual) through the
 SDK's durable settlement, or released when the upstream reports an error (`on_error = "release"`,
@@ -246,7 +246,7 @@ async def run_gate(command: list[str], settings: Settings, config: GateConfig) -
     from mcp.server.stdio import stdio_server
 
     if not settings.mock and "tenant" not in settings.defaults:
-        raise ConfigError("cycles mcp gate needs CYCLES_DEFAULT_TENANT (the tenant whose budgets gate the tools)")
+        raise ConfigError("cycles mcp gate needs CYCLES_TENANT (the tenant whose budgets gate the tools)")
     backend = make_gate_backend(settings)
     params = StdioServerParameters(command=command[0], args=command[1:], env=dict(os.environ))
     try:

@@ -127,7 +127,7 @@ SUBJECT = _obj({
     "dimensions": {"type": "object", "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
                    "additionalProperties": {"type": "string", "maxLength": 256}},
 }, description="Who is spending: at least one of tenant, workspace, app, workflow, agent, toolset "
-               "(missing levels are filled from CYCLES_DEFAULT_*).")
+               "(missing levels are filled from CYCLES_TENANT … CYCLES_TOOLSET).")
 ACTION = _obj({
     "kind": {"type": "string", "maxLength": 64, "description": "e.g. llm.completion, tool.search, email.send"},
     "name": {"type": "string", "maxLength": 256, "description": "e.g. the model or tool name"},

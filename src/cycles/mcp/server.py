@@ -67,7 +67,7 @@ TOOLS = [
              "it to choose between options (e.g. a cheap or an expensive model)."),
     ToolSpec("cycles_check_balance", "Check Balance",
              "Show allocated, spent, reserved and remaining budget for the scopes matching the filters "
-             "(missing filters come from CYCLES_DEFAULT_*).", read_only=True),
+             "(missing filters come from CYCLES_TENANT … CYCLES_TOOLSET).", read_only=True),
     ToolSpec("cycles_list_reservations", "List Reservations",
              "List reservations of this tenant, optionally filtered by status, idempotency key or subject.",
              read_only=True),
@@ -187,7 +187,7 @@ class CyclesTools:
         subject = self.settings.subject(body.get("subject"))
         if not any(subject.get(level) for level in s.LEVELS):
             raise InvalidArguments("subject needs at least one of tenant, workspace, app, workflow, agent, toolset; "
-                                   "pass one or configure CYCLES_DEFAULT_TENANT (or another CYCLES_DEFAULT_*)")
+                                   "pass one or configure CYCLES_TENANT (or another level: CYCLES_WORKSPACE ... CYCLES_TOOLSET)")
         body["subject"] = subject
         return body
 
@@ -216,7 +216,7 @@ class CyclesTools:
         query = self.settings.subject({k: v for k, v in body.items() if k in s.LEVELS})
         if not any(query.get(level) for level in s.LEVELS):
             raise InvalidArguments("give at least one of tenant, workspace, app, workflow, agent, toolset, or "
-                                   "configure CYCLES_DEFAULT_TENANT")
+                                   "configure CYCLES_TENANT")
         for key in ("include_children", "limit", "cursor"):
             if key in body:
                 query[key] = body[key]

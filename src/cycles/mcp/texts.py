@@ -17,7 +17,7 @@ QUICKSTART = """\
 
 1. **Reserve** before the action:
    `cycles_reserve {idempotencyKey: "run42-step3", action: {kind: "llm.completion", name: "gpt-4o"},
-   estimate: {unit: "USD_MICROCENTS", amount: 2000000}}` (the subject comes from CYCLES_DEFAULT_*
+   estimate: {unit: "USD_MICROCENTS", amount: 2000000}}` (the subject comes from CYCLES_TENANT … CYCLES_TOOLSET
    unless you pass one).
 2. **Check the decision**: `ALLOW` → go; `ALLOW_WITH_CAPS` → go within `caps` (maxTokens,
    toolAllowlist/toolDenylist, cooldownMs); an error such as `BUDGET_EXCEEDED` → do not run the

@@ -51,6 +51,16 @@ def owning_tenant(principal: Principal, body_tenant: str | None) -> str:
     return principal.tenant_id or ""
 
 
+async def existing_tenant(store: Any, tenant_id: str) -> dict[str, Any]:
+    """The tenant a create names, or 400: the spec answers a missing tenant on the creates of keys and
+    budgets with 400 ("Invalid tenant"), and both say the same thing."""
+    tenant = await store.get_tenant(tenant_id) if len(tenant_id) <= 64 else None
+    if tenant is None:
+        raise bad(f"Tenant {tenant_id[:64]} does not exist; create it first (POST /v1/admin/tenants, or "
+                  f"`cycles admin tenants create {tenant_id[:64]} --name NAME`)")
+    return tenant
+
+
 def query_tenant(principal: Principal, q: Any) -> str:
     """The tenant a tenant-scoped read or fund acts on: ?tenant_id= for an operator (required), the
     key's own tenant for a tenant key."""
@@ -163,9 +173,7 @@ async def create_api_key(request: Request, ctx: Ctx) -> Response:
     await _admin(request, ctx)
     req = decode(await read_body(request), a.ApiKeyCreateRequest)
     st = state_of(request)
-    tenant = await st.store.get_tenant(req.tenant_id)
-    if tenant is None:
-        raise bad(f"Tenant {req.tenant_id} does not exist")
+    tenant = await existing_tenant(st.store, req.tenant_id)
     if tenant.get("status") == "CLOSED":
         raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {req.tenant_id} is closed")
     now = await st.store.now_ms()
@@ -257,6 +265,8 @@ async def create_budget(request: Request, ctx: Ctx) -> Response:
     principal = await tenant_or_admin(request, ctx, "budgets:write")
     req = decode(await read_body(request), a.BudgetCreateRequest)
     tenant = owning_tenant(principal, req.tenant_id)
+    if principal.is_admin:  # a tenant key's own tenant exists; an operator may name any
+        await existing_tenant(state_of(request).store, tenant)
     _same_unit(req.unit, req.allocated, req.overdraft_limit)
     extra: dict[str, Any] = {"metadata": req.metadata} if req.metadata is not None else {}
     extra.update(_period(req))

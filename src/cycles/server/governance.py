@@ -392,39 +392,3 @@ def _audit_wire(row: dict[str, Any]) -> g.AuditLogEntry:
     fields["timestamp"] = iso(row["timestamp_ms"])
     fields.setdefault("status", 0)
     return msgspec.convert(fields, g.AuditLogEntry)
-
-
-
-# ---- overview ----
-
-async def overview(request: Request, ctx: Ctx) -> Response:
-    """The dashboard's landing payload from counters the store keeps with every change: the cost
-    of a call does not grow with the number of tenants or budgets."""
-    await _admin(request, ctx)
-    store = state_of(request).store
-    c = await store.counters()
-    t = {s: c.get(f"tenants.{s}", 0) for s in ("ACTIVE", "SUSPENDED", "CLOSED")}
-    b = {s: c.get(f"budgets.{s}", 0) for s in ("ACTIVE", "FROZEN", "CLOSED")}
-    over = await store.top_budgets("over_limit", 10)
-    debt = await store.top_budgets("debt", 10)
-    hooks = await store.list_docs("webhook", None)
-    body = g.AdminOverviewResponse(
-        as_of=iso(await store.now_ms()), event_window_seconds=3600,
-        tenant_counts=g.TenantCounts(total=sum(t.values()), active=t["ACTIVE"], suspended=t["SUSPENDED"],
-                                     closed=t["CLOSED"]),
-        budget_counts=g.BudgetCounts(total=sum(b.values()), active=b["ACTIVE"], frozen=b["FROZEN"], closed=b["CLOSED"],
-                                     over_limit=c.get("budgets.over_limit", 0), with_debt=c.get("budgets.with_debt", 0),
-                                     by_unit={u: c.get(f"budgets.unit.{u}", 0) for u in m.UNITS
-                                              if c.get(f"budgets.unit.{u}", 0)}),
-        over_limit_scopes=[g.OverLimitScope(scope=r["ledger"].scope, unit=r["ledger"].unit,
-                                            allocated=r["ledger"].allocated, remaining=r["ledger"].remaining,
-                                            debt=r["ledger"].debt) for r in over],
-        debt_scopes=[g.DebtScope(scope=r["ledger"].scope, unit=r["ledger"].unit, debt=r["ledger"].debt,
-                                 overdraft_limit=r["ledger"].overdraft_limit) for r in debt],
-        webhook_counts=g.WebhookCounts(total=len(hooks), active=sum(h.get("status") == "ACTIVE" for h in hooks),
-                                       disabled=sum(h.get("status") == "DISABLED" for h in hooks),
-                                       with_failures=sum(bool(h.get("consecutive_failures")) for h in hooks)),
-        failing_webhooks=[], event_counts=g.EventCounts(total_recent=0, by_category={}),
-        recent_denials=[], recent_expiries=[],
-    )
-    return json_response(ctx, body)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..protocol import admin as a
 from ..protocol import models as m
-from . import admin, bulk, events, governance, operators, policies, runtime, webhook_delivery, webhooks
+from . import admin, bulk, events, governance, operators, overview, policies, runtime, webhook_delivery, webhooks
 from ..protocol import governance as g
 
 
@@ -151,7 +151,7 @@ OPS: tuple[Op, ...] = (
        "Apply a balance-mutation to every budget matching a filter", "Budgets", bulk.bulk_action_budgets,
        bulk.BudgetBulkActionRequest, {200: bulk.BudgetBulkActionResponse}, ("AdminKeyAuth",)),
     Op("GET", "/v1/admin/overview", "getAdminOverview", "Operational overview from maintained counters", "Dashboard",
-       governance.overview, None, {200: g.AdminOverviewResponse}, ("AdminKeyAuth",)),
+       overview.overview, None, {200: g.AdminOverviewResponse}, ("AdminKeyAuth",)),
     Op("GET", "/v1/admin/events", "listEvents", "Query governance events", "Events", events.list_events, None,
        {200: g.EventListResponse}, ("AdminKeyAuth",),
        (("tenant_id", "string", ""), ("event_type", "string", ""), ("category", "string", ""),
