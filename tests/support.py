@@ -71,6 +71,7 @@ def start_server(store_url: str, log_dir: Path, *, workers: int = 1, sweep_inter
     env.setdefault("CYCLES_WEBHOOK_SECRET_KEY", WEBHOOK_KEY)
     # The hostile-input suites send thousands of bad keys from one address; the throttle has its own tests.
     env.setdefault("CYCLES_AUTH_FAILURES_PER_MINUTE", "1000000")
+    env.setdefault("CYCLES_AUTH_FAILURE_RECORDS_PER_MINUTE", "1000000")
     # The tests read error bodies with httpx, whose User-Agent the default (errors_compat) takes for the
     # published runcycles SDK: they ask for the spec's body explicitly. None in extra_env unsets a variable.
     env.setdefault("CYCLES_ERROR_TRACE_ID", "1")

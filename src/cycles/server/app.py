@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .routes import OPS
 from .scheduler import roll_due
 from .state import AppState
+from .throttle import FailureRecords
 
 log = logging.getLogger("cycles.server")
 
@@ -76,16 +77,21 @@ async def _resume_cascades(store: Store) -> None:
 
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
                sweep_interval_s: float = 1.0, error_trace_id: bool | None = None,
-               audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20) -> Starlette:
+               audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20,
+               auth_failure_records_per_minute: int = 10) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
     auth = Authenticator(store, admin_key, local=local, failures_per_source=auth_failures_per_minute,
                          failures_per_prefix=max(50, auth_failures_per_minute))
+    auth.on_failure = lambda outcome: metrics.auth_failures.labels(outcome).inc()
+    records = FailureRecords(auth_failure_records_per_minute,
+                             on_unrecorded=lambda: metrics.auth_failures.labels("unrecorded").inc())
     state = AppState(store=store, auth=auth, metrics=metrics,
                      error_trace_id=error_trace_id is not False, error_trace_mode=error_trace_id,
                      audit_retention_ms=audit_retention_days * 86_400_000,
-                     secret_box=_secret_box(), health_details=_health_details(admin_key))
+                     secret_box=_secret_box(), health_details=_health_details(admin_key),
+                     failure_records=records)
 
     wrapped = {(op.method, op.path): endpoint(op.operation_id, metrics.observe, audit_hooks(
         op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler) for op in OPS}
@@ -218,6 +224,7 @@ def create_app_from_env() -> Starlette:
         error_trace_id=parse_setting(os.environ.get("CYCLES_ERROR_TRACE_ID")),
         audit_retention_days=int(os.environ.get("CYCLES_AUDIT_RETENTION_DAYS", "90")),
         auth_failures_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURES_PER_MINUTE", "20")),
+        auth_failure_records_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURE_RECORDS_PER_MINUTE", "10")),
     )
 
 

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..core.scopes import within_filter
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -141,8 +141,7 @@ class Authenticator:
         self._slots = asyncio.Semaphore(verify_threads)
         self.by_source = WindowCounter(failures_per_source)
         self.by_prefix = WindowCounter(failures_per_prefix)
-        self.failures = 0  # failed key checks answered (all kinds), for /metrics
-        self.throttled = 0  # key checks refused with 429 before any verification, for /metrics
+        self.on_failure: Callable[[str], None] = lambda outcome: None  # /metrics: refused, throttled
         # runtime principals: fingerprint -> (principal, governance generation it was read at)
         self._principals: dict[bytes, tuple[Principal, int]] = {}
         self.governance = GovernanceCache(store)
@@ -162,14 +161,14 @@ class Authenticator:
 
     def _throttle(self, source: str | None, prefix: str) -> None:
         if (source is not None and self.by_source.over(source)) or self.by_prefix.over(prefix):
-            self.throttled += 1
+            self.on_failure("throttled")
             retry = max(self.by_source.retry_after_s(), self.by_prefix.retry_after_s())
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "Too many failed authentication attempts; retry later",
                                 status=429, headers={"Retry-After": str(retry)},
                                 details={"retry_after_ms": retry * 1000})
 
     def _failed(self, source: str | None, prefix: str) -> None:
-        self.failures += 1
+        self.on_failure("refused")
         if source is not None:
             self.by_source.count(source)
         self.by_prefix.count(prefix)
@@ -179,10 +178,10 @@ class Authenticator:
         """Whether `presented` matches the hash `stored` of key `key_id`."""
         if self._verified.get(fingerprint) == key_id:
             return True
+        self._throttle(source, prefix)
         if self._refused.get(fingerprint) == key_id:
             self._failed(source, prefix)
             return False
-        self._throttle(source, prefix)
         pending = self._in_flight.get(fingerprint)
         if pending is None:  # concurrent checks of the same secret share one verification
             pending = asyncio.get_running_loop().create_future()

@@ -29,6 +29,10 @@ class Metrics:
                                  ["route"], buckets=_BUCKETS, registry=self.registry)
         self.decisions = Counter("cycles_decisions_total", "Budget decisions by endpoint, decision and reason",
                                  ["endpoint", "decision", "reason"], registry=self.registry)
+        self.auth_failures = Counter(
+            "cycles_auth_failures_total", "Failed key checks by outcome: refused (401), throttled (429 before any "
+            "verification), unrecorded (401 without an audit row or event: over the per-source record limit)",
+            ["outcome"], registry=self.registry)
         self.active = Gauge("cycles_active_reservations", "Reservations currently ACTIVE in the store",
                             registry=self.registry, multiprocess_mode="mostrecent")
         # -- webhook delivery (cycles.webhooks.deliver) --

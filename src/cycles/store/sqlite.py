@@ -179,7 +179,7 @@ def new_id(prefix: str) -> str:
 
 
 _ID_PROCESS = secrets.randbits(40)
-_ID_SEQ = itertools.count(secrets.randbits(24))
+_ID_SEQ = itertools.count()
 
 
 def time_ordered_id(prefix: str, now_ms: int) -> str:
@@ -246,6 +246,8 @@ class SQLiteStore(Store):
         self._checkpointer: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: list[_Op] = []
+        self.batches = 0  # group commits run, and the operations they carried (tests, /metrics)
+        self.batched_ops = 0
         self._flush_scheduled = False
         self._flush_loop: asyncio.AbstractEventLoop | None = None
 
@@ -378,6 +380,8 @@ class SQLiteStore(Store):
                     op.error = exc
                 execute("RELEASE op")
             execute("COMMIT")
+            self.batches += 1
+            self.batched_ops += len(batch)
         except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")

@@ -1,0 +1,203 @@
+"""Group commit on the embedded store: many operations share one write transaction, each in its own
+savepoint, so an operation's error leaves the others committed and correct; an acknowledged operation
+survives kill -9 in the middle of a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cycles.protocol.errors import ProtocolError
+from cycles.store.base import ReserveCommand, SettleCommand
+from cycles.store.sqlite import SQLiteStore
+from support import ADMIN_KEY, cycles_bin, free_port, new_tenant, reserve_body, Server
+
+UNIT = "USD_MICROCENTS"
+
+
+def reserve_cmd(tenant: str, amount: int, key: str | None = None) -> ReserveCommand:
+    return ReserveCommand(tenant=tenant, endpoint="reserve", idempotency_key=key or uuid.uuid4().hex, payload_hash="h",
+                          subject={"tenant": tenant}, action={"kind": "llm.completion", "name": "m"}, unit=UNIT,
+                          amount=amount, scope_path=f"tenant:{tenant}", scopes=[f"tenant:{tenant}"])
+
+
+async def _store_with_budget(path: Path, allocated: int) -> SQLiteStore:
+    store = SQLiteStore(str(path))
+    await store.create_tenant({"tenant_id": "t", "status": "ACTIVE", "name": "t", "created_at": "2026-01-01T00:00:00Z"})
+    await store.create_budget({"tenant_id": "t", "scope": "tenant:t", "unit": UNIT, "allocated": allocated})
+    return store
+
+
+def test_errors_inside_a_batch_touch_only_their_own_operation(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "c.db", 1_000)
+        batches0 = store.batches
+
+        def poisoned(conn: sqlite3.Connection, now: int) -> None:
+            # writes, then fails: its write must be rolled back to its savepoint, nothing else
+            conn.execute("UPDATE budgets SET spent = spent + 999 WHERE tenant_id='t'")
+            raise RuntimeError("injected failure after a write")
+
+        ops = []
+        for i in range(40):
+            if i % 10 == 3:
+                ops.append(store._awrite(poisoned))
+            elif i % 10 == 7:
+                ops.append(store.reserve(reserve_cmd("t", 10**6)))  # BUDGET_EXCEEDED
+            else:
+                ops.append(store.reserve(reserve_cmd("t", 25)))
+        out = await asyncio.gather(*ops, return_exceptions=True)
+        assert store.batches - batches0 <= 2, "the concurrent writes were not grouped"
+        ok = [o for o in out if not isinstance(o, BaseException)]
+        injected = [o for o in out if isinstance(o, RuntimeError)]
+        exceeded = [o for o in out if isinstance(o, ProtocolError)]
+        assert len(injected) == 4 and len(exceeded) == 4 and len(ok) == 32
+        assert {e.code.value for e in exceeded} == {"BUDGET_EXCEEDED"}
+        rids = {o.result["reservation_id"] for o in ok}
+        assert len(rids) == 32
+        row = store.conn.execute("SELECT spent, reserved FROM budgets WHERE tenant_id='t'").fetchone()
+        assert row == (0, 32 * 25)  # no injected spend, every successful hold counted once
+        assert store.conn.execute("SELECT count(*) FROM reservations WHERE status='ACTIVE'").fetchone()[0] == 32
+        # and the ledger keeps working: commits in one batch, each charged once
+        settled = await asyncio.gather(*(store.commit(SettleCommand(
+            tenant="t", reservation_id=rid, idempotency_key=uuid.uuid4().hex, payload_hash="c", actual=20, unit=UNIT))
+            for rid in rids))
+        assert all(s.result["charged"] == 20 for s in settled)
+        assert store.conn.execute("SELECT spent, reserved FROM budgets WHERE tenant_id='t'").fetchone() == (640, 0)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_same_key_twice_in_one_batch_is_one_reservation(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "c.db", 1_000)
+        key = uuid.uuid4().hex
+        first, second = await asyncio.gather(store.reserve(reserve_cmd("t", 100, key)),
+                                             store.reserve(reserve_cmd("t", 100, key)))
+        assert not first.replay and second.replay
+        assert first.result == second.result
+        assert store.conn.execute("SELECT reserved FROM budgets WHERE tenant_id='t'").fetchone()[0] == 100
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_oversubscription_impossible_under_grouped_concurrency(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "c.db", 1_000)
+        out = await asyncio.gather(*(store.reserve(reserve_cmd("t", 7)) for _ in range(500)), return_exceptions=True)
+        ok = [o for o in out if not isinstance(o, BaseException)]
+        assert len(ok) == 1_000 // 7
+        assert store.conn.execute("SELECT reserved FROM budgets WHERE tenant_id='t'").fetchone()[0] == 7 * len(ok)
+        await store.close()
+
+    asyncio.run(main())
+
+
+# ---- kill -9 in the middle of batches: what was acknowledged is there after a restart ----
+
+_LOAD = r"""
+import asyncio, sys, uuid, httpx
+base, key, tenant, out = sys.argv[1:5]
+async def client(c, f):
+    while True:
+        k = uuid.uuid4().hex
+        body = {"idempotency_key": k, "subject": {"tenant": tenant}, "action": {"kind": "llm.completion", "name": "m"},
+                "estimate": {"unit": "USD_MICROCENTS", "amount": 3}}
+        try:
+            r = await c.post("/v1/reservations", json=body)
+        except httpx.HTTPError:
+            return
+        if r.status_code == 200:
+            f.write(r.json()["reservation_id"] + "\n")
+            f.flush()
+async def main():
+    with open(out, "w") as f:
+        async with httpx.AsyncClient(base_url=base, headers={"X-Cycles-API-Key": key}, timeout=5) as c:
+            await asyncio.gather(*(client(c, f) for _ in range(24)))
+asyncio.run(main())
+"""
+
+
+def _serve(db: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "CYCLES_ADMIN_API_KEY": ADMIN_KEY, "CYCLES_EMBEDDED_WORKER": "0"}
+    return subprocess.Popen([cycles_bin(), "serve", "--port", str(port), "--store", f"sqlite:///{db}",
+                             "--log-level", "warning", "--sweep-interval-ms", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_healthy(base: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/actuator/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not start")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_batch_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    db, port = tmp_path / "c.db", free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve(db, port)
+    try:
+        _wait_healthy(base)
+        server = Server(base, f"sqlite:///{db}")
+        tenant = new_tenant(server)
+        tenant.budget(amount=10**12)
+        acked = tmp_path / "acked.txt"
+        load = subprocess.Popen([sys.executable, "-c", _LOAD, base, tenant.key, tenant.tenant_id, str(acked)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not acked.exists() or len(acked.read_text().split()) < 300):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # in the middle of the load: batches in flight
+        proc.wait(10)
+        load.wait(20)
+        rids = acked.read_text().split()
+        assert len(rids) >= 300
+        proc = _serve(db, port)
+        _wait_healthy(base)
+        with tenant.client() as c:
+            for rid in rids:
+                r = c.get(f"/v1/reservations/{rid}")
+                assert r.status_code == 200 and r.json()["status"] == "ACTIVE", (rid, r.text)
+        # the ledger holds exactly the reservations that exist: none half-written, none counted twice
+        conn = sqlite3.connect(db)
+        active = conn.execute("SELECT count(*), coalesce(sum(amount), 0) FROM reservations WHERE tenant_id=? "
+                              "AND status='ACTIVE'", (tenant.tenant_id,)).fetchone()
+        reserved = conn.execute("SELECT reserved FROM budgets WHERE tenant_id=?", (tenant.tenant_id,)).fetchone()[0]
+        conn.close()
+        assert active[0] >= len(rids) and reserved == active[1] == 3 * active[0]
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_reservation_ids_are_time_ordered_and_unique(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "c.db", 10**9)
+        out = []
+        for _ in range(5):
+            out += await asyncio.gather(*(store.reserve(reserve_cmd("t", 1)) for _ in range(50)))
+            await asyncio.sleep(0.002)
+        rids = [o.result["reservation_id"] for o in out]
+        assert len(set(rids)) == len(rids)
+        assert rids == sorted(rids)  # successive batches sort after each other
+        assert all(len(r) == 28 and r.startswith("rsv_") for r in rids)
+        await store.close()
+
+    asyncio.run(main())
