@@ -44,6 +44,20 @@ def new_event_id(now_ms: int) -> str:
     return f"evt_{now_ms:012x}{next(_EVENT_SEQ) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
 
 
+def request_context(request: dict[str, Any]) -> dict[str, Any]:
+    """What an event takes from the request that caused it (its audit row or `context` entry): ids and actor."""
+    out: dict[str, Any] = {}
+    if request.get("request_id"):
+        out["request_id"] = request["request_id"]
+        out["correlation_id"] = f"request:{request['request_id']}"
+    if request.get("trace_id"):
+        out["trace_id"] = request["trace_id"]
+    actor = {"type": (request.get("metadata") or {}).get("actor_type") or "api_key",
+             "key_id": request.get("key_id"), "source_ip": request.get("source_ip")}
+    out["actor"] = {k: v for k, v in actor.items() if v is not None}
+    return out
+
+
 def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> list[dict[str, Any]]:
     """Fill what only the transaction knows: the time, the id of what a reserve created, and for
     events their id, category and the request they came from (taken from the request's audit row, or
@@ -67,11 +81,9 @@ def stamp_journal(entries: list[dict[str, Any]], now_ms: int, result: Any) -> li
             if request is not None:
                 rec.setdefault("request_id", request.get("request_id"))
                 rec.setdefault("trace_id", request.get("trace_id"))
-                actor = {"type": (request.get("metadata") or {}).get("actor_type") or "api_key",
-                         "key_id": request.get("key_id"), "source_ip": request.get("source_ip")}
-                rec.setdefault("actor", {k: v for k, v in actor.items() if v is not None})
-                if request.get("request_id"):
-                    rec.setdefault("correlation_id", f"request:{request['request_id']}")
+                for name, value in request_context(request).items():
+                    if name in ("actor", "correlation_id"):
+                        rec.setdefault(name, value)
             # every event carries a correlation id: its request's, else its own
             rec.setdefault("correlation_id", f"event:{rec['event_id']}")
         elif rec.get("resource_id") is None and isinstance(result, dict) and result.get("reservation_id"):

@@ -18,6 +18,7 @@ as the SQLite store's) are built and written by the same script (common.lua emit
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 from datetime import datetime
@@ -34,6 +35,7 @@ from ..core import policies as Pol
 from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
+from .redis_wire import ScriptChannel, supports
 from .base import (
     AuditScan,
     EventCommand,
@@ -46,6 +48,7 @@ from .base import (
     StaleGovernance,
     Store,
     pending_journal,
+    request_context,
     stamp_journal,
 )
 
@@ -118,12 +121,14 @@ def _journal_arg(*groups: list[dict[str, Any]]) -> str:
     for entries in groups:
         out += _journal_items(entries)
     return _s({"items": out, "ctx": _s(_event_context([e for g in groups for e in g])),
-               "rand": secrets.token_hex(4)})
+               "rand": f"{random.getrandbits(32):08x}"})
 
 
 def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     kept = [e for e in entries if e.get("journal") != "context"]  # stamp_journal leaves those out
+    if not kept:
+        return out
     for entry, rec in zip(kept, stamp_journal(entries, 0, None)):
         if "timestamp_ms" not in entry:
             del rec["timestamp_ms"]
@@ -143,20 +148,11 @@ def _journal_items(entries: list[dict[str, Any]]) -> list[list[Any]]:
     return out
 
 
-_PROBE = {"journal": "event", "event_type": "system.probe", "tenant_id": "", "data": {}, "event_id": ""}
-
-
 def _event_context(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """What an event the store produces takes from the request whose journal rides with the script
     (base.stamp_journal: request_id, trace_id and actor from its audit row); {} without one."""
     request = next((e for e in entries if e.get("journal", "audit") in ("audit", "context")), None)
-    if request is None:
-        return {}
-    probe = stamp_journal([request, dict(_PROBE)], 0, None)[-1]
-    out = {k: probe[k] for k in ("request_id", "trace_id", "actor") if k in probe}
-    if out.get("request_id"):
-        out["correlation_id"] = f"request:{out['request_id']}"
-    return out
+    return {} if request is None else request_context(request)
 
 
 def _limits(limits: list[Any]) -> list[list[str]]:
@@ -202,6 +198,8 @@ class RedisStore(Store):
             retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
             max_connections=max_connections, timeout=socket_timeout_s)
         self.r = aioredis.Redis.from_pool(pool)
+        self.channel = (ScriptChannel(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s)
+                        if supports(url) else None)
         common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
         self.scripts = {
             name: self.r.register_script(
@@ -231,8 +229,12 @@ class RedisStore(Store):
         jarg = _journal_arg(entries or [], pending)
         keys = [p + "tenant"] if tenant else []
         clock = self._test_clock() if self._test_clock else 0
-        raw = await self._call(lambda: self.scripts[name](keys=keys, args=[p, tenant, self.retention_ms, clock, *args, jarg]))
-        out = _decode(raw)
+        script, argv = self.scripts[name], [p, tenant, self.retention_ms, clock, *args, jarg]
+        if self.channel is not None:
+            raw = await self._call(lambda: self.channel.evalsha(script.sha, script.script, keys, argv))
+        else:
+            raw = await self._call(lambda: script(keys=keys, args=argv))
+        out = raw if isinstance(raw, int) else _decode(raw)
         if isinstance(out, dict) and "err" in out:
             raise _script_error(out)
         if pending:
@@ -250,6 +252,8 @@ class RedisStore(Store):
     # ---- lifecycle ----
 
     async def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
         try:
             await self.r.aclose()
         except RuntimeError as exc:
