@@ -1,0 +1,432 @@
+"""The runtime plane: reserve (and decide / dry run), commit, release, extend, direct events and the expiry
+of overdue reservations, with their helpers: idempotent replay, the governance generation check, rate
+limits, and reading and writing the ledgers of a scope path."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import sqlite3
+from typing import Any, Sequence
+
+from ...core import events as E
+from ...core import ledger as L
+from ...core import policies as P
+from ...protocol.errors import ErrorCode, ProtocolError
+from ..base import EventCommand, Outcome, ReserveCommand, SettleCommand, StaleGovernance
+from .common import (
+    _LEDGER_COLS, _RES_COLS, _decode, _dumps, _ledger, _reservation, _tenant_state, new_id,
+)
+from .core import _CommitThenRaise, _Core, _emit
+
+SUBJECT_LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
+
+DEFAULT_TTL_MS = 60_000
+DEFAULT_GRACE_MS = 5_000
+DEFAULT_MAX_EXTENSIONS = 10
+
+
+_ID_PROCESS = secrets.randbits(40)
+_ID_SEQ = itertools.count()
+
+
+def time_ordered_id(prefix: str, now_ms: int) -> str:
+    """`<prefix>_` + 24 hex digits: the time, then this process's random part and a counter. Unique across
+    processes (40 random bits) and time-ordered, so a batch of new rows fills one B-tree page instead of
+    dirtying a random page each."""
+    return f"{prefix}_{now_ms & 0xFFFFFFFFFF:010x}{_ID_PROCESS:010x}{next(_ID_SEQ) & 0xFFFF:04x}"
+
+
+def balance_record(led: L.Ledger) -> list[Any]:
+    """The compact form of a ledger inside result records (rendered into a wire Balance)."""
+    return [led.scope, led.unit, led.allocated, led.spent, led.reserved, led.debt, led.overdraft_limit, led.is_over_limit]
+
+
+class _Runtime(_Core):
+    """reserve / decide, commit, release, extend, create_event, and the maintenance writes of the runtime."""
+
+    async def reserve(self, cmd: ReserveCommand) -> Outcome:
+        return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd))
+
+    def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
+        if cmd.gen is not None:
+            _check_gen(conn, cmd.tenant, cmd.gen)
+        replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
+        if replay is not None:
+            return _replayed(conn, replay, now)
+        evaluate_only = cmd.dry_run or cmd.endpoint == "decide"
+        tenant = _tenant_state(conn, cmd.tenant)
+        base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
+
+        def deny(reason: str, ledgers: Sequence[L.Ledger] = ()) -> Outcome:
+            result = {**base, "decision": "DENY", "reason_code": reason,
+                      "balances": [balance_record(l) for l in ledgers]}
+            _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        status = tenant.get("status") if tenant else None
+        if status == "CLOSED":
+            if evaluate_only:
+                return deny("TENANT_CLOSED")
+            raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
+        if status == "SUSPENDED":
+            if evaluate_only:
+                return deny("TENANT_SUSPENDED")
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"Tenant {cmd.tenant} is suspended; new reservations are refused")
+
+        if cmd.limits and not evaluate_only:
+            _rate_check(conn, cmd.limits, now)
+        overage: dict[str, str | None] = {}
+        ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit, overage)
+        if not ledgers:
+            if evaluate_only:
+                return deny("BUDGET_NOT_FOUND")
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
+                                details={"scope": cmd.scope_path, "unit": cmd.unit})
+        denial = L.check_reserve(ledgers, cmd.amount)
+        expired = 0
+        if denial is not None:
+            expired = _expire_due(conn, now, 1000, tenant=cmd.tenant)
+            if expired:
+                ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit, overage)
+                denial = L.check_reserve(ledgers, cmd.amount)
+        if denial is not None:
+            if evaluate_only:
+                return deny(denial.code.value, ledgers)
+            if expired:
+                raise _CommitThenRaise(denial.error())
+            raise denial.error()
+
+        caps = cmd.caps
+        decision = "ALLOW_WITH_CAPS" if caps else "ALLOW"
+        if evaluate_only:
+            result = {**base, "decision": decision, "caps": caps, "balances": [balance_record(l) for l in ledgers]}
+            _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        # Precedence for every setting: the request, then the governing policy, then the budget
+        # (overage only), then the tenant, then the built-in default.
+        pol, t = cmd.policy, tenant or {}
+        ttl = cmd.ttl_ms or pol.get("default_ttl_ms") or t.get("default_reservation_ttl_ms") or DEFAULT_TTL_MS
+        max_ttl = pol.get("max_ttl_ms") or t.get("max_reservation_ttl_ms")
+        if max_ttl:
+            ttl = min(ttl, max_ttl)
+        grace = DEFAULT_GRACE_MS if cmd.grace_ms is None else cmd.grace_ms
+        policy = (cmd.overage_policy or pol.get("overage_policy") or _budget_policy(ledgers, overage)
+                  or t.get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
+        max_ext = pol.get("max_extensions", t.get("max_reservation_extensions"))
+        max_ext = DEFAULT_MAX_EXTENSIONS if max_ext is None else max_ext
+        if cmd.limits:
+            _rate_count(conn, cmd.limits, now)
+        held = L.hold(ledgers, cmd.amount)
+        _write_ledgers(conn, cmd.tenant, held, now, before=ledgers)
+        rid = time_ordered_id("rsv", now)
+        expires = now + ttl
+        subj = cmd.subject
+        conn.execute(
+            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
+             _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
+             cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
+             0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
+             _dumps(cmd.commit_limits) if cmd.commit_limits else None),
+        )
+        result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
+                  "balances": [balance_record(l) for l in held]}
+        _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, rid, now)
+        return Outcome(result, now_ms=now, reservation_active=True)
+
+    async def commit(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "commit", allow_grace=True)
+            if replay is not None:
+                return replay
+            if cmd.unit != res["unit"]:
+                raise ProtocolError(
+                    ErrorCode.UNIT_MISMATCH,
+                    f"Commit unit {cmd.unit} does not match the reservation unit {res['unit']}",
+                    details={"scope": res["scope_path"], "requested_unit": cmd.unit, "expected_units": [res["unit"]]},
+                )
+            limits = res["commit_limits"]
+            if limits:
+                _rate_check(conn, limits, now)
+            ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
+            settled = L.settle(ledgers, res["amount"], cmd.actual or 0, res["overage_policy"], reject_any_overage=True)
+            if limits:
+                _rate_count(conn, limits, now)
+            _write_ledgers(conn, res["tenant_id"], settled.ledgers, now, before=ledgers,
+                           reservation_id=cmd.reservation_id, overage_policy=res["overage_policy"])
+            if settled.charged > res["amount"] or (cmd.actual or 0) > res["amount"]:
+                _emit("reservation.commit_overage", res["tenant_id"], res["scope_path"], {
+                    "reservation_id": cmd.reservation_id, "scope": res["scope_path"], "unit": res["unit"],
+                    "estimated_amount": res["amount"], "actual_amount": cmd.actual or 0,
+                    "overage": (cmd.actual or 0) - res["amount"], "overage_policy": res["overage_policy"],
+                    "debt_incurred": sum(a.debt - b.debt for a, b in zip(settled.ledgers, ledgers))})
+            conn.execute(
+                "UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, finalized_at_ms=? "
+                "WHERE reservation_id=?",
+                (settled.charged, _dumps(cmd.metadata) if cmd.metadata is not None else None, now,
+                 cmd.reservation_id),
+            )
+            result = {"unit": res["unit"], "charged": settled.charged,
+                      "released": max(0, res["amount"] - settled.charged),
+                      "balances": [balance_record(l) for l in settled.ledgers]}
+            _remember(conn, res["tenant_id"], "commit", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now)
+
+        return await self._awrite(tx)
+
+    async def release(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "release", allow_grace=True)
+            if replay is not None:
+                return replay
+            ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
+            freed = L.unhold(ledgers, res["amount"])
+            _write_ledgers(conn, res["tenant_id"], freed, now, before=ledgers)
+            conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
+                         (now, cmd.reservation_id))
+            result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
+            _remember(conn, res["tenant_id"], "release", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now)
+
+        return await self._awrite(tx)
+
+    async def extend(self, cmd: SettleCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            res, replay = _open_reservation(conn, now, cmd, "extend", allow_grace=False)
+            if replay is not None:
+                return replay
+            if res["extensions"] >= res["max_extensions"]:
+                raise ProtocolError(
+                    ErrorCode.MAX_EXTENSIONS_EXCEEDED,
+                    f"Reservation {cmd.reservation_id} reached its maximum of {res['max_extensions']} extensions",
+                )
+            expires = res["expires_at_ms"] + (cmd.extend_by_ms or 0)
+            max_ttl = (_tenant_state(conn, res["tenant_id"]) or {}).get("max_reservation_ttl_ms")
+            if max_ttl:
+                expires = max(res["expires_at_ms"], min(expires, now + max_ttl))
+            conn.execute(
+                "UPDATE reservations SET expires_at_ms=?, deadline_ms=?, extensions=extensions+1 WHERE reservation_id=?",
+                (expires, expires + res["grace_ms"], cmd.reservation_id),
+            )
+            result = {"expires_at_ms": expires, "reservation_id": cmd.reservation_id}
+            _remember(conn, res["tenant_id"], "extend", cmd.idempotency_key, cmd.payload_hash, result,
+                      cmd.reservation_id, now)
+            return Outcome(result, now_ms=now, reservation_active=True)
+
+        return await self._awrite(tx)
+
+    async def create_event(self, cmd: EventCommand) -> Outcome:
+        def tx(conn: sqlite3.Connection, now: int) -> Outcome:
+            if cmd.gen is not None:
+                _check_gen(conn, cmd.tenant, cmd.gen)
+            replay = _replay(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash)
+            if replay is not None:
+                return Outcome(_decode(replay[0]), replay=True, now_ms=now)
+            tenant = _tenant_state(conn, cmd.tenant)
+            if tenant and tenant.get("status") == "CLOSED":
+                raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
+            overage: dict[str, str | None] = {}
+            ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit, overage)
+            if not ledgers:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
+                                    details={"scope": cmd.scope_path, "unit": cmd.unit})
+            policy = (cmd.overage_policy or _budget_policy(ledgers, overage)
+                      or (tenant or {}).get("default_commit_overage_policy") or L.ALLOW_IF_AVAILABLE)
+            settled = L.settle(ledgers, 0, cmd.amount, policy, reject_any_overage=False)
+            _write_ledgers(conn, cmd.tenant, settled.ledgers, now, before=ledgers, overage_policy=policy)
+            event_id = new_id("evt")
+            conn.execute(
+                "INSERT INTO events (event_id, tenant_id, scope_path, subject, action, unit, actual, charged, "
+                "overage_policy, metadata, created_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (event_id, cmd.tenant, cmd.scope_path, _dumps(cmd.subject), _dumps(cmd.action), cmd.unit,
+                 cmd.amount, settled.charged, policy,
+                 _dumps({"metadata": cmd.metadata, "metrics": cmd.metrics, "client_time_ms": cmd.client_time_ms}),
+                 now),
+            )
+            result = {"event_id": event_id, "unit": cmd.unit, "actual": cmd.amount, "charged": settled.charged,
+                      "balances": [balance_record(l) for l in settled.ledgers]}
+            _remember(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash, result, None, now)
+            return Outcome(result, now_ms=now)
+
+        return await self._awrite(tx)
+
+    # ---- maintenance ----
+
+    async def expire_due(self, limit: int = 500) -> int:
+        return await self._awrite(lambda conn, now: _expire_due(conn, now, limit))
+
+    async def purge_idempotency(self, older_than_ms: int) -> int:
+        return await self._awrite(
+            lambda conn, now: conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
+        )
+
+
+def _rate_check(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: int) -> None:
+    """Refuse with 429 when one more event would exceed any bucket's per-minute limit."""
+    window = now // P.WINDOW_MS
+    for bucket, limit, policy_id, scope in limits:
+        counts = dict(conn.execute("SELECT window, count FROM rate_counters WHERE bucket=? AND window IN (?, ?)",
+                                   (bucket, window - 1, window)).fetchall())
+        prev, cur = counts.get(window - 1, 0), counts.get(window, 0)
+        scaled, _ = P.window_count(prev, cur, now)
+        if scaled + P.WINDOW_MS > limit * P.WINDOW_MS:
+            raise P.rate_error(bucket, limit, policy_id, scope, P.retry_after_ms(prev, cur, limit, now))
+
+
+def _rate_count(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: int) -> None:
+    window = now // P.WINDOW_MS
+    for bucket, *_ in limits:
+        conn.execute("INSERT INTO rate_counters (bucket, window, count) VALUES (?, ?, 1) "
+                     "ON CONFLICT (bucket, window) DO UPDATE SET count = count + 1", (bucket, window))
+        conn.execute("DELETE FROM rate_counters WHERE bucket=? AND window < ?", (bucket, window - 1))
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else None
+
+
+def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str) -> tuple[str, str | None] | None:
+    row = conn.execute(
+        "SELECT payload_hash, result, reservation_id FROM idempotency WHERE tenant_id=? AND endpoint=? AND key=?",
+        (tenant, endpoint, key),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] != payload_hash:
+        raise ProtocolError(
+            ErrorCode.IDEMPOTENCY_MISMATCH,
+            f"Idempotency key {key!r} was already used with a different request payload",
+        )
+    return row[1], row[2]
+
+
+def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int) -> Outcome:
+    result_json, rid = replay
+    active = False
+    if rid:
+        row = conn.execute("SELECT status, expires_at_ms FROM reservations WHERE reservation_id=?", (rid,)).fetchone()
+        active = bool(row) and row[0] == "ACTIVE" and now <= row[1]
+    return Outcome(_decode(result_json), replay=True, now_ms=now, reservation_active=active)
+
+
+def _remember(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str,
+              result: dict[str, Any], reservation_id: str | None, now: int) -> None:
+    conn.execute(
+        "INSERT INTO idempotency (tenant_id, endpoint, key, payload_hash, result, reservation_id, created_at_ms) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (tenant, endpoint, key, payload_hash, _dumps(result), reservation_id, now),
+    )
+
+
+def _gen(conn: sqlite3.Connection, tenant: str) -> int:
+    row = conn.execute("SELECT gen FROM gens WHERE tenant_id=?", (tenant,)).fetchone()
+    return row[0] if row else 0
+
+
+def _check_gen(conn: sqlite3.Connection, tenant: str, gen: int) -> None:
+    if _gen(conn, tenant) != gen:
+        raise StaleGovernance()
+
+
+def _scope_ledgers(conn: sqlite3.Connection, tenant: str, scopes: list[str], unit: str,
+                   overage: dict[str, str | None] | None = None) -> list[L.Ledger]:
+    """Ledgers of `scopes` in `unit`, in canonical order; raises UNIT_MISMATCH when only other units exist.
+    `overage`, when given, receives each ledger's own commit_overage_policy (by scope)."""
+    marks = ",".join("?" * len(scopes))
+    rows = conn.execute(
+        f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope IN ({marks})", (tenant, *scopes)
+    ).fetchall()
+    same = {r[0]: r for r in rows if r[1] == unit}
+    if not same and rows:
+        by_scope: dict[str, list[str]] = {}
+        for r in rows:
+            by_scope.setdefault(r[0], []).append(r[1])
+        scope = next(s for s in scopes if s in by_scope)
+        raise ProtocolError(
+            ErrorCode.UNIT_MISMATCH,
+            f"No budget in unit {unit} at the derived scopes; scope {scope} has budgets in {', '.join(sorted(by_scope[scope]))}",
+            details={"scope": scope, "requested_unit": unit, "expected_units": sorted(by_scope[scope])},
+        )
+    if overage is not None:
+        overage.update((r[0], r[9]) for r in same.values())
+    return [_ledger(same[s]) for s in scopes if s in same]
+
+
+def _budget_policy(ledgers: Sequence[L.Ledger], overage: dict[str, str | None]) -> str | None:
+    """The commit overage policy set on the deepest budgeted scope, if any."""
+    for led in reversed(ledgers):
+        if overage.get(led.scope):
+            return overage[led.scope]
+    return None
+
+
+def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Ledger], now: int,
+                   before: Sequence[L.Ledger] | None = None, reservation_id: str | None = None,
+                   overage_policy: str | None = None) -> None:
+    for old, new in zip(before or (), ledgers):
+        for event_type, scope, data in E.transitions(old, new, reservation_id=reservation_id,
+                                                     overage_policy=overage_policy):
+            _emit(event_type, tenant, scope, data)
+    conn.executemany(
+        "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, is_over_limit=?, updated_at_ms=? "
+        "WHERE tenant_id=? AND scope=? AND unit=?",
+        [(l.allocated, l.spent, l.reserved, l.debt, int(l.is_over_limit), now, tenant, l.scope, l.unit) for l in ledgers],
+    )
+
+
+def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,
+                      *, allow_grace: bool) -> tuple[dict[str, Any], Outcome | None]:
+    """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
+    if cmd.gen is not None and cmd.tenant is not None:
+        _check_gen(conn, cmd.tenant, cmd.gen)
+    row = conn.execute(f"SELECT {_RES_COLS}, commit_limits FROM reservations WHERE reservation_id=?",
+                       (cmd.reservation_id,)).fetchone()
+    res = _reservation(row) if row else None
+    if res is not None:
+        res["commit_limits"] = _decode(row[-1]) if row[-1] else []
+    # Ownership before replay: another tenant must never see this tenant's stored responses.
+    if res is not None and cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
+    owner = res["tenant_id"] if res else cmd.tenant
+    if owner is not None:
+        replay = _replay(conn, owner, endpoint, cmd.idempotency_key, cmd.payload_hash)
+        if replay is not None:
+            return res or {}, _replayed(conn, replay, now)
+    if res is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
+    tenant = _tenant_state(conn, res["tenant_id"])
+    if tenant and tenant.get("status") == "CLOSED":
+        raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {res['tenant_id']} is closed")
+    if res["status"] in ("COMMITTED", "RELEASED"):
+        raise ProtocolError(ErrorCode.RESERVATION_FINALIZED,
+                            f"Reservation {cmd.reservation_id} is already {res['status']}",
+                            details={"status": res["status"]})
+    limit = res["deadline_ms"] if allow_grace else res["expires_at_ms"]
+    if res["status"] == "EXPIRED" or now > limit:
+        raise ProtocolError(ErrorCode.RESERVATION_EXPIRED, f"Reservation {cmd.reservation_id} has expired",
+                            details={"expires_at_ms": res["expires_at_ms"]})
+    return res, None
+
+
+def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | None = None) -> int:
+    sql = f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
+    params: list[Any] = [now]
+    if tenant is not None:
+        sql += " AND tenant_id=?"
+        params.append(tenant)
+    rows = conn.execute(sql + " LIMIT ?", (*params, limit)).fetchall()
+    for row in rows:
+        res = _reservation(row)
+        ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
+        _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now, before=ledgers)
+        conn.execute("UPDATE reservations SET status='EXPIRED' WHERE reservation_id=?", (res["reservation_id"],))
+        _emit("reservation.expired", res["tenant_id"], res["scope_path"], {
+            "reservation_id": res["reservation_id"], "scope": res["scope_path"], "unit": res["unit"],
+            "estimated_amount": res["amount"], "created_at_ms": res["created_at_ms"], "expired_at_ms": now,
+            "ttl_ms": res["expires_at_ms"] - res["created_at_ms"], "extensions_used": res["extensions"]}, system=True)
+    return len(rows)
