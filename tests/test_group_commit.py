@@ -201,3 +201,58 @@ def test_reservation_ids_are_time_ordered_and_unique(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_a_file_from_before_without_rowid_reservations_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = asyncio.run(_store_with_budget(path, 1_000))
+    asyncio.run(store.close())
+    # turn the file back into the earlier layout: a rowid reservations table (no idempotency columns), the
+    # (status, deadline_ms) index, and a live reserve recorded in the idempotency table as it used to be
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        DROP TABLE reservations;
+        CREATE TABLE reservations (
+            reservation_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, status TEXT NOT NULL,
+            subject TEXT NOT NULL, action TEXT NOT NULL, unit TEXT NOT NULL, amount INTEGER NOT NULL,
+            scope_path TEXT NOT NULL, affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
+            deadline_ms INTEGER NOT NULL, overage_policy TEXT NOT NULL, idempotency_key TEXT,
+            metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
+            extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
+            s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT, commit_limits TEXT);
+        CREATE INDEX reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
+        CREATE INDEX reservations_active_deadline ON reservations (status, deadline_ms);
+        CREATE INDEX reservations_tenant_key ON reservations (tenant_id, idempotency_key);
+    """)
+    now = int(time.time() * 1000)
+    result = ('{"scope_path":"tenant:t","affected_scopes":["tenant:t"],"unit":"USD_MICROCENTS","amount":40,'
+              '"decision":"ALLOW","caps":null,"reservation_id":"rsv_old","expires_at_ms":%d,"balances":[]}' % (now + 60_000))
+    conn.execute("INSERT INTO reservations VALUES ('rsv_old','t','ACTIVE','{\"tenant\":\"t\"}','{\"kind\":\"k\",\"name\":\"n\"}',"
+                 "'USD_MICROCENTS',40,'tenant:t','[\"tenant:t\"]','[\"tenant:t\"]',?,?,5000,?,'ALLOW_IF_AVAILABLE',"
+                 "'old-key',NULL,NULL,NULL,NULL,0,10,NULL,NULL,NULL,NULL,NULL,NULL)", (now, now + 60_000, now + 65_000))
+    conn.execute("INSERT INTO idempotency VALUES ('t','reserve','old-key','h',?,'rsv_old',?)", (result, now))
+    conn.execute("UPDATE budgets SET reserved=40 WHERE tenant_id='t'")
+    conn.commit()
+    conn.close()
+
+    async def main() -> None:
+        store = SQLiteStore(str(path))
+        sql = store.conn.execute("SELECT sql FROM sqlite_master WHERE name='reservations'").fetchone()[0]
+        assert "WITHOUT ROWID" in sql.upper()
+        indexes = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index' "
+                                                    "AND tbl_name='reservations'")}
+        assert "reservations_active" in indexes and "reservations_active_deadline" not in indexes
+        replay = await store.reserve(reserve_cmd("t", 40, "old-key"))  # recorded before the migration
+        assert replay.replay and replay.result["reservation_id"] == "rsv_old"
+        fresh = await store.reserve(reserve_cmd("t", 60, "new-key"))
+        again = await store.reserve(reserve_cmd("t", 60, "new-key"))  # recorded on its reservation row now
+        assert again.replay and again.result == fresh.result
+        done = await store.commit(SettleCommand(tenant="t", reservation_id="rsv_old", idempotency_key="c",
+                                                payload_hash="c", actual=30, unit=UNIT))
+        assert done.result["charged"] == 30
+        assert store.conn.execute("SELECT spent, reserved FROM budgets WHERE tenant_id='t'").fetchone() == (30, 60)
+        assert await store.expire_due() == 0
+        await store.close()
+
+    asyncio.run(main())

@@ -54,6 +54,10 @@ class _Runtime(_Core):
         replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
         if replay is not None:
             return _replayed(conn, replay, now)
+        if cmd.endpoint == "reserve":
+            made = _reserved(conn, cmd.tenant, cmd.idempotency_key, cmd.payload_hash, now)
+            if made is not None:
+                return made
         evaluate_only = cmd.dry_run or cmd.endpoint == "decide"
         tenant = _tenant_state(conn, cmd.tenant)
         base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
@@ -123,18 +127,18 @@ class _Runtime(_Core):
         rid = time_ordered_id("rsv", now)
         expires = now + ttl
         subj = cmd.subject
+        result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
+                  "balances": [balance_record(l) for l in held]}
+        # the reservation row is also the idempotency record of the reserve that made it (_reserved)
         conn.execute(
-            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits, "
+            "payload_hash, result) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
              cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
              0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
-             _dumps(cmd.commit_limits) if cmd.commit_limits else None),
+             _dumps(cmd.commit_limits) if cmd.commit_limits else None, cmd.payload_hash, _dumps(result)),
         )
-        result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
-                  "balances": [balance_record(l) for l in held]}
-        _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, rid, now)
         return Outcome(result, now_ms=now, reservation_active=True)
 
     async def commit(self, cmd: SettleCommand) -> Outcome:
@@ -303,6 +307,22 @@ def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payl
             f"Idempotency key {key!r} was already used with a different request payload",
         )
     return row[1], row[2]
+
+
+def _reserved(conn: sqlite3.Connection, tenant: str, key: str, payload_hash: str, now: int) -> Outcome | None:
+    """The replay of a live reserve, from the reservation it made (which carries its idempotency record)."""
+    row = conn.execute(
+        "SELECT payload_hash, result, status, expires_at_ms FROM reservations INDEXED BY reservations_tenant_key "
+        "WHERE tenant_id=? AND idempotency_key=? AND result IS NOT NULL ORDER BY created_at_ms DESC LIMIT 1",
+        (tenant, key)).fetchone()
+    if row is None:
+        return None
+    if row[0] != payload_hash:
+        raise ProtocolError(
+            ErrorCode.IDEMPOTENCY_MISMATCH,
+            f"Idempotency key {key!r} was already used with a different request payload",
+        )
+    return Outcome(_decode(row[1]), replay=True, now_ms=now, reservation_active=row[2] == "ACTIVE" and now <= row[3])
 
 
 def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int) -> Outcome:

@@ -5,6 +5,26 @@ from __future__ import annotations
 
 import sqlite3
 
+# Reservations are keyed by their (time-ordered) id alone: one B-tree, appended to at its right edge. A live
+# reserve keeps its idempotency record (payload_hash, result) on its own row instead of a separate table row;
+# only ACTIVE reservations are in the deadline index the expiry sweep reads.
+RESERVATION_COLUMNS = """
+    reservation_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, status TEXT NOT NULL,
+    subject TEXT NOT NULL, action TEXT NOT NULL, unit TEXT NOT NULL, amount INTEGER NOT NULL,
+    scope_path TEXT NOT NULL, affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, overage_policy TEXT NOT NULL, idempotency_key TEXT,
+    metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
+    extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
+    s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT, commit_limits TEXT,
+    payload_hash TEXT, result TEXT
+"""
+RESERVATION_INDEXES = """
+CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
+CREATE INDEX IF NOT EXISTS reservations_active ON reservations (deadline_ms) WHERE status = 'ACTIVE';
+CREATE INDEX IF NOT EXISTS reservations_tenant_key ON reservations (tenant_id, idempotency_key);
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tenants (
@@ -23,19 +43,8 @@ CREATE TABLE IF NOT EXISTS budgets (
     created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, scope, unit)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS reservations (
-    reservation_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, status TEXT NOT NULL,
-    subject TEXT NOT NULL, action TEXT NOT NULL, unit TEXT NOT NULL, amount INTEGER NOT NULL,
-    scope_path TEXT NOT NULL, affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
-    deadline_ms INTEGER NOT NULL, overage_policy TEXT NOT NULL, idempotency_key TEXT,
-    metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
-    extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
-    s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT, commit_limits TEXT
-);
-CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
-CREATE INDEX IF NOT EXISTS reservations_active_deadline ON reservations (status, deadline_ms);
-CREATE INDEX IF NOT EXISTS reservations_tenant_key ON reservations (tenant_id, idempotency_key);
+CREATE TABLE IF NOT EXISTS reservations (RESERVATION_COLUMNS) WITHOUT ROWID;
+RESERVATION_INDEXES
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant_id TEXT NOT NULL, endpoint TEXT NOT NULL, key TEXT NOT NULL, payload_hash TEXT NOT NULL,
     result TEXT NOT NULL, reservation_id TEXT, created_at_ms INTEGER NOT NULL,
@@ -67,7 +76,7 @@ CREATE TABLE IF NOT EXISTS events (
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
     overage_policy TEXT NOT NULL, metadata TEXT, created_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
-"""
+""".replace("RESERVATION_COLUMNS", RESERVATION_COLUMNS).replace("RESERVATION_INDEXES", RESERVATION_INDEXES)
 
 # Counters for the overview, kept by triggers in the same transaction as every change they count.
 COUNTER_TRIGGERS = """
@@ -123,9 +132,9 @@ END
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring files written by earlier versions up to the current schema."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
-    if "commit_limits" not in cols:
-        conn.execute("ALTER TABLE reservations ADD COLUMN commit_limits TEXT")
+    table_sql = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='reservations'").fetchone()[0]
+    if "WITHOUT ROWID" not in table_sql.upper():
+        _rebuild_reservations(conn)
     cols = {r[1] for r in conn.execute("PRAGMA table_info(docs)")}
     if "due_ms" not in cols:
         conn.execute("ALTER TABLE docs ADD COLUMN due_ms INTEGER")
@@ -136,6 +145,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_period_end ON budgets (period_end_ms) WHERE period_end_ms IS NOT NULL")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_over_limit ON budgets (debt DESC) WHERE is_over_limit = 1")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_with_debt ON budgets (debt DESC) WHERE debt > 0")
+    conn.execute("DROP INDEX IF EXISTS reservations_active_deadline")  # replaced by the partial reservations_active
     for stmt in GEN_TRIGGERS.split(";;"):
         conn.execute(stmt)
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone() is None:
@@ -149,3 +159,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO counters SELECT 'budgets.unit.' || unit, count(*) FROM budgets GROUP BY unit")
         conn.execute("INSERT INTO counters SELECT 'budgets.over_limit', count(*) FROM budgets WHERE is_over_limit = 1")
         conn.execute("INSERT INTO counters SELECT 'budgets.with_debt', count(*) FROM budgets WHERE debt > 0")
+
+
+def _rebuild_reservations(conn: sqlite3.Connection) -> None:
+    """A file from before reservations were WITHOUT ROWID: copy them into the current table (once; their
+    idempotency records stay where they were written, in the idempotency table)."""
+    old = [r[1] for r in conn.execute("PRAGMA table_info(reservations)")]
+    conn.execute(f"CREATE TABLE reservations_v2 ({RESERVATION_COLUMNS}) WITHOUT ROWID")
+    new = [r[1] for r in conn.execute("PRAGMA table_info(reservations_v2)")]
+    cols = ", ".join(c for c in old if c in new)
+    conn.execute(f"INSERT INTO reservations_v2 ({cols}) SELECT {cols} FROM reservations")
+    conn.execute("DROP TABLE reservations")
+    conn.execute("ALTER TABLE reservations_v2 RENAME TO reservations")
+    for stmt in RESERVATION_INDEXES.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
