@@ -4,7 +4,6 @@ permissions and scope filters, suspended tenants, new or changed policies."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -36,9 +35,16 @@ def _reserve(t: Tenant, **extra: object) -> httpx.Response:
         return c.post("/v1/reservations", json=reserve_body(t, 1, **extra))
 
 
-def _warm(t: Tenant) -> None:
-    for _ in range(3):  # the principal and the policies are cached on A now
-        assert _reserve(t).status_code == 200
+def _warmed(pair: tuple[Server, Server]) -> tuple[Server, Tenant, Tenant]:
+    """B (the operators' server), a funded tenant provisioned there, and the same tenant's agent on A, whose
+    key principal and policies A has cached."""
+    a, b = pair
+    tenant = new_tenant(b)
+    tenant.budget(amount=10**6)
+    agent = _on(a, tenant)
+    for _ in range(3):
+        assert _reserve(agent).status_code == 200
+    return b, tenant, agent
 
 
 def _key_id(b: Server, tenant: Tenant) -> str:
@@ -47,11 +53,7 @@ def _key_id(b: Server, tenant: Tenant) -> str:
 
 
 def test_revoked_key_is_refused_at_once(pair: tuple[Server, Server]) -> None:
-    a, b = pair
-    tenant = new_tenant(b)
-    tenant.budget(amount=10**6)
-    agent = _on(a, tenant)
-    _warm(agent)
+    b, tenant, agent = _warmed(pair)
     with b.admin() as c:
         assert c.delete(f"/v1/admin/api-keys/{_key_id(b, tenant)}").status_code == 200
     r = _reserve(agent)
@@ -61,11 +63,7 @@ def test_revoked_key_is_refused_at_once(pair: tuple[Server, Server]) -> None:
 
 
 def test_permission_and_scope_filter_changes_apply_both_ways(pair: tuple[Server, Server]) -> None:
-    a, b = pair
-    tenant = new_tenant(b)
-    tenant.budget(amount=10**6)
-    agent = _on(a, tenant)
-    _warm(agent)
+    b, tenant, agent = _warmed(pair)
     key_id = _key_id(b, tenant)
     with b.admin() as c:
         c.patch(f"/v1/admin/api-keys/{key_id}", json={"permissions": ["balances:read"]})
@@ -78,11 +76,7 @@ def test_permission_and_scope_filter_changes_apply_both_ways(pair: tuple[Server,
 
 
 def test_suspended_tenant_is_refused_at_once_and_reactivated(pair: tuple[Server, Server]) -> None:
-    a, b = pair
-    tenant = new_tenant(b)
-    tenant.budget(amount=10**6)
-    agent = _on(a, tenant)
-    _warm(agent)
+    b, tenant, agent = _warmed(pair)
     with b.admin() as c:
         assert c.patch(f"/v1/admin/tenants/{tenant.tenant_id}", json={"status": "SUSPENDED"}).status_code == 200
     assert _reserve(agent).status_code == 403
@@ -92,11 +86,7 @@ def test_suspended_tenant_is_refused_at_once_and_reactivated(pair: tuple[Server,
 
 
 def test_policy_created_changed_and_deleted_elsewhere_applies_to_the_next_reserve(pair: tuple[Server, Server]) -> None:
-    a, b = pair
-    tenant = new_tenant(b)
-    tenant.budget(amount=10**6)
-    agent = _on(a, tenant)
-    _warm(agent)
+    b, tenant, agent = _warmed(pair)
     assert _reserve(agent).json()["decision"] == "ALLOW"
     with b.admin() as c:
         r = c.post("/v1/admin/policies", json={"tenant_id": tenant.tenant_id, "name": "caps",
@@ -114,11 +104,7 @@ def test_policy_created_changed_and_deleted_elsewhere_applies_to_the_next_reserv
 
 
 def test_commit_with_a_revoked_key_is_refused_at_once(pair: tuple[Server, Server]) -> None:
-    a, b = pair
-    tenant = new_tenant(b)
-    tenant.budget(amount=10**6)
-    agent = _on(a, tenant)
-    _warm(agent)
+    b, tenant, agent = _warmed(pair)
     rid = _reserve(agent).json()["reservation_id"]
     with b.admin() as c:
         assert c.delete(f"/v1/admin/api-keys/{_key_id(b, tenant)}").status_code == 200

@@ -20,7 +20,7 @@ import pytest
 from cycles.protocol.errors import ProtocolError
 from cycles.store.base import ReserveCommand, SettleCommand
 from cycles.store.sqlite import SQLiteStore
-from support import ADMIN_KEY, cycles_bin, free_port, new_tenant, reserve_body, Server
+from support import ADMIN_KEY, Server, cycles_bin, free_port, new_tenant
 
 UNIT = "USD_MICROCENTS"
 

@@ -104,7 +104,7 @@ def assert_400(r: httpx.Response, code: str | None = None) -> None:
         assert r.json()["error"] == code, r.text
 
 
-def tests_blocked() -> list[str]:
+def _blocked_for_tests() -> list[str]:
     from cycles.webhooks.urlpolicy import DEFAULT_BLOCKED
 
     return [r for r in DEFAULT_BLOCKED if r != "203.0.113.0/24"]
@@ -113,7 +113,7 @@ def tests_blocked() -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def tests_security(server: Server) -> Iterator[None]:
     with server.admin() as c:
-        assert c.put(SECURITY, json={"blocked_cidr_ranges": tests_blocked()}).status_code == 200
+        assert c.put(SECURITY, json={"blocked_cidr_ranges": _blocked_for_tests()}).status_code == 200
     yield
     with server.admin() as c:
         assert c.put(SECURITY, json={}).status_code == 200
@@ -563,7 +563,7 @@ def test_ssrf_refused_on_create_and_url_change(server: Server, restore_security:
         assert r.status_code == 200 and r.json()["allow_http"] is False
         assert r.json()["blocked_cidr_ranges"][0] == "10.0.0.0/8"  # defaults for what a PUT leaves out
         assert_400(c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/ok/1")), "WEBHOOK_URL_INVALID")  # TEST-NET-3
-        r = a.put(SECURITY, json={"allowed_url_patterns": [f"{PUBLIC}/ok/*"], "blocked_cidr_ranges": tests_blocked()})
+        r = a.put(SECURITY, json={"allowed_url_patterns": [f"{PUBLIC}/ok/*"], "blocked_cidr_ranges": _blocked_for_tests()})
         assert c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/ok/1")).status_code == 201
         assert_400(c.post("/v1/webhooks", json=body(url=f"{PUBLIC}/other")), "WEBHOOK_URL_INVALID")
         # not retroactive: subscriptions created under the relaxed config stay and can be edited,
@@ -623,7 +623,7 @@ def test_ssrf_special_purpose_forms_refused_at_write(server: Server) -> None:
                 assert_400(a.post("/v1/admin/webhooks", json=body(url=bad)), "WEBHOOK_URL_INVALID")
                 assert_400(c.patch(f"/v1/webhooks/{sid}", json={"url": bad}), "WEBHOOK_URL_INVALID")
         finally:
-            assert a.put(SECURITY, json={"blocked_cidr_ranges": tests_blocked()}).status_code == 200
+            assert a.put(SECURITY, json={"blocked_cidr_ranges": _blocked_for_tests()}).status_code == 200
 
 
 @pytest.mark.parametrize("host", SSRF_FORMS)

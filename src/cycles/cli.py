@@ -99,10 +99,9 @@ def serve(
     sweep_interval_ms: int = typer.Option(1000, min=0, help="How often expired leases are swept (0 disables)."),
     error_trace_id: Optional[bool] = typer.Option(
         None, "--error-trace-id/--no-error-trace-id", show_default="by client",
-        help="trace_id in error bodies (the X-Cycles-Trace-Id header always has it). Default: in every body "
-        "except for the published runcycles SDK (User-Agent python-httpx/*, no trace headers), whose strict "
-        "ErrorResponse rejects it; --error-trace-id: always; --no-error-trace-id: never. "
-        "Env CYCLES_ERROR_TRACE_ID=1|0|auto."),
+        help="Put trace_id in error bodies: always, or never (the trace id response header always has it). "
+        "Default: in every body except for the published runcycles SDK (an httpx User-Agent and no trace "
+        "headers), whose strict error model rejects it. Env CYCLES_ERROR_TRACE_ID=1, 0 or auto."),
     max_connections: int = typer.Option(
         1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
         "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),

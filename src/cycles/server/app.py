@@ -166,6 +166,7 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
                     await engine.stop()
             with contextlib.suppress(Exception):
                 await state.auth.flush_last_used()
+            state.auth.close()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
