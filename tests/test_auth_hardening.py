@@ -99,3 +99,12 @@ def test_failed_authentications_leave_a_bounded_number_of_audit_rows(tmp_path: P
         assert 'cycles_auth_failures_total{outcome="unrecorded"}' in metrics
     finally:
         server.stop()
+
+
+def test_a_key_of_the_wrong_kind_is_told_where_it_belongs(server: Server) -> None:
+    tenant = new_tenant(server)
+    r = httpx.get(server.base_url + "/v1/admin/tenants", headers={"X-Admin-API-Key": tenant.key})
+    assert r.status_code == 401 and "X-Cycles-API-Key" in r.json()["message"]
+    r = httpx.get(server.base_url + "/v1/balances", params={"tenant": tenant.tenant_id},
+                  headers={"X-Cycles-API-Key": "cyc_admin_" + "x" * 40})
+    assert r.status_code == 401 and "X-Admin-API-Key" in r.json()["message"]

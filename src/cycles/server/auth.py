@@ -240,7 +240,7 @@ class Authenticator:
         if ok and await self.store.get_setting(BOOTSTRAP_DISABLED_SETTING) == "1":
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "The bootstrap admin key is disabled; use a named operator key")
         if not ok:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid admin API key")
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, _wrong_kind(presented, "admin") or "Invalid admin API key")
         return Principal("admin", None, "bootstrap", frozenset({"*"}), name="bootstrap")
 
     async def _operator(self, presented: str, source: str | None) -> Principal:
@@ -264,12 +264,12 @@ class Authenticator:
 
     async def _tenant_record(self, presented: str, source: str | None) -> tuple[dict[str, Any], bytes]:
         if len(presented) < KEY_PREFIX_LEN or len(presented) > 512:
-            raise self._refuse("Invalid API key", source, "short")
+            raise self._refuse(_wrong_kind(presented, "tenant") or "Invalid API key", source, "short")
         prefix = presented[:KEY_PREFIX_LEN]
         record = await self.store.find_api_key(prefix)
         if record is None:
             self._throttle(source, prefix)
-            raise self._refuse("Invalid API key", source, prefix)
+            raise self._refuse(_wrong_kind(presented, "tenant") or "Invalid API key", source, prefix)
         fingerprint = hashlib.sha256(presented.encode()).digest()
         if not await self._verify(fingerprint, presented, record["secret_hash"], record["key_id"], source, prefix):
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "Invalid API key")
@@ -322,6 +322,17 @@ class Authenticator:
             return await self.admin(admin_key, source)
         wanted = " or ".join(h for h, ok in (("X-Cycles-API-Key", allow_tenant), ("X-Admin-API-Key", allow_admin)) if ok)
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"Missing {wanted} header")
+
+
+def _wrong_kind(presented: str, wanted: str) -> str | None:
+    """A hint when the key presented is plainly of the other kind (by its public prefix); still a 401."""
+    if wanted == "admin" and presented.startswith("cyc_live_"):
+        return ("Invalid admin API key: this is a tenant API key (send it as X-Cycles-API-Key); the admin plane "
+                "needs an operator key (X-Admin-API-Key)")
+    if wanted == "tenant" and presented.startswith((OPERATOR_KEY_PREFIX, "cyc_admin_")):
+        return ("Invalid API key: this is an operator key (send it as X-Admin-API-Key); this route needs a tenant "
+                "API key (X-Cycles-API-Key)")
+    return None
 
 
 # Runtime mutations keep authenticating with a key the close cascade revoked, so they reach the

@@ -14,7 +14,7 @@ from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import Store
 from . import audit, events
-from .admin import owning_tenant, query_tenant, tenant_or_admin
+from .admin import existing_tenant, owning_tenant, query_tenant, tenant_or_admin
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
@@ -72,8 +72,7 @@ async def create_policy(request: Request, ctx: Ctx) -> Response:
     req = decode(await read_body(request), g.PolicyCreateRequest)
     tenant = owning_tenant(principal, req.tenant_id)
     st = state_of(request)
-    if await st.store.get_tenant(tenant) is None:
-        raise ProtocolError(ErrorCode.NOT_FOUND, f"Tenant {tenant} not found")
+    await existing_tenant(st.store, tenant)  # the same 400 as key and budget creates
     now = iso(await st.store.now_ms())
     rec = msgspec.to_builtins(req)
     rec.update(tenant_id=tenant, policy_id="pol_" + secrets.token_hex(10), status="ACTIVE", created_at=now,
