@@ -32,7 +32,6 @@ class GovernanceCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._views: dict[str, TenantView] = {}
-        self.loads = 0  # views read from the store, for tests and /metrics
 
     def cached(self, tenant: str) -> TenantView | None:
         return self._views.get(tenant)
@@ -46,7 +45,6 @@ class GovernanceCache:
         if len(self._views) >= _MAX_TENANTS:
             self._views.clear()
         self._views[tenant] = view
-        self.loads += 1
         return view
 
     def forget(self, tenant: str) -> None:

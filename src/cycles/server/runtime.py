@@ -9,10 +9,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..core import policies as P
 from ..core import scopes as S
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..core import policies as P
 from ..store.base import EventCommand, ReservationQuery, ReserveCommand, SettleCommand, StaleGovernance
 from . import render
 from .auth import Principal

@@ -57,12 +57,10 @@ class FailureRecords:
                  on_unrecorded: Callable[[], None] = lambda: None) -> None:
         self.by_source = WindowCounter(per_source)
         self.total = WindowCounter(max(total, per_source))
-        self.unrecorded = 0
         self.on_unrecorded = on_unrecorded
 
     def allow(self, source: str | None) -> bool:
         if self.by_source.count(source or "?") > self.by_source.limit or self.total.count("*") > self.total.limit:
-            self.unrecorded += 1
             self.on_unrecorded()
             return False
         return True

@@ -176,9 +176,7 @@ class _Runtime(_Core):
             result = {"unit": res["unit"], "charged": settled.charged,
                       "released": max(0, res["amount"] - settled.charged),
                       "balances": [balance_record(l) for l in settled.ledgers]}
-            _remember(conn, res["tenant_id"], "commit", cmd.idempotency_key, cmd.payload_hash, result,
-                      cmd.reservation_id, now)
-            return Outcome(result, now_ms=now)
+            return _settled(conn, res, cmd, "commit", result, now)
 
         return await self._awrite(tx)
 
@@ -193,9 +191,7 @@ class _Runtime(_Core):
             conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
                          (now, cmd.reservation_id))
             result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
-            _remember(conn, res["tenant_id"], "release", cmd.idempotency_key, cmd.payload_hash, result,
-                      cmd.reservation_id, now)
-            return Outcome(result, now_ms=now)
+            return _settled(conn, res, cmd, "release", result, now)
 
         return await self._awrite(tx)
 
@@ -218,9 +214,7 @@ class _Runtime(_Core):
                 (expires, expires + res["grace_ms"], cmd.reservation_id),
             )
             result = {"expires_at_ms": expires, "reservation_id": cmd.reservation_id}
-            _remember(conn, res["tenant_id"], "extend", cmd.idempotency_key, cmd.payload_hash, result,
-                      cmd.reservation_id, now)
-            return Outcome(result, now_ms=now, reservation_active=True)
+            return _settled(conn, res, cmd, "extend", result, now)
 
         return await self._awrite(tx)
 
@@ -307,6 +301,13 @@ def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payl
             f"Idempotency key {key!r} was already used with a different request payload",
         )
     return row[1], row[2]
+
+
+def _settled(conn: sqlite3.Connection, res: dict[str, Any], cmd: SettleCommand, endpoint: str,
+             result: dict[str, Any], now: int) -> Outcome:
+    """Record a commit / release / extend under its idempotency key and answer it."""
+    _remember(conn, res["tenant_id"], endpoint, cmd.idempotency_key, cmd.payload_hash, result, cmd.reservation_id, now)
+    return Outcome(result, now_ms=now)
 
 
 def _reserved(conn: sqlite3.Connection, tenant: str, key: str, payload_hash: str, now: int) -> Outcome | None:
