@@ -119,6 +119,8 @@ def serve(
     max_headers: int = typer.Option(100, envvar="CYCLES_MAX_HEADERS", help="Request headers (431 and close above)."),
     access_log: bool = typer.Option(False, help="Log every request."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", envvar="CYCLES_DASHBOARD",
+                                   help="Serve the operator dashboard at /dashboard."),
 ) -> None:
     """Run the Cycles server."""
     import uvicorn
@@ -159,6 +161,7 @@ def serve(
     typer.echo(f"Cycles serving on http://{host}:{port} with store {store_url} ({workers} worker(s))")
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
+    os.environ["CYCLES_DASHBOARD"] = "1" if dashboard else "0"
     os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                   loop="auto", timeout_graceful_shutdown=5)

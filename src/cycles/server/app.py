@@ -79,7 +79,8 @@ async def _resume_cascades(store: Store) -> None:
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
                sweep_interval_s: float = 1.0, error_trace_id: bool | None = None,
                audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20,
-               auth_failure_records_per_minute: int = 10, tune_gc: bool = False) -> Starlette:
+               auth_failure_records_per_minute: int = 10, tune_gc: bool = False,
+               dashboard: bool = True) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
@@ -137,6 +138,10 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     swagger = _swagger_assets()
     if swagger is not None:
         routes.append(swagger)
+    if dashboard:
+        from ..dashboard import routes as dashboard_routes
+
+        routes += dashboard_routes()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         ctx = new_ctx(request)
@@ -240,6 +245,7 @@ def create_app_from_env() -> Starlette:
         auth_failure_records_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURE_RECORDS_PER_MINUTE", "10")),
         # a server process of its own (not an app embedded in someone's process): tune its collector
         tune_gc=os.environ.get("CYCLES_GC_TUNE", "1") != "0",
+        dashboard=os.environ.get("CYCLES_DASHBOARD", "1") != "0",
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..protocol import admin as a
 from ..protocol import models as m
-from . import admin, bulk, events, governance, operators, overview, policies, runtime, webhook_delivery, webhooks
+from . import admin, bulk, events, governance, operators, overview, policies, runtime, usage, webhook_delivery, webhooks
 from ..protocol import governance as g
 
 
@@ -38,6 +38,14 @@ _RESERVATION_FILTERS = (
     ("sort_dir", "string", "asc or desc (default desc)"),
     ("include", "string", "metadata,committed_metadata"),
     ("limit", "integer", "1..200, default 50"), ("cursor", "string", "Opaque cursor from the previous page"),
+)
+_WINDOW = (
+    ("from", "date-time", "Window start (default: 24 hours before to)"), ("to", "date-time", "Window end (default: now)"),
+    ("bucket_seconds", "integer", "Bucket width; default fits about 96 buckets; at most 1000 buckets"),
+)
+_USAGE_FILTERS = _WINDOW + (
+    ("scope_prefix", "string", "Only spend at this scope or below it"), ("unit", "string", ""),
+    ("group_by", "string", "workspace, app, workflow, agent, toolset, action_kind, action_name, scope or unit"),
 )
 _SUBJECT_FILTERS = tuple((lvl, "string", "") for lvl in ("tenant", "workspace", "app", "workflow", "agent", "toolset"))
 
@@ -231,4 +239,23 @@ OPS: tuple[Op, ...] = (
        None, {200: webhook_delivery.WebhookDeliveryListResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
        webhook_delivery.DELIVERY_FILTERS),
     # -- webhook delivery routes --
+    # -- usage, denials and the live event stream (dashboard) --
+    Op("GET", "/v1/admin/usage", "getAdminUsage", "Committed spend of a tenant over time, with a breakdown",
+       "Dashboard", usage.admin_usage, None, {200: usage.UsageResponse}, ("AdminKeyAuth",),
+       (("tenant_id", "string", "Required"),) + _USAGE_FILTERS),
+    Op("GET", "/v1/usage", "getTenantUsage", "The authenticated tenant's committed spend over time", "Dashboard",
+       usage.tenant_usage, None, {200: usage.UsageResponse}, ("ApiKeyAuth",), _USAGE_FILTERS),
+    Op("GET", "/v1/admin/denials", "getAdminDenials", "Denied reservations over time, by reason, scope, agent, tool",
+       "Dashboard", usage.admin_denials, None, {200: usage.DenialResponse}, ("AdminKeyAuth",),
+       (("tenant_id", "string", "Optional; all tenants without it"),) + _WINDOW),
+    Op("GET", "/v1/denials", "getTenantDenials", "The authenticated tenant's denials over time", "Dashboard",
+       usage.tenant_denials, None, {200: usage.DenialResponse}, ("ApiKeyAuth",), _WINDOW),
+    Op("GET", "/v1/admin/event-stream", "streamEvents",
+       "Live governance events as server-sent events (text/event-stream; resumes from Last-Event-ID)", "Events",
+       usage.admin_event_stream, None, {200: None}, ("AdminKeyAuth",),
+       (("tenant_id", "string", ""), ("event_type", "string", ""), ("category", "string", ""),
+        ("scope", "string", "prefix"))),
+    Op("GET", "/v1/event-stream", "streamTenantEvents", "The authenticated tenant's live events (server-sent events)",
+       "Events", usage.tenant_event_stream, None, {200: None}, ("ApiKeyAuth",),
+       (("event_type", "string", ""), ("category", "string", ""), ("scope", "string", "prefix"))),
 )
