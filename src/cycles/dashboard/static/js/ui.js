@@ -35,11 +35,9 @@ export const fmt = {
   ago(t) {
     const ms = Date.now() - (typeof t === 'number' ? t : Date.parse(t));
     if (Number.isNaN(ms)) return '—';
-    const s = Math.round(ms / 1000);
-    if (Math.abs(s) < 60) return `${s}s ago`;
-    if (Math.abs(s) < 3600) return `${Math.round(s / 60)}m ago`;
-    if (Math.abs(s) < 86400) return `${Math.round(s / 3600)}h ago`;
-    return `${Math.round(s / 86400)}d ago`;
+    const a = Math.abs(Math.round(ms / 1000));
+    const text = a < 60 ? `${a}s` : a < 3600 ? `${Math.round(a / 60)}m` : a < 86400 ? `${Math.round(a / 3600)}h` : `${Math.round(a / 86400)}d`;
+    return ms >= 0 ? `${text} ago` : `in ${text}`;
   },
   pct(x) { return x === null || x === undefined || !Number.isFinite(x) ? '—' : `${(x * 100).toFixed(1)}%`; },
 };
@@ -185,8 +183,11 @@ export function table(columns, { name = 'rows', onRow, empty = 'Nothing to show.
   const tools = h('div', { class: 'vt-tools' }, search, count,
     h('button', { type: 'button', class: 'small', onclick: () => download(`${name}.csv`, toCSV(columns, view), 'text/csv') }, 'Export CSV'),
     h('button', { type: 'button', class: 'small', onclick: () => download(`${name}.json`, JSON.stringify(view.map(strip), null, 2), 'application/json') }, 'Export JSON'));
-  const root = h('div', { class: 'vt', role: 'table', 'aria-label': name }, tools, head, scroller);
+  const inner = h('div', { class: 'vt-inner' }, head, scroller);
+  const root = h('div', { class: 'vt', role: 'table', 'aria-label': name }, tools, h('div', { class: 'vt-x' }, inner));
   const template = columns.map((c) => c.width || 'minmax(90px, 1fr)').join(' ');
+  // wide tables scroll sideways as a whole (header and rows together)
+  inner.style.minWidth = `${columns.reduce((a, c) => a + (parseInt((c.width || '90').replace(/^minmax\(/, ''), 10) || 90) + 8, selectable ? 56 : 20)}px`;
   const gridCols = (selectable ? '36px ' : '') + template;
   head.style.gridTemplateColumns = gridCols;
   if (selectable) head.append(h('span', { role: 'columnheader' }, h('input', { type: 'checkbox', 'aria-label': 'Select all rows',

@@ -29,15 +29,15 @@ export async function loadBudgets(v, onPage, max = 5000) {
 export function budgetColumns(refresh, { tenant = true } = {}) {
   const cols = [
     { label: 'Scope', value: (b) => b.scope, render: (b) => scopeCell(b.scope), width: 'minmax(200px, 2.4fr)' },
-    { label: 'Unit', value: (b) => b.unit, width: '130px' },
-    { label: 'Status', value: (b) => b.status, render: (b) => h('span', {}, badge(b.status), b.is_over_limit ? badge('OVER LIMIT', 'crit') : null), width: '150px' },
+    { label: 'Unit', value: (b) => b.unit, width: '125px' },
+    { label: 'Status', value: (b) => b.status, render: (b) => h('span', {}, badge(b.status), b.is_over_limit ? badge('OVER LIMIT', 'crit') : null), width: '120px' },
     { label: 'Allocated', value: (b) => amountOf(b.allocated), render: (b) => fmt.int(amountOf(b.allocated)), class: 'num' },
     { label: 'Spent', value: (b) => amountOf(b.spent), render: (b) => fmt.int(amountOf(b.spent)), class: 'num' },
     { label: 'Reserved', value: (b) => amountOf(b.reserved), render: (b) => fmt.int(amountOf(b.reserved)), class: 'num' },
     { label: 'Remaining', value: (b) => amountOf(b.remaining), render: (b) => fmt.int(amountOf(b.remaining)), class: 'num' },
     { label: 'Debt', value: (b) => amountOf(b.debt), render: (b) => (amountOf(b.debt) ? h('span', { class: 'crit-text' }, fmt.int(amountOf(b.debt))) : '0'), class: 'num' },
-    { label: 'Utilization', value: (b) => utilization(b) ?? -1, render: (b) => h('span', { class: 'util' }, bar(utilization(b)), fmt.pct(utilization(b))), width: '150px' },
-    { label: 'Actions', value: () => '', export: () => '', render: (b) => budgetActions(b, refresh), width: 'minmax(170px, 1.2fr)' },
+    { label: 'Utilization', value: (b) => utilization(b) ?? -1, render: (b) => h('span', { class: 'util' }, bar(utilization(b)), fmt.pct(utilization(b))), width: '140px' },
+    { label: 'Actions', value: () => '', export: () => '', render: (b) => budgetActions(b, refresh), width: 'minmax(190px, 1.3fr)' },
   ];
   return tenant ? cols : cols;
 }

@@ -81,7 +81,7 @@ export async function render(main) {
     h('h2', {}, 'Needs attention'),
     h('div', { class: 'cards' },
       h('section', { class: 'card' }, h('h3', {}, 'Budgets near cap'), simpleTable(['Scope', 'Utilization'], nearCap.map((b) => [h('a', { href: `#/budgets?scope_prefix=${encodeURIComponent(b.scope)}` }, b.scope), h('span', { class: 'util' }, bar(utilization(b)), fmt.pct(utilization(b)))]))),
-      h('section', { class: 'card' }, h('h3', {}, 'In debt'), simpleTable(['Scope', 'Debt'], (ov.debt_scopes || []).map((d) => [d.scope, fmt.int(d.debt.amount)]))),
+      h('section', { class: 'card' }, h('h3', {}, 'In debt'), simpleTable(['Scope', 'Debt'], (ov.debt_scopes || []).map((d) => [h('a', { href: `#/budgets?has_debt=1&scope_prefix=${encodeURIComponent(d.scope)}` }, d.scope), fmt.int(d.debt)]))),
       h('section', { class: 'card' }, h('h3', {}, 'Frozen'), simpleTable(['Scope', 'Unit'], frozen.slice(0, 8).map((b) => [b.scope, b.unit]))),
       h('section', { class: 'card' }, h('h3', {}, 'Failing webhooks'), simpleTable(['Subscription', 'Failures'], failing.map((f) => [h('a', { href: `#/webhook/${encodeURIComponent(f.subscription_id)}` }, f.subscription_id), String(f.consecutive_failures)]))),
       h('section', { class: 'card' }, h('h3', {}, 'Keys expiring soon'), simpleTable(['Key', 'Expires'], expiring.slice(0, 8).map((k) => [`${k.tenant_id} ${k.key_prefix}`, fmt.time(k.expires_at)]))),
