@@ -43,9 +43,23 @@ def amount(b: dict[str, Any], field: str) -> int:
 
 @pytest.fixture
 def gamma(dash: Data) -> Tenant:
-    t = new_tenant(dash.server, tenant_id=f"g-{uuid.uuid4().hex[:8]}")
+    """A fresh tenant of its own per test; its key (a scrypt hash, slow to make) only when a test asks."""
+    tid = f"g-{uuid.uuid4().hex[:8]}"
+    with dash.server.admin() as c:
+        assert c.post("/v1/admin/tenants", json={"tenant_id": tid, "name": tid}).status_code == 201
+    t = Tenant(dash.server, tid, "")
     t.budget("", 1_000_000)
     t.budget("workspace:eng", 400_000)
+    return t
+
+
+def with_key(t: Tenant) -> Tenant:
+    with t.server.admin() as c:
+        r = c.post("/v1/admin/api-keys", json={"tenant_id": t.tenant_id, "name": "runtime",
+                                                "permissions": ["reservations:create", "reservations:commit",
+                                                                "reservations:list"]})
+    assert r.status_code == 201, r.text
+    t.key = r.json()["key_secret"]
     return t
 
 
@@ -68,6 +82,7 @@ def test_freeze_unfreeze_and_the_five_fund_operations(admin_tab: Tab, dash: Data
     assert {"freezeBudget", "unfreezeBudget"} <= {row["operation"] for row in logs if row["resource_type"] == "budget"}
 
     # spend something so RESET_SPENT and REPAY_DEBT have something to act on
+    with_key(gamma)
     with gamma.client() as c:
         rid = c.post("/v1/reservations", json=reserve_body(gamma, 1000)).json()["reservation_id"]
         assert c.post(f"/v1/reservations/{rid}/commit", json={"idempotency_key": "k1", "actual": {"unit": USD, "amount": 800}}).status_code == 200
@@ -229,7 +244,7 @@ def test_webhook_create_pause_resume_test_delete(admin_tab: Tab, dash: Data, gam
 
 def test_force_release_and_policy_create(admin_tab: Tab, dash: Data, gamma: Tenant) -> None:
     page, server, tid = admin_tab.page, dash.server, gamma.tenant_id
-    with gamma.client() as c:
+    with with_key(gamma).client() as c:
         rid = c.post("/v1/reservations", json=reserve_body(gamma, 4321, ttl_ms=600_000)).json()["reservation_id"]
     admin_tab.go(f"reservations?tenant={tid}&status=ACTIVE")
     page.get_by_role("button", name=f"Force-release {rid}", exact=True).click()

@@ -1,6 +1,8 @@
 """The dashboard in real Chromium: it is served offline with a strict CSP, the login (operator key,
 tenant key, wrong key with backoff), session limits, and every page rendering the seeded data in
-light and dark mode without a console error (the screenshots in docs/dashboard/ come from here)."""
+light and dark mode without a console error (the screenshots in docs/dashboard/ come from here).
+
+Files are numbered so the screenshots are taken before the action tests add their tenants."""
 
 from __future__ import annotations
 
