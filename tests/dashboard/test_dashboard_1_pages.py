@@ -76,6 +76,7 @@ def test_wrong_key_is_refused_and_backs_off_then_the_operator_key_signs_in(tab: 
     assert page.evaluate("() => localStorage.length") == 0
     assert page.evaluate("() => sessionStorage.getItem('cycles.key')") == ADMIN_KEY
     assert ADMIN_KEY not in page.url
+    assert not tab.ctx.cookies()
     assert ADMIN_KEY not in dash.server.log()
 
 
@@ -164,3 +165,42 @@ def test_keyboard_command_palette_and_filters_in_the_url(admin_tab: Tab) -> None
     assert page.locator("#flt-status").input_value() == "ACTIVE"
     page.get_by_label("Show closed").check()
     page.wait_for_function("() => location.hash.includes('show_closed=1')")
+
+
+def test_export_csv_and_json_of_what_is_shown(admin_tab: Tab) -> None:
+    page = admin_tab.page
+    admin_tab.go("budgets?tenant_id=acme-corp")
+    page.get_by_text("tenant:acme-corp/workspace:ops").wait_for()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export CSV").click()
+    lines = Path(dl.value.path()).read_text().splitlines()
+    assert lines[0].startswith("Scope,Unit,Status,Allocated")
+    assert any(line.startswith("tenant:acme-corp/workspace:ops,USD_MICROCENTS,ACTIVE,100000,") for line in lines)
+    assert len(lines) == 1 + 4  # acme-corp's four budgets
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export JSON").click()
+    rows = __import__("json").loads(Path(dl.value.path()).read_text())
+    assert {r["scope"] for r in rows} >= {"tenant:acme-corp", "tenant:acme-corp/workspace:eng/agent:planner"}
+
+
+def test_mobile_layout(browser, dash: Data) -> None:  # noqa: ANN001
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(dash.server.base_url + "/dashboard#/budgets")
+        page.get_by_label("API key").fill(ADMIN_KEY)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("tenant:acme-corp/workspace:eng", exact=True).wait_for()
+        assert not page.locator("aside.side").is_visible()  # the menu folds away
+        page.get_by_role("button", name="Show or hide the menu").click()
+        assert page.locator("aside.side").is_visible()
+        page.screenshot(path=str(SHOTS / "mobile-menu-light.png"))
+        page.get_by_role("link", name="Overview").click()
+        page.locator("#headline").wait_for()
+        assert not page.locator("aside.side").is_visible()
+        page.screenshot(path=str(SHOTS / "mobile-overview-light.png"))
+    finally:
+        ctx.close()
+    assert not errors

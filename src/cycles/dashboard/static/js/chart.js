@@ -46,7 +46,9 @@ export function lineChart(points, opts = {}) {
   for (let i = 0; i <= 4; i++) {
     const t = t0 + ((t1 - t0) * i) / 4;
     const d = new Date(t);
-    const lab = (t1 - t0) > 2 * 86400000 ? d.toISOString().slice(5, 10) : d.toISOString().slice(11, 16);
+    const span = t1 - t0;
+    const iso = d.toISOString();
+    const lab = span > 4 * 86400000 ? iso.slice(5, 10) : span > 20 * 3600000 ? `${iso.slice(5, 10)} ${iso.slice(11, 16)}` : iso.slice(11, 16);
     svg.append(s('text', { x: x(t), y: H - 10, 'text-anchor': 'middle', class: 'axis' }, lab));
   }
   const path = points.map((p, i) => `${i ? 'L' : 'M'}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(' ');
