@@ -203,6 +203,14 @@ def test_create_key_shows_the_secret_once_and_revoke_keeps_it_listed(admin_tab: 
     assert page.locator("#new-secret").count() == 0  # gone from the page
     with server.admin() as c:
         key = next(k for k in c.get("/v1/admin/api-keys", params={"tenant_id": tid}).json()["keys"] if k["name"] == "dash-made")
+    page.get_by_role("button", name=f"Edit {key['key_id']}", exact=True).click()
+    dlg = page.get_by_role("dialog")
+    dlg.get_by_label("events:read").uncheck()
+    dlg.get_by_label("Scope filter").fill("workspace:eng")
+    dialog_button(admin_tab, "Save key")
+    who = eventually(lambda: (w := httpx.get(server.base_url + "/v1/auth/introspect",
+                                              headers={"X-Cycles-API-Key": secret}).json())["permissions"] != who["permissions"] and w)
+    assert "events:read" not in who["permissions"] and who["scope_filter"] == ["workspace:eng"]
     page.get_by_role("button", name=f"Revoke {key['key_id']}", exact=True).click()
     dialog_button(admin_tab, "Revoke key")
     eventually(lambda: httpx.get(server.base_url + "/v1/auth/introspect", headers={"X-Cycles-API-Key": secret}).status_code == 401)
@@ -224,6 +232,7 @@ def test_webhook_create_pause_resume_test_delete(admin_tab: Tab, dash: Data, gam
     dlg.get_by_label("Tenant").fill(tid)
     dlg.get_by_label("URL").fill(dash.receiver_url)
     dlg.get_by_label("Name").fill("dash-hook")
+    dlg.get_by_label("Event types").fill("budget.frozen")
     dialog_button(admin_tab, "Create webhook")
     assert page.locator("#new-secret").input_value()  # the signing secret, shown once
     dialog_button(admin_tab, "I have stored it")
@@ -237,6 +246,16 @@ def test_webhook_create_pause_resume_test_delete(admin_tab: Tab, dash: Data, gam
     page.get_by_role("button", name=f"Test {sid}", exact=True).click()
     eventually(lambda: any(b"webhook_test" in body for body in _Receiver.received[seen:]))
     page.get_by_text("Test delivered").wait_for()
+    # replay: a frozen budget's event is delivered live, then once more by a replay of the last hour
+    with server.admin() as c:
+        c.post("/v1/admin/budgets/freeze", params={"scope": f"tenant:{tid}", "unit": USD}, json={})
+    frozen = lambda: sum(b"budget.frozen" in body and tid.encode() in body for body in _Receiver.received)  # noqa: E731
+    eventually(lambda: frozen() == 1, timeout=15)
+    admin_tab.go(f"webhook/{sid}")
+    page.get_by_role("button", name="Replay…").click()
+    dialog_button(admin_tab, "Replay")
+    page.get_by_text("Replay queued 1 event(s)").wait_for()
+    eventually(lambda: frozen() == 2, timeout=15)
     page.get_by_role("button", name=f"Delete {sid}", exact=True).click()
     dialog_button(admin_tab, "Delete webhook")
     eventually(lambda: webhook_status(server, sid) == 404)

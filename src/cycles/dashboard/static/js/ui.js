@@ -253,6 +253,19 @@ export function table(columns, { name = 'rows', onRow, empty = 'Nothing to show.
       });
       apply();
     },
+    // new rows on top (live events) without refetching; the filter and sort still apply
+    prepend(newRows, keyFn) {
+      const known = new Set(rows.map((r) => r.__key));
+      const add = newRows.filter((r) => !known.has(keyFn(r))).map((r) => {
+        const o = Object.assign(Object.create(null), r);
+        o.__key = keyFn(r);
+        o.__text = columns.map((c) => { const v = c.value(r); return v === null || v === undefined ? '' : String(v); }).join(' ').toLowerCase();
+        return o;
+      });
+      if (!add.length) return;
+      rows = add.concat(rows);
+      apply();
+    },
     get rows() { return view; },
     selected() { return rows.filter((r) => selected.has(rowKey(r))); },
     clearSelection() { selected.clear(); render(true); },

@@ -4,7 +4,7 @@ import { setParams, live } from '../main.js';
 
 // filters: [{name, label, type: 'select'|'text'|'checkbox', options}]
 export function listPage(main, r, { title, intro, filters = [], columns, load, key, onRow, actions = [], name,
-  liveTypes, selectable = false, bulk }) {
+  liveTypes, liveRow, selectable = false, bulk }) {
   const values = {};
   for (const f of filters) values[f.name] = r.params.get(f.name) ?? (f.default ?? '');
   const status = h('p', { class: 'muted load-state', 'aria-live': 'polite' });
@@ -61,11 +61,13 @@ export function listPage(main, r, { title, intro, filters = [], columns, load, k
     }
   }
   refresh();
+  // A live event either becomes a row at once (liveRow returns true when it matched the filters), or
+  // refreshes the list at most once a second however fast events arrive.
   let pending = null;
   const onLive = (e) => {
-    if (liveTypes && liveTypes.some((p) => e.detail.event_type.startsWith(p))) {
-      clearTimeout(pending);
-      pending = setTimeout(refresh, 300);
+    if (liveRow) { if (liveRow(e.detail, values)) t.prepend([e.detail], key); return; }
+    if (liveTypes && !pending && liveTypes.some((p) => e.detail.event_type.startsWith(p))) {
+      pending = setTimeout(() => { pending = null; refresh(); }, 1000);
     }
   };
   live.addEventListener('event', onLive);

@@ -1,4 +1,4 @@
-import { get, getAll, post, del, session } from '../api.js';
+import { api, get, getAll, post, del, session } from '../api.js';
 import { h, clear, fmt, badge, formDialog, confirmDialog, dialog, toast } from '../ui.js';
 import { listPage, markTruncated, amountOf, scopeCell } from './common.js';
 import { go } from '../main.js';
@@ -70,7 +70,10 @@ export function events(main, r) {
     { name: 'event_type', label: 'Event type', type: 'text', placeholder: 'e.g. budget.exhausted' },
     { name: 'scope', label: 'Scope prefix', type: 'text' },
     { name: 'correlation_id', label: 'Correlation', type: 'text' });
-  const page = listPage(main, r, { title: 'Events', name: 'events', filters, liveTypes: [''],
+  const matches = (ev, v) => (!v.tenant_id || ev.tenant_id === v.tenant_id) && (!v.category || ev.category === v.category)
+    && (!v.event_type || ev.event_type === v.event_type) && (!v.scope || (ev.scope || '').startsWith(v.scope))
+    && (!v.correlation_id || ev.correlation_id === v.correlation_id);
+  const page = listPage(main, r, { title: 'Events', name: 'events', filters, liveRow: matches,
     intro: h('p', { class: 'muted' }, 'New events appear as they happen (live).'),
     columns: [
       { label: 'Time', value: (e) => e.timestamp, render: (e) => fmt.time(e.timestamp), width: '180px' },
@@ -102,8 +105,10 @@ export function keyColumns(refresh) {
     { label: 'Expires', value: (k) => k.expires_at, render: (k) => h('span', { class: expiringSoon(k) ? 'warn-text' : '' }, fmt.time(k.expires_at)) },
     { label: 'Last used', value: (k) => k.last_used_at || '', render: (k) => (k.last_used_at ? fmt.ago(k.last_used_at) : 'never') },
     { label: 'Permissions', value: (k) => (k.permissions || []).join(' '), render: (k) => h('span', { class: 'perms', title: (k.permissions || []).join(', ') }, `${(k.permissions || []).length} granted`) },
-    { label: 'Actions', value: () => '', export: () => '', width: '110px', render: (k) => (k.status === 'ACTIVE' && session.can('manage_api_keys')
-      ? h('button', { type: 'button', class: 'small danger', 'aria-label': `Revoke ${k.key_id}`, onclick: () => revokeKey(k).then((ok) => ok && refresh()) }, 'Revoke') : '') },
+    { label: 'Actions', value: () => '', export: () => '', width: '130px', render: (k) => (k.status === 'ACTIVE' && session.can('manage_api_keys')
+      ? h('span', { class: 'row-actions' },
+        h('button', { type: 'button', class: 'small', 'aria-label': `Edit ${k.key_id}`, onclick: () => editKeyDialog(k).then((ok) => ok && refresh()) }, 'Edit'),
+        h('button', { type: 'button', class: 'small danger', 'aria-label': `Revoke ${k.key_id}`, onclick: () => revokeKey(k).then((ok) => ok && refresh()) }, 'Revoke')) : '') },
   ];
 }
 
@@ -117,6 +122,28 @@ async function revokeKey(k) {
   return ok;
 }
 
+function permissionGrid(perms, granted) {
+  return h('fieldset', { class: 'perm-grid' }, h('legend', {}, 'Permissions'),
+    TENANT_PERMISSIONS.map((p) => { const id = `perm-${p.replace(':', '-')}`; perms[p] = h('input', { type: 'checkbox', id, checked: granted.includes(p) });
+      return h('label', { for: id, class: 'check' }, perms[p], ` ${p}`); }));
+}
+
+// Permissions and scope_filter changes apply to the key's very next request.
+export function editKeyDialog(k) {
+  const perms = {};
+  return formDialog(`Edit key ${k.key_prefix}…`, [
+    { name: 'name', label: 'Name', value: k.name || '' },
+    { name: 'scope_filter', label: 'Scope filter (comma-separated; empty: no restriction)', value: (k.scope_filter || []).join(',') },
+    { type: 'custom', build: () => permissionGrid(perms, k.permissions || []) },
+  ], 'Save key', async (v) => {
+    const body = { name: v.name.trim() || undefined, permissions: Object.keys(perms).filter((p) => perms[p].checked),
+      scope_filter: v.scope_filter.split(',').map((s) => s.trim()).filter(Boolean) };
+    const saved = await api('PATCH', `/v1/admin/api-keys/${encodeURIComponent(k.key_id)}`, { body });
+    toast(`Saved ${k.key_id}`, 'ok');
+    return saved;
+  }, { wide: true });
+}
+
 export function createKeyDialog(tenantId) {
   const perms = {};
   return formDialog('Create API key', [
@@ -124,9 +151,7 @@ export function createKeyDialog(tenantId) {
     { name: 'name', label: 'Name', required: true, value: '' },
     { name: 'scope_filter', label: 'Scope filter (optional, comma-separated, e.g. workspace:eng,agent:*)' },
     { name: 'expires_days', label: 'Expires in (days)', type: 'number', min: 1, step: 1, value: 90 },
-    { type: 'custom', build: () => h('fieldset', { class: 'perm-grid' }, h('legend', {}, 'Permissions'),
-      TENANT_PERMISSIONS.map((p) => { const id = `perm-${p.replace(':', '-')}`; perms[p] = h('input', { type: 'checkbox', id, checked: DEFAULT_PERMISSIONS.includes(p) });
-        return h('label', { for: id, class: 'check' }, perms[p], ` ${p}`); })) },
+    { type: 'custom', build: () => permissionGrid(perms, DEFAULT_PERMISSIONS) },
   ], 'Create key', async (v) => {
     const body = { tenant_id: v.tenant_id.trim(), name: v.name.trim(), permissions: Object.keys(perms).filter((p) => perms[p].checked) };
     if (v.scope_filter.trim()) body.scope_filter = v.scope_filter.split(',').map((s) => s.trim()).filter(Boolean);
