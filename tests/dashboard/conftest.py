@@ -111,6 +111,28 @@ def dash(tmp_path_factory: pytest.TempPathFactory, receiver: str) -> Iterator[Da
         server.stop()
 
 
+class Work:
+    """A second server for the tests that change things (actions, 1,000 budgets), so the seeded one the
+    page tests screenshot stays as seeded whatever order the tests run in (pytest-xdist spreads them)."""
+
+    def __init__(self, server: Server, receiver_url: str) -> None:
+        self.server = server
+        self.receiver_url = receiver_url
+        with server.admin() as c:
+            assert c.put("/v1/admin/config/webhook-security", json={"blocked_cidr_ranges": [], "allowed_url_patterns": [],
+                                                                    "allow_http": True}).status_code == 200
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory: pytest.TempPathFactory, receiver: str) -> Iterator[Work]:
+    tmp = tmp_path_factory.mktemp("dashboard-work")
+    server = start_server(f"sqlite:///{tmp}/cycles.db", tmp, sweep_interval_ms=200)
+    try:
+        yield Work(server, receiver)
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as p:
@@ -148,9 +170,8 @@ class Tab:
         self.ctx.close()
 
 
-@pytest.fixture
-def tab(browser: Any, dash: Data) -> Iterator[Tab]:
-    t = Tab(browser, dash.server)
+def _tab(browser: Any, server: Server) -> Iterator[Tab]:
+    t = Tab(browser, server)
     yield t
     errors = list(t.errors)
     t.close()
@@ -158,6 +179,19 @@ def tab(browser: Any, dash: Data) -> Iterator[Tab]:
 
 
 @pytest.fixture
+def tab(browser: Any, dash: Data) -> Iterator[Tab]:
+    yield from _tab(browser, dash.server)
+
+
+@pytest.fixture
 def admin_tab(tab: Tab) -> Tab:
     tab.login(ADMIN_KEY)
     return tab
+
+
+@pytest.fixture
+def work_tab(browser: Any, work: Work) -> Iterator[Tab]:
+    """An operator's tab on the `work` server."""
+    for t in _tab(browser, work.server):
+        t.login(ADMIN_KEY)
+        yield t

@@ -11,16 +11,16 @@ import uuid
 import httpx
 
 from support import USD, new_tenant, reserve_body
-from .conftest import Data, Tab, commit
+from .conftest import Tab, Work, commit
 
 
-def test_the_spend_chart_shows_the_spend_the_test_committed(admin_tab: Tab, dash: Data) -> None:
-    t = new_tenant(dash.server)
+def test_the_spend_chart_shows_the_spend_the_test_committed(work_tab: Tab, work: Work) -> None:
+    t = new_tenant(work.server)
     t.budget("", 1_000_000)
     commit(t, 80_000, 77_777, model="chart-model", workspace="eng", agent="charty")
     commit(t, 30_000, 22_223, model="other-model", workspace="eng", agent="helper")
-    page = admin_tab.page
-    admin_tab.go(f"spend?tenant={t.tenant_id}&scope=tenant:{t.tenant_id}&unit={USD}&window=3600")
+    page = work_tab.page
+    work_tab.go(f"spend?tenant={t.tenant_id}&scope=tenant:{t.tenant_id}&unit={USD}&window=3600")
     card = page.locator(f".spend-unit[data-unit='{USD}']")
     card.wait_for()
     assert card.get_attribute("data-total") == "100000"
@@ -34,31 +34,31 @@ def test_the_spend_chart_shows_the_spend_the_test_committed(admin_tab: Tab, dash
     assert "chart-model" in tools and "22,223" in tools
     assert "exhausted around" in page.locator("#exhaustion").inner_text()
     # the same numbers from the API the page reads (admin and tenant planes agree)
-    with dash.server.admin() as c:
+    with work.server.admin() as c:
         usage = c.get("/v1/admin/usage", params={"tenant_id": t.tenant_id, "group_by": "agent"}).json()
-    with httpx.Client(base_url=dash.server.base_url, headers={"X-Cycles-API-Key": t.key}) as c:
+    with httpx.Client(base_url=work.server.base_url, headers={"X-Cycles-API-Key": t.key}) as c:
         mine = c.get("/v1/usage", params={"group_by": "agent"}).json()
     assert usage["units"][0]["total"] == mine["units"][0]["total"] == 100_000
 
 
-def test_live_updates_arrive_without_a_reload(admin_tab: Tab, dash: Data) -> None:
-    t = new_tenant(dash.server)
+def test_live_updates_arrive_without_a_reload(work_tab: Tab, work: Work) -> None:
+    t = new_tenant(work.server)
     t.budget("workspace:live", 5000)
-    page = admin_tab.page
-    admin_tab.go(f"events?tenant_id={t.tenant_id}")
+    page = work_tab.page
+    work_tab.go(f"events?tenant_id={t.tenant_id}")
     page.get_by_text("budget.created").first.wait_for()
     page.wait_for_function("() => document.getElementById('live-state').textContent === 'live'")
     page.evaluate("() => { window.__noReload = true }")
-    with dash.server.admin() as c:
+    with work.server.admin() as c:
         r = c.post("/v1/admin/budgets/freeze", params={"scope": f"tenant:{t.tenant_id}/workspace:live", "unit": USD},
                    json={"reason": "live test"})
         assert r.status_code == 200, r.text
     page.get_by_text("budget.frozen").wait_for(timeout=10_000)
     assert page.evaluate("() => window.__noReload") is True  # same document: it came over the stream
     # and the overview's live feed shows the next one as it happens
-    admin_tab.go("overview")
+    work_tab.go("overview")
     page.locator("#headline").wait_for()
-    with dash.server.admin() as c:
+    with work.server.admin() as c:
         c.post("/v1/admin/budgets/unfreeze", params={"scope": f"tenant:{t.tenant_id}/workspace:live", "unit": USD}, json={})
     page.locator("#live-feed").get_by_text("budget.unfrozen").wait_for(timeout=10_000)
 
@@ -75,18 +75,18 @@ async def _create_budgets(base_url: str, admin_key: str, tenant: str, n: int) ->
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def test_a_thousand_budgets_stay_responsive(admin_tab: Tab, dash: Data) -> None:
+def test_a_thousand_budgets_stay_responsive(work_tab: Tab, work: Work) -> None:
     tid = f"big-{uuid.uuid4().hex[:6]}"
-    with dash.server.admin() as c:
+    with work.server.admin() as c:
         assert c.post("/v1/admin/tenants", json={"tenant_id": tid, "name": tid}).status_code == 201
     started = time.monotonic()
     # Playwright's sync API owns this thread's event loop: the seeding loop runs in a thread of its own
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, _create_budgets(dash.server.base_url, dash.server.admin_key, tid, 1000)).result()
+        pool.submit(asyncio.run, _create_budgets(work.server.base_url, work.server.admin_key, tid, 1000)).result()
     seeded_s = time.monotonic() - started
-    page = admin_tab.page
+    page = work_tab.page
     started = time.monotonic()
-    admin_tab.go(f"budgets?tenant_id={tid}")
+    work_tab.go(f"budgets?tenant_id={tid}")
     page.locator(".vt-count", has_text="1,000 of 1,000").wait_for(timeout=60_000)
     page.wait_for_function("() => !document.querySelector('#view .load-state').textContent")
     loaded_s = time.monotonic() - started
@@ -122,11 +122,11 @@ def test_a_thousand_budgets_stay_responsive(admin_tab: Tab, dash: Data) -> None:
     assert sort_ms < 500 and scroll["ms"] < 400 and filtered["ms"] < 600  # headroom for a loaded 2-core CI machine
 
 
-def test_ten_thousand_rows_in_the_table_stay_responsive(admin_tab: Tab) -> None:
+def test_ten_thousand_rows_in_the_table_stay_responsive(work_tab: Tab) -> None:
     """The table itself at 10,000 rows (the reservations page's cap): rows made in the page, since
     creating 10,000 real reservations takes minutes on a loaded 2-core CI machine."""
-    page = admin_tab.page
-    admin_tab.go("reservations")
+    page = work_tab.page
+    work_tab.go("reservations")
     page.locator("#flt-tenant").wait_for()
     result = page.evaluate("""async () => {
         const { table } = await import('/dashboard/static/js/ui.js');
