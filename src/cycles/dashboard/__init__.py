@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -50,13 +50,8 @@ async def _index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
 
 
-async def _slash(request: Request) -> Response:
-    return RedirectResponse("/dashboard", status_code=308)
-
-
 def routes() -> list[Route | Mount]:
     return [
         Route("/dashboard", _index, methods=["GET", "HEAD"]),
-        Route("/dashboard/", _slash, methods=["GET", "HEAD"]),
         Mount("/dashboard/static", app=_Secured(StaticFiles(directory=STATIC)), name="dashboard"),
     ]

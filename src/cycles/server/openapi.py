@@ -58,6 +58,10 @@ def build() -> dict[str, Any]:
                                       "security": [], "responses": {"200": {"description": "OpenAPI 3.1"}}}}
     paths["/docs"] = {"get": {"operationId": "docs", "summary": "Interactive API documentation",
                               "tags": ["Operations"], "security": [], "responses": {"200": {"description": "HTML"}}}}
+    paths["/dashboard"] = {"get": {"operationId": "dashboard",
+                                   "summary": "The operator dashboard (HTML; its assets under /dashboard/static/; "
+                                              "absent with `cycles serve --no-dashboard`)",
+                                   "tags": ["Dashboard"], "security": [], "responses": {"200": {"description": "HTML"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Cycles runtime budget authority", "version": __version__,

@@ -216,4 +216,9 @@ setInterval(() => {
 window.addEventListener('cycles:unauthorized', () => { logout(); renderLogin('The key is no longer accepted; sign in again.'); });
 window.addEventListener('hashchange', renderRoute);
 window.addEventListener('error', (e) => toast(`Unexpected error: ${e.message}`, 'error'));
+// an action refused by the server (409, 403 …) outside a form: say so instead of failing silently
+window.addEventListener('unhandledrejection', (e) => {
+  toast(e.reason && e.reason.message ? e.reason.message : String(e.reason), 'error');
+  e.preventDefault();
+});
 renderRoute();
