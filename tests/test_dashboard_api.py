@@ -132,3 +132,17 @@ def test_openapi_documents_the_dashboard_apis(server: Server) -> None:
     spec = httpx.get(server.base_url + "/openapi.json").json()
     for path in ("/v1/admin/usage", "/v1/usage", "/v1/admin/denials", "/v1/denials", "/v1/admin/event-stream", "/v1/event-stream"):
         assert "get" in spec["paths"][path], path
+
+
+def test_introspect_of_a_read_only_operator_key_offers_no_action(server: Server) -> None:
+    with server.admin() as c:
+        r = c.post("/v1/admin/operator-keys", json={"name": f"viewer-{uuid.uuid4().hex[:6]}", "permissions": ["admin:read"]})
+        assert r.status_code == 201, r.text
+        secret = r.json()["key_secret"]
+        full = c.get("/v1/auth/introspect").json()
+    assert full["permissions"] == ["*"] and all(full["capabilities"].values())  # the bootstrap key
+    who = httpx.get(server.base_url + "/v1/auth/introspect", headers={"X-Admin-API-Key": secret}).json()
+    assert who["auth_type"] == "admin" and who["permissions"] == ["admin:read"]
+    caps = who["capabilities"]
+    assert all(caps[k] for k in caps if k.startswith("view_"))
+    assert not any(caps[k] for k in caps if k.startswith("manage_"))

@@ -204,3 +204,19 @@ def test_mobile_layout(browser, dash: Data) -> None:  # noqa: ANN001
     finally:
         ctx.close()
     assert not errors
+
+
+def test_read_only_operator_sees_everything_and_no_action(tab: Tab, dash: Data) -> None:
+    with dash.server.admin() as c:
+        r = c.post("/v1/admin/operator-keys", json={"name": "dash-viewer", "permissions": ["admin:read"]})
+        assert r.status_code == 201, r.text
+    tab.login(r.json()["key_secret"])
+    page = tab.page
+    assert {"Overview", "Tenants", "Budgets", "API keys", "Audit"} <= set(page.locator("nav a").all_inner_texts())
+    tab.go("budgets?tenant_id=acme-corp")
+    page.get_by_text("tenant:acme-corp/workspace:ops").wait_for()
+    assert page.locator("#create-budget, #bulk-fund").count() == 0
+    assert page.get_by_role("button", name=re.compile(r"^(Freeze|Fund) ")).count() == 0
+    tab.go("tenants")
+    page.get_by_role("link", name="beta-labs").wait_for()
+    assert page.get_by_role("button", name=re.compile(r"^(Suspend|Emergency freeze) ")).count() == 0

@@ -16,7 +16,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import AuditScan
 from . import access, audit, events
 from .admin import _budget_scope, _same_unit, _tenant_wire, ledger_wire
-from .auth import KEY_PREFIX_LEN, Principal, verify_secret
+from .auth import KEY_PREFIX_LEN, Principal, has_permission, verify_secret
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, page_log, str_param, time_param
 from .state import state_of
@@ -200,15 +200,30 @@ _CAPABILITIES = {
                             "reservations:extend", "admin:write"),
 }
 _ADMIN_ONLY = ("view_overview", "view_audit", "view_tenants", "view_api_keys", "manage_tenants", "manage_api_keys")
+# The admin permission each capability needs from a named operator key (the routes' own checks,
+# access.admin_permission), so a read-only operator's dashboard offers no action the server would refuse.
+_OPERATOR_CAPABILITIES = {
+    "view_budgets": "admin:budgets:read", "view_policies": "admin:policies:read", "view_webhooks": "admin:webhooks:read",
+    "view_events": "admin:events:read", "view_reservations": "admin:read", "view_overview": "admin:read",
+    "view_audit": "admin:audit:read", "view_tenants": "admin:tenants:read", "view_api_keys": "admin:apikeys:read",
+    "manage_budgets": "admin:budgets:write", "manage_policies": "admin:policies:write",
+    "manage_webhooks": "admin:webhooks:write", "manage_reservations": "admin:write",
+    "manage_tenants": "admin:tenants:write", "manage_api_keys": "admin:apikeys:write",
+}
 
 
 async def introspect(request: Request, ctx: Ctx) -> Response:
     principal = await access.authenticate(request, ctx, allow_admin=True)
     if principal.revoked_by_close:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "API key is revoked (its tenant is closed)")
-    if principal.is_admin:
+    if principal.is_admin and principal.is_superuser:
         caps = {name: True for name in (*_CAPABILITIES, *_ADMIN_ONLY)}
         body = g.AuthIntrospectResponse(authenticated=True, auth_type="admin", permissions=["*"], capabilities=caps)
+    elif principal.is_admin:  # a named operator key: what its admin:* permissions let it do
+        granted = principal.permissions
+        caps = {name: has_permission(granted, needed) for name, needed in _OPERATOR_CAPABILITIES.items()}
+        body = g.AuthIntrospectResponse(authenticated=True, auth_type="admin", permissions=sorted(granted),
+                                        capabilities=caps)
     else:
         granted = principal.permissions
         caps = {name: any(p in granted for p in wanted) for name, wanted in _CAPABILITIES.items()}
