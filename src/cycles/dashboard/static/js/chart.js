@@ -35,7 +35,8 @@ export function lineChart(points, opts = {}) {
   if (!points.length) { svg.append(s('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle', class: 'muted' }, 'No data')); return svg; }
   const t0 = points[0].t;
   const t1 = Math.max(points[points.length - 1].t, opts.projection ? opts.projection.t : 0);
-  const vmax = niceMax(Math.max(...points.map((p) => p.v), opts.limit || 0, opts.projection ? opts.projection.v : 0));
+  // at least 4 so the 5 grid lines fall on whole numbers (counts, small amounts)
+  const vmax = Math.max(4, niceMax(Math.max(...points.map((p) => p.v), opts.limit || 0, opts.projection ? opts.projection.v : 0)));
   const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - R);
   const y = (v) => H - B - (v / vmax) * (H - T - B);
   for (let i = 0; i <= 4; i++) {
