@@ -134,6 +134,7 @@ export function stream(path, query, onEvent, onState) {
         const headers = { ...headerFor(session.key, who.auth_type), Accept: 'text/event-stream' };
         if (lastId) headers['Last-Event-ID'] = lastId;
         const r = await fetch(path + qs(query), { headers, signal: controller.signal, cache: 'no-store' });
+        if (r.status === 401) { window.dispatchEvent(new CustomEvent('cycles:unauthorized')); return; }
         if (!r.ok) { onState && onState('error'); await sleep(5000); continue; }
         onState && onState('live');
         const reader = r.body.getReader();
