@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .probe import OTHER_UNIT, UNIT, UNTESTED, Context, Untestable, amount_of, key, reserve_body
+from .probe import NA, OTHER_UNIT, UNIT, UNTESTED, Context, Untestable, amount_of, key, reserve_body
 
 CHECKS: list[tuple[str, str, Callable[[Context], None]]] = []
 
@@ -249,7 +249,8 @@ def overdraft_and_debt(ctx: Context) -> None:
     if over:
         ctx.expect("OVERDRAFT_LIMIT_EXCEEDED", ex, 409, "OVERDRAFT_LIMIT_EXCEEDED",
                    "reserve on an over-limit scope that also has debt (over-limit takes precedence)")
-        ctx.record("DEBT_OUTSTANDING", UNTESTED, "lowering overdraft_limit to 0 put the scope over its limit, so "
-                   "debt > 0 with overdraft_limit == 0 and not over-limit is not reachable through the API")
+        ctx.record("DEBT_OUTSTANDING", NA, "this server puts a scope with debt over its limit when overdraft_limit "
+                   "drops to 0, so the DEBT_OUTSTANDING state (debt > 0, overdraft_limit == 0, not over-limit) "
+                   "never arises through its API")
     else:
         ctx.expect("DEBT_OUTSTANDING", ex, 409, "DEBT_OUTSTANDING", "reserve with debt 20 and overdraft_limit 0")
