@@ -248,10 +248,10 @@ def _deliveries_schema(ctx: Context, ex) -> None:
 def correlation(ctx: Context) -> None:
     """X-Request-Id and X-Cycles-Trace-Id on 2xx and 4xx answers; inbound precedence; malformed headers ignored."""
     trace, other = secrets.token_hex(16), secrets.token_hex(16)
+    ok_path, ok_params = ("/v1/balances", {"tenant": ctx.tenant}) if ctx.tenant else ("/v1/auth/introspect", None)
     parent = f"00-{trace}-{secrets.token_hex(8)}-01"
     samples = [
-        ("2xx", ctx.call("GET", "/v1/balances", params={"tenant": ctx.tenant or ""},
-                         headers={"X-Cycles-Trace-Id": trace})),
+        ("2xx", ctx.call("GET", ok_path, params=ok_params, headers={"X-Cycles-Trace-Id": trace})),
         ("404", ctx.call("POST", f"/v1/reservations/conformance-missing-{key()}/release",
                          json_body={"idempotency_key": key()}, headers={"X-Cycles-Trace-Id": trace})),
         ("401", ctx.call("GET", "/v1/balances", key=None, headers={"X-Cycles-Trace-Id": trace})),
@@ -274,14 +274,13 @@ def correlation(ctx: Context) -> None:
                      f"trace_id == {trace}")
         else:
             ctx.ok("X-Cycles-Trace-Id on every response", f"{what}: echoed")
-    ex = ctx.call("GET", "/v1/balances", params={"tenant": ctx.tenant or ""},
-                  headers={"traceparent": parent, "X-Cycles-Trace-Id": other})
+    ex = ctx.call("GET", ok_path, params=ok_params, headers={"traceparent": parent, "X-Cycles-Trace-Id": other})
     if ex.headers.get("x-cycles-trace-id") != trace:
         ctx.fail("Inbound header precedence", "with both headers valid and disagreeing, traceparent did not win", ex,
                  f"X-Cycles-Trace-Id: {trace}")
     else:
         ctx.ok("Inbound header precedence", "traceparent wins over X-Cycles-Trace-Id")
-    ex = ctx.call("GET", "/v1/balances", params={"tenant": ctx.tenant or ""},
+    ex = ctx.call("GET", ok_path, params=ok_params,
                   headers={"traceparent": "00-zzzz-bad-01", "X-Cycles-Trace-Id": "0" * 32})
     generated = ex.headers.get("x-cycles-trace-id") or ""
     if ex.status != 200 or not TRACE_RE.match(generated) or generated == "0" * 32:

@@ -168,8 +168,15 @@ class Context:
     # ---------------------------------------------------------------- provisioning
 
     def provision(self) -> None:
-        """With an admin key: a tenant named for the run and a key for it (unless one was given)."""
+        """With an admin key: a tenant named for the run and a key for it (unless one was given). With a tenant
+        key alone, the tenant is --tenant or what introspection reports (`tenant_id`, where the server says)."""
         if not self.admin_key:
+            if not self.tenant:
+                ex = self.call("GET", "/v1/auth/introspect", validate=False)
+                tenant = (ex.body or {}).get("tenant_id") if ex.status == 200 else None
+                if not isinstance(tenant, str) or not tenant:
+                    raise Untestable("the key's tenant is unknown: give --tenant")
+                self.tenant = tenant
             return
         tenant = self.tenant or f"conformance-{self.run_id}"
         ex = self.call("POST", "/v1/admin/tenants", key="admin", json_body={"tenant_id": tenant, "name": tenant},
