@@ -71,9 +71,10 @@ def run_command(
                                              "(repeatable; see `cycles conformance requirements`)."),
     concurrency: int = typer.Option(16, "--concurrency", min=2, max=256, help="Concurrent clients in the race check."),
     timeout: float = typer.Option(15.0, "--timeout", min=0.5, help="Per-request timeout in seconds."),
-    webhook_url: str = typer.Option("https://example.com/cycles-conformance", "--webhook-url",
+    webhook_url: str = typer.Option("https://example.com/cycles/hook", "--webhook-url", show_default=False,
                                     help="Endpoint for the webhook subscriptions the kit creates (must pass the "
-                                         "server's URL policy; nothing needs to listen there)."),
+                                         "server's URL policy; nothing needs to listen there). Default: "
+                                         "https://example.com/cycles/hook"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every requirement and full details."),
 ) -> None:
     """Probe a running server over HTTP and report per requirement of CONFORMANCE.md.
@@ -125,7 +126,7 @@ def requirements_command() -> None:
 
 @app.command("sdk")
 def sdk_command(
-    report_json: Path = typer.Option(Path("sdk-recovery-report.json"), "--report-json",
+    report_json: Path = typer.Option(Path("recovery.json"), "--report-json",
                                      help="Where to write the report (validates against report.schema.json)."),
     server: Optional[str] = typer.Option(None, "--server", help="Run against this server (needs --admin-key); "
                                          "default: a private `cycles serve` on a temporary SQLite store."),
@@ -134,7 +135,7 @@ def sdk_command(
     evidence_url: Optional[str] = typer.Option(None, "--evidence-url", help="CI run URL recorded in the report."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these scenario ids (repeatable)."),
 ) -> None:
-    """Run client-recovery/scenarios.yaml against our Python SDK through a fault-injecting proxy.
+    """Run client-recovery/scenarios.yaml against our Python SDK, with faults injected by a proxy.
 
     The claim is durable when every scenario passed, else core. Exit 0 when every scenario of the claimed
     level passed; 1 otherwise; 5 when no server could be started or reached."""

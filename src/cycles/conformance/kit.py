@@ -40,7 +40,7 @@ def selected_checks(only: list[str] | None) -> list[tuple[str, str, Callable[[Co
 
 
 def run(url: str, api_key: str | None, admin_key: str | None, tenant: str | None, *, only: list[str] | None = None,
-        concurrency: int = 16, timeout: float = 15.0, webhook_url: str = "https://example.com/cycles-conformance",
+        concurrency: int = 16, timeout: float = 15.0, webhook_url: str = "https://example.com/cycles/hook",
         progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     checks = selected_checks(only)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]

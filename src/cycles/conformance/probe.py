@@ -79,7 +79,7 @@ class Finding:
 class Context:
     def __init__(self, base_url: str, api_key: str | None, admin_key: str | None, tenant: str | None,
                  run_id: str, timeout: float = 15.0, concurrency: int = 16,
-                 webhook_url: str = "https://example.com/cycles-conformance") -> None:
+                 webhook_url: str = "https://example.com/cycles/hook") -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.admin_key = admin_key
