@@ -111,6 +111,7 @@ def test_kit_passes_against_our_server(server: Server, tmp_path) -> None:
                           capture_output=True, text=True, timeout=180)
     report = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert kit.report_errors(report) == []
     assert report["summary"]["conformant"] and report["summary"]["must"]["fail"] == 0
     assert "CONFORMANT" in proc.stdout
     musts = [r for r in report["requirements"] if r["level"] == "MUST"]
@@ -307,6 +308,7 @@ def test_kit_fails_a_broken_server_naming_the_requirement(server: Server, store_
         report = run_kit(proxy.url, server, [group])
     r = row(report, requirement)
     assert r["status"] == "fail", json.dumps(r, indent=1)[:2000]
+    assert kit.report_errors(report) == []
     assert not report["summary"]["conformant"]
     assert r["detail"]
     if r["evidence"]:  # the evidence names the request, the answer and what was expected

@@ -9,6 +9,8 @@ balances). Each rule is (op, action[, arg]):
   delay     wait `arg` seconds, then forward
   kill      forward, then call the proxy's `killer` (terminates the SDK process while its request is in flight)
   kill_first  call `killer` without forwarding
+  gather    hold the request until `arg` requests of this op have arrived (at most 30 s), then forward them
+            together (synchronizes independent workers' settlement attempts)
 Every request is logged (op, idempotency key, body, status, fault, arrival time) and, for settlements, the
 files of `journal_dir` at the moment the request arrived."""
 
@@ -72,6 +74,7 @@ class FaultProxy:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
+        self._gathered: dict[str, list] = {}
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "PATCH", "PUT", "DELETE"])])
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                      lifespan="off"))
@@ -95,6 +98,7 @@ class FaultProxy:
         with self._lock:
             self.rules = [tuple(r) for r in rules or []]
             self.seen = []
+            self._gathered = {}
         self.journal_dir = journal_dir
         self.killer = killer
 
@@ -146,6 +150,12 @@ class FaultProxy:
             return Response(b"", 504)
         if action == "delay":
             await asyncio.sleep(arg)
+        if action == "gather":
+            waiting = self._gathered.setdefault(op, [])
+            waiting.append(seen)
+            deadline = time.monotonic() + 30
+            while len(waiting) < arg and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with httpx.AsyncClient(base_url=self.target, timeout=30) as c:
             resp = await c.request(request.method, request.url.path, params=request.query_params, headers=headers,

@@ -29,6 +29,17 @@ class Unreachable(Exception):
     pass
 
 
+def report_errors(report: dict[str, Any]) -> list[str]:
+    """Where `report` departs from report.schema.json (the documented, stable shape)."""
+    import json
+    from importlib import resources
+
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(resources.files("cycles.conformance").joinpath("report.schema.json").read_text())
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in Draft202012Validator(schema).iter_errors(report)]
+
+
 def selected_checks(only: list[str] | None) -> list[tuple[str, str, Callable[[Context], None]]]:
     checks = sorted(CHECKS, key=lambda c: ORDER.index(c[0]) if c[0] in ORDER else len(ORDER))
     if only:

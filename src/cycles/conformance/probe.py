@@ -12,7 +12,7 @@ from typing import Any, Callable
 import httpx
 
 from . import specdocs
-from .requirements import BY_ID, Requirement, req
+from .requirements import Requirement, req
 
 PASS, FAIL, NA, UNTESTED = "pass", "fail", "not_applicable", "could_not_test"
 UNIT = "USD_MICROCENTS"
@@ -273,4 +273,4 @@ def amount_of(balance: dict[str, Any], field_: str) -> int:
     return int((balance.get(field_) or {}).get("amount", 0))
 
 
-__all__ = ["BY_ID", "Context", "Exchange", "Finding", "Untestable", "reserve_body", "key", "amount_of"]
+__all__ = ["Context", "Exchange", "Finding", "Untestable", "reserve_body", "key", "amount_of"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from cycles.client import CyclesClient, CyclesConfig, cycles
 
@@ -20,8 +19,6 @@ def main() -> None:
                        read_timeout=p.get("read_timeout", 2.0), journal_replay=False, heartbeat_enabled=False)
     client = CyclesClient(cfg)
     out: dict = {"pid": os.getpid()}
-    if p.get("start_at"):
-        time.sleep(max(0.0, p["start_at"] - time.time()))
     if p["mode"] == "guarded":
         @cycles(p["estimate"], actual=p["actual"], client=client, idempotency_key=p["key"], action_kind="llm",
                 action_name="conformance")

@@ -116,9 +116,11 @@ class Env:
         """Run one SDK process through the proxy; `rules` are the faults its requests meet."""
         args = {"base_url": self.proxy.url, "api_key": api_key or self.key, "tenant": self.tenant,
                 "journal_dir": str(self.journal), "mode": mode, **params}
+        procs: list[subprocess.Popen] = []
+        self.proxy.reset(rules or [], self.journal, killer=lambda: procs[0].kill())  # armed before it can send
         proc = subprocess.Popen([sys.executable, "-m", "cycles.conformance.sdk_child", json.dumps(args)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.proxy.reset(rules or [], self.journal, killer=proc.kill)
+        procs.append(proc)
         stdout, stderr = proc.communicate(timeout=60)
         if expect_kill:
             return {"rc": proc.returncode}, stderr
@@ -354,18 +356,18 @@ def quarantine(env: Env) -> list[str]:
 def concurrent_replay(env: Env) -> list[str]:
     rid = env.reserve_raw(1000)
     env.journal_commit(rid, 333, "cr-dur-006")
-    env.proxy.reset([], env.journal)
-    start_at = time.time() + 1.5
+    # both workers' commits are held at the proxy until both have arrived, then reach the server together
+    env.proxy.reset([("commit", "gather", 2), ("commit", "gather", 2)], env.journal)
     args = json.dumps({"base_url": env.proxy.url, "api_key": env.key, "tenant": env.tenant,
-                       "journal_dir": str(env.journal), "mode": "replay", "start_at": start_at})
+                       "journal_dir": str(env.journal), "mode": "replay", "read_timeout": 40})
     procs = [subprocess.Popen([sys.executable, "-m", "cycles.conformance.sdk_child", args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     rcs = [pr.wait(60) for pr in procs]
     p: list[str] = []
     _check(p, rcs == [0, 0], f"a replay worker failed: {rcs}")
     commits = env.proxy.of("commit")
-    _check(p, 1 <= len(commits) <= 2 and {c.key for c in commits} == {"cr-dur-006"},
-           f"concurrent_commit_same_key: {[(c.key, c.status) for c in commits]}")
+    _check(p, len(commits) == 2 and {c.key for c in commits} == {"cr-dur-006"},
+           f"concurrent_commit_same_key: {[(c.key, c.status, c.fault) for c in commits]}")
     _check(p, env.settled_to(333), "settlement_occurs_at_most_once")
     _check(p, not env.records(), "terminal_record_is_removed")
     return p
