@@ -71,9 +71,12 @@ def run(url: str, api_key: str | None, admin_key: str | None, tenant: str | None
         if not ctx.provisioned:
             skipped.append("no isolated budgets (needs --admin-key): atomic, concurrency, overdraft and "
                            "BUDGET_EXCEEDED checks cannot run; other checks spend a few units of an existing budget")
+        cleanup: dict[str, Any] | None = None
         for i, (group, name, fn) in enumerate(checks):
             if progress:
                 progress(name, i, len(checks))
+            if group == "closed" and cleanup is None:  # delete what the run made while its keys still work
+                cleanup = _cleanup(ctx)
             ctx.check_name = name
             try:
                 fn(ctx)
@@ -85,11 +88,12 @@ def run(url: str, api_key: str | None, admin_key: str | None, tenant: str | None
                 _untested_group(ctx, group, f"transport error: {e!r}")
         if progress:
             progress("done", len(checks), len(checks))
-        cleanup = _cleanup(ctx)
+        if cleanup is None:
+            cleanup = _cleanup(ctx)
     finally:
         ctx.close()
     groups = {g for g, _, _ in checks}
-    return _report(ctx, groups, skipped, cleanup, started, time.monotonic() - t0)
+    return _report(ctx, groups, skipped, _cleanup_summary(ctx, cleanup), started, time.monotonic() - t0)
 
 
 def _untested_group(ctx: Context, group: str, why: str) -> None:
@@ -103,15 +107,21 @@ def _cleanup(ctx: Context) -> dict[str, Any]:
     done, failed = 0, 0
     for fn in ctx.cleanup:
         try:
-            fn()
-            done += 1
+            ok = fn()
         except Exception:  # noqa: BLE001 (cleanup is best effort; the report says how it went)
-            failed += 1
-    return {"tenant": ctx.tenant if ctx.provisioned or (ctx.tenant or "").startswith("conformance-") else None,
-            "deleted": done, "failed": failed,
-            "note": "the run's tenant was closed by the TENANT_CLOSED check" if any(
-                f.check == "closed_tenant" and f.status != UNTESTED for f in ctx.findings) else
-            "objects created under the run's tenant remain (the server offers no deletion)"}
+            ok = False
+        done, failed = (done + 1, failed) if ok else (done, failed + 1)
+    ctx.cleanup = []
+    return {"deleted": done, "failed": failed}
+
+
+def _cleanup_summary(ctx: Context, cleanup: dict[str, Any]) -> dict[str, Any]:
+    made = (ctx.tenant or "").startswith(f"conformance-{ctx.run_id}")
+    closed = any(f.check == "closed_tenant" and f.status != UNTESTED for f in ctx.findings)
+    note = ("the run's tenant was closed (its budgets closed, its keys revoked)" if closed else
+            "budgets made under the run's tenant remain (run group `closed` to close the tenant)" if made else
+            "nothing was provisioned; subscriptions the kit created were deleted")
+    return {"tenant": ctx.tenant if made else None, **cleanup, "note": note}
 
 
 def _fold(findings: list) -> tuple[str, str, list[dict[str, Any]], list[str]]:
@@ -162,7 +172,7 @@ def _report(ctx: Context, groups: set[str], skipped: list[str], cleanup: dict[st
         "started_at": started.isoformat().replace("+00:00", "Z"),
         "duration_ms": int(elapsed * 1000),
         "target": {"url": ctx.base_url, "tenant": ctx.tenant, "admin_key": bool(ctx.admin_key),
-                   "provisioned": ctx.provisioned or cleanup.get("tenant") is not None},
+                   "provisioned": cleanup.get("tenant") is not None},
         "spec": {"conformance_target": "v0.1.25",
                  "documents": {n: {"version": specdocs.doc_version(n), "sha256": specdocs.digest(n)}
                                for n in specdocs.DOCS}},
