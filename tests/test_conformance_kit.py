@@ -150,7 +150,10 @@ def test_cli_refuses_bad_usage_in_one_line(server: Server, store_kind: str) -> N
     runner = CliRunner()
     for args, code, text in ((["run", server.base_url], 2, "--api-key"),
                              (["run", f"http://127.0.0.1:{free_port()}", "--api-key", "k"], 5, "cannot reach"),
-                             (["run", server.base_url, "--api-key", "k", "--only", "nope"], 2, "unknown group")):
+                             (["run", server.base_url, "--api-key", "k", "--only", "nope"], 2, "unknown group"),
+                             (["run", server.base_url, "--api-key", "k", "--json", "/nonexistent/dir/r.json"], 2,
+                              "not writable"),
+                             (["sdk", "--report-json", "/nonexistent/dir/r.json"], 2, "not writable")):
         res = runner.invoke(app, ["conformance", *args])
         assert res.exit_code == code and text in res.output and "Traceback" not in res.output, res.output
 
@@ -314,6 +317,23 @@ def test_kit_fails_a_broken_server_naming_the_requirement(server: Server, store_
     if r["evidence"]:  # the evidence names the request, the answer and what was expected
         ev = r["evidence"][0]
         assert ev["request"]["path"].startswith("/v1/") and ev["response"]["status"] and ev["expected"]
+
+
+def test_cli_names_the_broken_requirement_and_exits_1(server: Server, store_kind: str, tmp_path) -> None:
+    if store_kind != "sqlite":
+        pytest.skip("one store is enough")
+    from typer.testing import CliRunner
+
+    from cycles.cli import app
+
+    out = tmp_path / "r.json"
+    with Proxy(server.base_url, drop_request_id) as proxy:
+        res = CliRunner().invoke(app, ["conformance", "run", proxy.url, "--admin-key", server.admin_key, "--only",
+                                       "correlation", "--json", str(out)], terminal_width=200)
+    assert res.exit_code == 1, res.output
+    assert "✗ cycles-protocol-v0.yaml: CORRELATION AND TRACING (NORMATIVE) / X-Request-Id" in res.output
+    assert "NOT CONFORMANT" in res.output and "expected: an X-Request-Id header" in res.output
+    assert json.loads(out.read_text())["summary"]["must"]["fail"] == 1
 
 
 def test_upcoming_surfaces_never_fail_the_run(server: Server, store_kind: str) -> None:

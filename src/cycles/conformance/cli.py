@@ -20,6 +20,16 @@ LABEL = {"pass": "pass", "fail": "FAIL", "not_applicable": "n/a", "could_not_tes
          "not_run": "not run"}
 
 
+def _check_writable(path: Path | None, option: str) -> None:
+    """Refuse an unwritable output path before the run, not after it."""
+    if path is None:
+        return
+    parent = path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        typer.echo(f"error: {option} {path}: directory {parent} does not exist or is not writable", err=True)
+        raise typer.Exit(2)
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -87,6 +97,7 @@ def run_command(
     if not api_key and not admin_key:
         typer.echo("error: give --api-key, --admin-key, or both", err=True)
         raise typer.Exit(2)
+    _check_writable(json_out, "--json")
     console = Console(stderr=False)
     with Progress(TextColumn("[bold]conformance[/]"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -141,6 +152,7 @@ def sdk_command(
     level passed; 1 otherwise; 5 when no server could be started or reached."""
     from .sdk import claim_holds, run_sdk
 
+    _check_writable(report_json, "--report-json")
     console = Console()
     try:
         report = run_sdk(server, admin_key, implementation_commit, evidence_url, only=list(only or []) or None,
