@@ -37,18 +37,22 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def render(report: dict[str, Any], console: Console, verbose: bool = False) -> None:
-    table = Table(show_header=True, header_style="bold", expand=False, pad_edge=False)
-    table.add_column("level", no_wrap=True)
-    table.add_column("requirement")
+    table = Table(show_header=True, header_style="bold", expand=False, pad_edge=False, show_lines=False)
     table.add_column("result", no_wrap=True)
+    table.add_column("requirement")
     table.add_column("detail", overflow="fold")
+    section = None
     for row in report["requirements"]:
         if row["status"] == "not_run" and not verbose:
             continue
+        if row["section"] != section:
+            section = row["section"]
+            table.add_row("", f"[bold]{section}[/]", "")
         detail = row["detail"]
         if len(detail) > 160 and not verbose:
             detail = detail[:157] + "…"
-        table.add_row(row["level"], row["id"], f"[{STYLE[row['status']]}]{LABEL[row['status']]}[/]", detail)
+        item = row["id"][len(section) + 3:] if row["id"].startswith(section + " / ") else row["id"]
+        table.add_row(f"[{STYLE[row['status']]}]{LABEL[row['status']]}[/]", item, detail)
     console.print(table)
     for row in report["requirements"]:
         if row["status"] == "fail" and row["evidence"] and (row["level"] == "MUST" or verbose):

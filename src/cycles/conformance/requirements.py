@@ -130,7 +130,7 @@ CATALOG: list[Requirement] = [
        "Emit events for budget-state changes (reservation.*, budget.*, quota.*) matching the EventType enum.",
        "events"),
     _r(SHOULD, SHOULD_S, "Propagate X-Cycles-Trace-Id and traceparent",
-       "Propagate X-Cycles-Trace-Id and W3C traceparent headers (to the events a request causes).", "correlation"),
+       "Propagate X-Cycles-Trace-Id and W3C traceparent headers (to the events a request causes).", "events"),
     _r(SHOULD, SHOULD_S, "Implement POST /v1/decide", "Implement POST /v1/decide.", "should"),
     _r(SHOULD, SHOULD_S, "Implement GET /v1/reservations (listReservations)",
        "Implement listReservations (re-discover a lost reservation_id via idempotency_key).", "should"),
