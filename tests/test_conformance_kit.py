@@ -249,6 +249,17 @@ async def events_without_type(proxy: Proxy, request: Request, body: bytes, resp:
     return resp
 
 
+async def reserve_after_close(proxy: Proxy, request: Request, body: bytes, resp: httpx.Response):
+    """A closed tenant's reservation is refused (401 or 409 TENANT_CLOSED) but answered as allowed."""
+    if request.url.path == "/v1/reservations" and resp.status_code in (401, 409) and \
+            resp.json().get("error") in ("UNAUTHORIZED", "TENANT_CLOSED"):
+        sent = json.loads(body)
+        return _json(resp, 200, {"decision": "ALLOW", "reservation_id": f"rsv_{uuid.uuid4().hex}",
+                                 "affected_scopes": ["tenant:" + sent["subject"]["tenant"]],
+                                 "reserved": sent["estimate"], "expires_at_ms": int(time.time() * 1000) + 60_000})
+    return resp
+
+
 def fill_empty_selectors(request: Request, headers: dict[str, str], body: bytes):
     """Persists a subscription with no selector by quietly giving it one."""
     if request.method == "POST" and request.url.path in ("/v1/webhooks", "/v1/admin/webhooks") and body:
@@ -296,6 +307,7 @@ BROKEN = [
     ("webhooks", None, fill_empty_selectors, "Selector presence"),
     ("units", None, convert_units, "UNIT_MISMATCH (400)"),
     ("auth", None, AnonymousAsTenant, "Authenticate via X-Cycles-API-Key"),
+    ("closed", reserve_after_close, None, "TENANT_CLOSED (409)"),
 ]
 
 
@@ -336,9 +348,18 @@ def test_cli_names_the_broken_requirement_and_exits_1(server: Server, store_kind
     assert json.loads(out.read_text())["summary"]["must"]["fail"] == 1
 
 
-def test_upcoming_surfaces_never_fail_the_run(server: Server, store_kind: str) -> None:
+async def no_decide(proxy: Proxy, request: Request, body: bytes, resp: httpx.Response):
+    if request.url.path == "/v1/decide":
+        return _json(resp, 404, {"error": "NOT_FOUND", "message": "no route", "request_id": "r"})
+    return resp
+
+
+def test_should_and_upcoming_gaps_are_reported_never_failing_the_run(server: Server, store_kind: str) -> None:
     if store_kind != "sqlite":
         pytest.skip("one store is enough")
-    report = kit.run(server.base_url, None, server.admin_key, None, only=["upcoming", "correlation"])
+    with Proxy(server.base_url, no_decide) as proxy:
+        report = kit.run(proxy.url, None, server.admin_key, None, only=["upcoming", "should", "correlation"])
+    assert row(report, "Implement POST /v1/decide")["status"] == "fail"
     assert row(report, "listActionKinds")["status"] in ("fail", "pass")
+    assert report["summary"]["should"]["fail"] >= 1
     assert report["summary"]["conformant"], failed(report)
