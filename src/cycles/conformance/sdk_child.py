@@ -16,7 +16,7 @@ def main() -> None:
     p = json.loads(sys.argv[1])
     cfg = CyclesConfig(base_url=p["base_url"], api_key=p["api_key"], tenant=p.get("tenant"),
                        journal_dir=p["journal_dir"], retry_initial_delay=0.05, retry_max_delay=0.2,
-                       read_timeout=p.get("read_timeout", 2.0), journal_replay=False, heartbeat_enabled=False)
+                       read_timeout=p.get("read_timeout", 10.0), journal_replay=False, heartbeat_enabled=False)
     client = CyclesClient(cfg)
     out: dict = {"pid": os.getpid()}
     if p["mode"] == "guarded":

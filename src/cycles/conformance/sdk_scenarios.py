@@ -135,9 +135,11 @@ def _ok(r: httpx.Response, *status: int) -> httpx.Response:
     return r
 
 
-def _same_key(seen: list, n: int, what: str) -> list[str]:
-    if len(seen) != n:
-        return [f"expected {n} {what} request(s), saw {len(seen)}"]
+def _same_key(seen: list, at_least: int, what: str) -> list[str]:
+    """At least `at_least` requests, all with one idempotency key and one body. More same-key attempts are
+    allowed: a slow machine can time out a retry too, and a same-key retry is what the profile asks for."""
+    if len(seen) < at_least:
+        return [f"expected {at_least} {what} request(s) or more, saw {len(seen)}"]
     if len({s.key for s in seen}) != 1:
         return [f"{what} retries used different idempotency keys: {[s.key for s in seen]}"]
     if any(s.body != seen[0].body for s in seen):
@@ -185,10 +187,12 @@ def expired_commit_to_event(env: Env) -> list[str]:
         work()
         c.flush(10)
     p: list[str] = []
-    _check(p, env.proxy.ops() == ["create", "commit", "event"], f"requests were {env.proxy.ops()}, expected "
-           "create, commit, event")
+    creates = env.proxy.of("create")  # a create that timed out on a slow machine is replayed with its key
+    settles = [s for s in env.proxy.seen if s.op != "create"]
+    _check(p, [s.op for s in settles] == ["commit", "event"] and len({c.key for c in creates}) == 1,
+           f"requests were {env.proxy.ops()}, expected create, commit, event")
     if not p:
-        create, commit, event = env.proxy.seen
+        create, (commit, event) = creates[0], settles
         _check(p, commit.status == 410 and event.status == 201, "commit did not meet 410 or the event was not 201")
         _check(p, event.key == commit.key, "the event did not reuse the commit's idempotency key")
         _check(p, event.body["subject"] == create.body["subject"] and event.body["action"] == create.body["action"]
@@ -220,7 +224,9 @@ def heartbeat_failure(env: Env) -> list[str]:
             c.flush(10)
     finally:
         logger.removeHandler(handler)
-    p = _same_key(env.proxy.of("extend"), 2, "extend")
+    extends = env.proxy.of("extend")
+    p = _same_key(extends[:2], 2, "extend")
+    _check(p, bool(extends) and extends[0].fault == "drop", "the first extend did not meet the injected failure")
     _check(p, env.proxy.ops()[-1] == "commit", "final_settlement_is_attempted: the last request was not a commit")
     _check(p, bool(events) and events[0].reservation_id == rid and bool(events[0].disposition),
            "heartbeat_failure_reports_reservation_and_disposition (observable event)")
@@ -267,8 +273,11 @@ def journaled_before_first_commit(env: Env) -> list[str]:
                                   for text in (first[0].journal or {}).values()),
            "journal_write_precedes_first_settlement_request: no journal entry when the commit arrived")
     out, _ = env.child("replay")
-    p += _same_key(env.proxy.of("commit"), 1, "commit after restart")
-    _check(p, [s.status for s in env.proxy.of("commit")] == [200], "the replayed commit did not get 200")
+    again = env.proxy.of("commit")
+    p += _same_key(again, 1, "commit after restart")
+    _check(p, bool(again) and bool(first) and again[0].key == first[0].key,
+           "the replay after restart did not reuse the first commit's key")
+    _check(p, bool(again) and again[-1].status == 200, "the replayed commit did not end with 200")
     _check(p, len(out["settled"]) == 1 and not out["unresolved"], "unresolved_record_survives_restart")
     _check(p, not env.records(), "successful_replay_removes_record")
     _check(p, env.settled_to(2100), "settlement_occurs_at_most_once")
@@ -288,7 +297,8 @@ def expired_replay_to_event(env: Env) -> list[str]:
     _check(p, [s.op for s in env.proxy.seen] == ["commit", "event"], f"requests were {env.proxy.ops()}")
     out, _ = env.child("replay")
     seen = [(s.op, s.key, s.status) for s in env.proxy.seen]
-    _check(p, seen == [("event", "cr-dur-002-commit", 201)], f"after restart: {seen}, expected one event, same key")
+    _check(p, bool(seen) and {x[:2] for x in seen} == {("event", "cr-dur-002-commit")} and seen[-1][2] == 201,
+           f"after restart: {seen}, expected events with the commit's key ending in 201")
     _check(p, out["settled"] == [[rid, "event"]] and not env.records(), "successful_event_removes_record")
     _check(p, env.settled_to(1700), "settlement_occurs_at_most_once")
     return p
@@ -306,7 +316,7 @@ def rate_limit_floor(env: Env) -> list[str]:
     _check(p, nb >= before + 2000, f"the persisted not-before ({nb}) is not Retry-After after the 429")
     env.child("replay")
     commits = env.proxy.of("commit")
-    _check(p, [c.status for c in commits] == [200] and commits[0].key == "commit-cr-dur-003",
+    _check(p, bool(commits) and {c.key for c in commits} == {"commit-cr-dur-003"} and commits[-1].status == 200,
            f"after restart: {[(c.key, c.status) for c in commits]}")
     _check(p, bool(commits) and commits[0].at_ms >= nb, "no_retry_before_persisted_not_before")
     _check(p, not env.records() and env.settled_to(450), "successful_replay_removes_record")
@@ -322,7 +332,8 @@ def key_rotation(env: Env) -> list[str]:
     env.child("replay", api_key=new)
     p: list[str] = []
     seen = [(s.op, s.key, s.status) for s in env.proxy.seen]
-    _check(p, seen == [("commit", "cr-dur-004", 200)], f"new_tenant_credential_finds_record: saw {seen}")
+    _check(p, bool(seen) and {x[:2] for x in seen} == {("commit", "cr-dur-004")} and seen[-1][2] == 200,
+           f"new_tenant_credential_finds_record: saw {seen}")
     _check(p, env.settled_to(600) and not env.records(), "the record was not settled once and removed")
     stored = " ".join(f.read_text(errors="replace") + str(f) for f in env.journal.rglob("*") if f.is_file())
     _check(p, old not in stored and old not in " ".join(str(f) for f in env.journal.rglob("*")),
@@ -366,7 +377,7 @@ def concurrent_replay(env: Env) -> list[str]:
     p: list[str] = []
     _check(p, rcs == [0, 0], f"a replay worker failed: {rcs}")
     commits = env.proxy.of("commit")
-    _check(p, len(commits) == 2 and {c.key for c in commits} == {"cr-dur-006"},
+    _check(p, sum(c.fault == "gather" for c in commits) == 2 and {c.key for c in commits} == {"cr-dur-006"},
            f"concurrent_commit_same_key: {[(c.key, c.status, c.fault) for c in commits]}")
     _check(p, env.settled_to(333), "settlement_occurs_at_most_once")
     _check(p, not env.records(), "terminal_record_is_removed")
