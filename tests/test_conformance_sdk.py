@@ -12,7 +12,7 @@ from cycles.client import recovery
 from cycles.conformance import sdk
 from support import Server
 
-FAST = ["CR-CORE-001", "CR-CORE-004", "CR-DURABLE-004", "CR-DURABLE-007", "CR-BOUNDARY-001"]
+FAST = ["CR-CORE-001", "CR-DURABLE-004", "CR-DURABLE-007", "CR-BOUNDARY-001"]  # the full run: docs/conformance.md
 
 
 @pytest.fixture
