@@ -181,6 +181,8 @@ def webhooks(ctx: Context) -> None:
     """Subscription invariants on every write path the server exposes; deliveries list and replay."""
     tenant_hooks = []
     ex = ctx.call("POST", "/v1/webhooks", json_body=_hook(ctx, "tenant", event_types=["budget.exhausted"]))
+    body = ex.body if isinstance(ex.body, dict) else {}
+    refused = f"POST /v1/webhooks answered {ex.status} {body.get('error', '')}: {body.get('message', '')}"
     if ex.status == 201:
         tenant_hooks.append(ex.body["subscription"]["subscription_id"] if "subscription" in (ex.body or {})
                             else ex.body.get("subscription_id"))
@@ -201,7 +203,8 @@ def webhooks(ctx: Context) -> None:
                            f"POST {path} owned by tenant {ctx.tenant} with {sel}")
     sid = next((s for s in tenant_hooks if s), None)
     if sid is None:
-        raise Untestable("no subscription could be created to check updates, deliveries and replay")
+        raise Untestable(f"no subscription could be created to check updates, deliveries and replay ({refused}; "
+                         "--webhook-url takes a URL the server accepts)")
     ex = ctx.call("PATCH", f"/v1/webhooks/{sid}", json_body={"event_types": [], "event_categories": []})
     if ex.status not in (404, 405):
         ctx.expect("Selector presence", ex, 400, "INVALID_REQUEST", "PATCH leaving no selector")
