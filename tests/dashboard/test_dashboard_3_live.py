@@ -91,7 +91,7 @@ def test_a_thousand_budgets_stay_responsive(work_tab: Tab, work: Work) -> None:
     started = time.monotonic()
     work_tab.go(f"budgets?tenant_id={tid}")
     page.locator(".vt-count", has_text="1,000 of 1,000").wait_for(timeout=60_000)
-    page.wait_for_function("() => !document.querySelector('#view .load-state').textContent")
+    page.wait_for_function("() => !document.querySelector('#view .load-state').textContent", timeout=60_000)
     loaded_s = time.monotonic() - started
     assert page.locator(".vt-row").count() < 80  # only the visible rows are in the document
     sort_ms = page.evaluate("""() => {
@@ -122,7 +122,9 @@ def test_a_thousand_budgets_stay_responsive(work_tab: Tab, work: Work) -> None:
           f"scroll {scroll['ms']:.0f} ms, filter {filtered['ms']:.0f} ms (incl. 80 ms debounce)")
     assert scroll["shows"]
     assert filtered["text"] == "50 of 1,000"
-    assert sort_ms < 500 and scroll["ms"] < 400 and filtered["ms"] < 600  # headroom for a loaded 2-core CI machine
+    # Unloaded: sort ~40 ms, scroll ~65 ms, filter ~90 ms. The bounds leave room for a 2-core machine
+    # shared with other work (load 15 seen); a table that rendered every row would still miss them.
+    assert sort_ms < 1000 and scroll["ms"] < 1000 and filtered["ms"] < 1500
 
 
 def test_ten_thousand_rows_in_the_table_stay_responsive(work_tab: Tab) -> None:
@@ -149,4 +151,4 @@ def test_ten_thousand_rows_in_the_table_stay_responsive(work_tab: Tab) -> None:
     }""")
     print(f"\n10,000-row table: set {result['setMs']:.0f} ms, sort {result['sortMs']:.0f} ms, {result['dom']} rows in the DOM")
     assert result["first"] == 0 and result["dom"] < 80
-    assert result["setMs"] < 1000 and result["sortMs"] < 500
+    assert result["setMs"] < 2000 and result["sortMs"] < 1000  # unloaded: ~30 ms and ~20 ms
