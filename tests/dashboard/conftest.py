@@ -148,7 +148,7 @@ class Tab:
         self.ctx = browser.new_context(viewport={"width": 1360, "height": 860}, accept_downloads=True,
                                        color_scheme="dark" if dark else "light")
         self.page = self.ctx.new_page()
-        self.page.set_default_timeout(10_000)
+        self.page.set_default_timeout(20_000)  # generous: CI shares 2 cores with other work
         self.base = server.base_url
         self.errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
