@@ -17,7 +17,7 @@ from support import ADMIN_KEY, USD, Server, Tenant, new_tenant, reserve_body, st
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
+DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the dashboard browser tests need it",
@@ -131,6 +131,16 @@ def work(tmp_path_factory: pytest.TempPathFactory, receiver: str) -> Iterator[Wo
         yield Work(server, receiver)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: docs/dashboard/ with CYCLES_UPDATE_SCREENSHOTS=1 (to refresh the ones
+    docs/dashboard.md shows), else a temporary directory, so a test run leaves the checkout clean."""
+    if os.environ.get("CYCLES_UPDATE_SCREENSHOTS") == "1":
+        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+        return DOCS_SHOTS
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 tenant key, wrong key with backoff), session limits, and every page rendering the seeded data in
 light and dark mode without a console error (the screenshots in docs/dashboard/ come from here).
 
-Files are numbered so the screenshots are taken before the action tests add their tenants."""
+These tests only read the seeded server; the tests that change things use a server of their own
+(conftest `work`), so what is shown here is the seeded data whatever order pytest-xdist picks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from support import ADMIN_KEY, cycles_bin, free_port
-from .conftest import SHOTS, Data, Tab
+from .conftest import Data, Tab
 
 STATIC = Path(__file__).resolve().parents[2] / "src" / "cycles" / "dashboard" / "static"
 
@@ -128,11 +129,10 @@ PAGES = [  # (route, text that only appears once the page shows the seeded data,
 ]
 
 
-def test_every_page_renders_its_data_in_light_and_dark(tab: Tab, dash: Data) -> None:
+def test_every_page_renders_its_data_in_light_and_dark(tab: Tab, dash: Data, shots: Path) -> None:
     tab.login(ADMIN_KEY)
     page = tab.page
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "overview-light.png"))
+    page.screenshot(path=str(shots / "overview-light.png"))
     for theme in ("light", "dark"):
         if theme == "dark":
             page.locator("#theme-toggle").click()
@@ -143,12 +143,12 @@ def test_every_page_renders_its_data_in_light_and_dark(tab: Tab, dash: Data) -> 
             page.get_by_text(text).first.wait_for()
             page.wait_for_function("() => !document.querySelector('#view .load-state') || "
                                    "!document.querySelector('#view .load-state').textContent.startsWith('Loading')")
-            page.screenshot(path=str(SHOTS / f"{name}-{theme}.png"))
+            page.screenshot(path=str(shots / f"{name}-{theme}.png"))
     tab.page.context.clear_cookies()
     page.evaluate("() => sessionStorage.clear()")
     tab.open()
     page.get_by_label("API key").wait_for()
-    page.screenshot(path=str(SHOTS / "login-light.png"))
+    page.screenshot(path=str(shots / "login-light.png"))
 
 
 def test_keyboard_command_palette_and_filters_in_the_url(admin_tab: Tab) -> None:
@@ -183,7 +183,7 @@ def test_export_csv_and_json_of_what_is_shown(admin_tab: Tab) -> None:
     assert {r["scope"] for r in rows} >= {"tenant:acme-corp", "tenant:acme-corp/workspace:eng/agent:planner"}
 
 
-def test_mobile_layout(browser, dash: Data) -> None:  # noqa: ANN001
+def test_mobile_layout(browser, dash: Data, shots: Path) -> None:  # noqa: ANN001
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     page = ctx.new_page()
     errors: list[str] = []
@@ -196,11 +196,11 @@ def test_mobile_layout(browser, dash: Data) -> None:  # noqa: ANN001
         assert not page.locator("aside.side").is_visible()  # the menu folds away
         page.get_by_role("button", name="Show or hide the menu").click()
         assert page.locator("aside.side").is_visible()
-        page.screenshot(path=str(SHOTS / "mobile-menu-light.png"))
+        page.screenshot(path=str(shots / "mobile-menu-light.png"))
         page.get_by_role("link", name="Overview").click()
         page.locator("#headline").wait_for()
         assert not page.locator("aside.side").is_visible()
-        page.screenshot(path=str(SHOTS / "mobile-overview-light.png"))
+        page.screenshot(path=str(shots / "mobile-overview-light.png"))
     finally:
         ctx.close()
     assert not errors
