@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,6 +96,13 @@ class Data:
                        json={"url": receiver_url, "event_types": ["budget.frozen", "budget.funded"], "name": "ops-hook"})
             assert r.status_code == 201, r.text
             self.webhook = r.json()["subscription"]["subscription_id"]
+            for path in ("freeze", "unfreeze"):  # a budget.frozen event for the webhook to deliver
+                assert c.post(f"/v1/admin/budgets/{path}", params={"scope": "tenant:acme-corp/workspace:eng", "unit": USD},
+                              json={"reason": "seed"}).status_code == 200
+            deadline = time.monotonic() + 15
+            while not c.get(f"/v1/admin/webhooks/{self.webhook}/deliveries").json()["deliveries"]:
+                assert time.monotonic() < deadline, "the seeded webhook delivery did not happen"
+                time.sleep(0.1)
             r = c.post("/v1/admin/policies", json={"tenant_id": "acme-corp", "name": "agent-rate", "scope_pattern": "agent:*",
                                                    "rate_limits": {"max_reservations_per_minute": 600}})
             assert r.status_code == 201, r.text
