@@ -30,8 +30,12 @@ def _parse(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8")
     if isinstance(value, str):
-        return json.loads(value)
+        return json.loads(value, parse_constant=_no_constant)
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def verify_envelope(envelope: Any, jwks: Any = None, *, expected_signer: str | None = None) -> Verdict:

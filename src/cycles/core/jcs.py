@@ -6,16 +6,20 @@ numbers in ECMAScript's Number-to-string form. Numbers are IEEE 754 doubles in J
 ±2**53 is written as the double nearest to it, exactly as a JavaScript producer or verifier would (a
 value the envelope states must stay inside that range to be read back exactly; amounts in practice do).
 
-The standard library's C string escaper already writes strings the RFC's way, so a document is built
-from it and an integer/float formatter; about ten times faster than a general recursive implementation,
-which matters because every emitted envelope is canonicalized on the request's path.
+msgspec's sorted encoder writes most documents byte for byte as JCS and is twenty times faster than a
+recursive writer, which matters because every emitted envelope is canonicalized on the request's path;
+documents it would write differently (floats, large integers, names past the BMP) go through the general
+writer below, built on the standard library's C string escaper (which escapes the RFC's way).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from json.encoder import encode_basestring as _quote  # the C escaper: `"`, `\\`, controls; non-ASCII as is
 from typing import Any
+
+import msgspec
 
 SAFE_INTEGER = 2**53
 
@@ -24,8 +28,26 @@ class CanonicalizationError(ValueError):
     """The value has no canonical form (NaN, infinity, a lone surrogate, a non-string key, ...)."""
 
 
+# A number token inside an object or array follows `:`, `,` or `[` in compact JSON; one that is a float or
+# has 16+ digits makes the document ineligible. The same text inside a string only costs the slow path.
+_NOT_PLAIN = re.compile(rb"[:,\[]-?[0-9]+(?:[.eE]|[0-9]{15})")
+_ASTRAL = re.compile(rb"[\xf0-\xf4]")
+_sorted_encode = msgspec.json.Encoder(order="sorted").encode
+
+
 def dumps(value: Any) -> bytes:
-    """The canonical UTF-8 bytes of a JSON value (dict, list, str, int, float, bool, None)."""
+    """The canonical UTF-8 bytes of a JSON value (dict with str keys, list, str, int, float, bool, None)."""
+    # msgspec's sorted encoding is byte-identical to JCS unless the document holds a float, an integer
+    # of 16 digits or more (JCS writes doubles), or a character past the BMP (JCS sorts names by UTF-16):
+    # such numbers are searched for in the bytes; the general writer below handles those documents.
+    fast = None
+    if isinstance(value, (dict, list)):  # a bare scalar goes the general way (no `:`, `,` or `[` before it)
+        try:
+            fast = _sorted_encode(value)
+        except (TypeError, UnicodeEncodeError, msgspec.EncodeError):
+            pass
+    if fast is not None and (fast.isascii() or not _ASTRAL.search(fast)) and not _NOT_PLAIN.search(fast):
+        return fast
     parts: list[str] = []
     _write(value, parts)
     try:
