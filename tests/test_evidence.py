@@ -327,3 +327,21 @@ def test_jcs_numbers() -> None:
              123.456: "123.456", 2**60: "1152921504606847000"}
     for value, text in cases.items():
         assert jcs.dumps(value).decode() == text
+
+
+def test_wire_models_match_the_evidence_mirrors() -> None:
+    """The projection (core.evidence) copies these nested objects as they are: their wire models must keep
+    exactly the members of cycles-evidence-v0.2's mirrors, or the projection has to learn them."""
+    from cycles.protocol import models as m
+
+    mirrors = {
+        m.Subject: {"tenant", "workspace", "app", "workflow", "agent", "toolset", "dimensions"},
+        m.Amount: {"unit", "amount"}, m.SignedAmount: {"unit", "amount"},
+        m.Balance: {"scope", "scope_path", "remaining", "reserved", "spent", "allocated", "debt", "overdraft_limit",
+                    "is_over_limit"},
+        m.Caps: {"max_tokens", "max_steps_remaining", "tool_allowlist", "tool_denylist", "cooldown_ms"},
+        m.StandardMetrics: {"tokens_input", "tokens_output", "latency_ms", "model_version", "custom"},
+    }
+    for model, fields in mirrors.items():
+        assert set(model.__struct_fields__) == fields, model.__name__
+    assert {"kind", "name", "tags"} <= set(m.Action.__struct_fields__)

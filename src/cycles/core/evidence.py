@@ -44,13 +44,7 @@ _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 _DID = re.compile(r"^did:cycles:([0-9a-f]{64})#(.+)$")
 
 # The mirror schemas' field lists (cycles-evidence-v0.2.yaml `*Mirror`), for projection.
-_AMOUNT = ("unit", "amount")
-_SUBJECT = ("tenant", "workspace", "app", "workflow", "agent", "toolset", "dimensions")
 _ACTION = ("kind", "name", "tags")
-_CAPS = ("max_tokens", "max_steps_remaining", "tool_allowlist", "tool_denylist", "cooldown_ms")
-_BALANCE = ("scope", "scope_path", "remaining", "reserved", "spent", "allocated", "debt", "overdraft_limit",
-            "is_over_limit")
-_METRICS = ("tokens_input", "tokens_output", "latency_ms", "model_version", "custom")
 _REQUESTS = {
     "decide": ("idempotency_key", "subject", "action", "estimate", "metadata"),
     "reserve": ("idempotency_key", "subject", "action", "estimate", "ttl_ms", "grace_period_ms", "overage_policy",
@@ -66,8 +60,10 @@ _RESPONSES = {
     "release": ("status", "released", "balances"),
     "error": ("error", "message", "request_id", "trace_id", "details"),
 }
-_NESTED = {"subject": _SUBJECT, "action": _ACTION, "estimate": _AMOUNT, "actual": _AMOUNT, "reserved": _AMOUNT,
-           "charged": _AMOUNT, "released": _AMOUNT, "caps": _CAPS, "metrics": _METRICS}
+# Nested objects whose wire model has members its mirror lacks (protocol extensions add to Action). The
+# others (Subject, Amount, Balance, Caps, StandardMetrics) are decoded or rendered with exactly the mirror's
+# members (cycles.protocol.models forbids unknown fields), so they are copied as they are.
+_NESTED = {"action": _ACTION}
 
 
 def _pick(obj: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
@@ -77,20 +73,8 @@ def _pick(obj: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
         if value is None:
             continue  # absent, never null (mirrors forbid null)
         sub = _NESTED.get(name)
-        if sub is not None and isinstance(value, dict):
-            value = _pick(value, sub)
-        elif name == "balances" and isinstance(value, list):
-            value = [_balance(b) for b in value]
-        out[name] = value
-    return out
-
-
-def _balance(b: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name in _BALANCE:
-        value = b.get(name)
-        if value is not None:
-            out[name] = _pick(value, _AMOUNT) if isinstance(value, dict) else value
+        out[name] = value if sub is None or not isinstance(value, dict) else \
+            {k: value[k] for k in sub if value.get(k) is not None}
     return out
 
 
