@@ -90,7 +90,9 @@ def ev_server(store_kind: str, tmp_path_factory: pytest.TempPathFactory,
     from cycles.server.evidence_keys import create_file
 
     tmp = tmp_path_factory.mktemp(f"evidence-{store_kind}")
-    env = {"CYCLES_EVIDENCE": "1", "CYCLES_EVIDENCE_PUBLIC_PER_MINUTE": str(PUBLIC_PER_MINUTE)}
+    # error bodies by client (the default): the published SDK's get none of the members it refuses
+    env = {"CYCLES_EVIDENCE": "1", "CYCLES_EVIDENCE_PUBLIC_PER_MINUTE": str(PUBLIC_PER_MINUTE),
+           "CYCLES_ERROR_TRACE_ID": "auto"}
     ring = tmp / "evidence-keys.json"
     if store_kind == "redis":
         create_file(str(ring))
@@ -345,3 +347,48 @@ def test_wire_models_match_the_evidence_mirrors() -> None:
     for model, fields in mirrors.items():
         assert set(model.__struct_fields__) == fields, model.__name__
     assert {"kind", "name", "tags"} <= set(m.Action.__struct_fields__)
+
+
+_SDK_PROGRAM = r"""
+import json, sys, uuid
+import runcycles
+
+base_url, api_key, tenant, journal = sys.argv[1:5]
+config = runcycles.CyclesConfig(base_url=base_url, api_key=api_key, tenant=tenant, journal_dir=journal,
+                                retry_enabled=False)
+client = runcycles.CyclesClient(config)
+runcycles.set_default_client(client)
+
+@runcycles.cycles(estimate=100, actual=60, action_kind="llm.completion", action_name="m")
+def guarded():
+    return "ran"
+
+out = {"guarded": guarded()}
+big = client.create_reservation({"idempotency_key": str(uuid.uuid4()), "subject": {"tenant": tenant},
+                                 "action": {"kind": "llm.completion", "name": "m"},
+                                 "estimate": {"unit": "USD_MICROCENTS", "amount": 10**12}})
+err = big.get_error_response()
+out["denied"] = [big.status, err.error if err is not None else None]
+print(json.dumps(out))
+"""
+
+
+def test_published_sdk_works_with_evidence_on(ev_server: tuple[Server, Path], ev_tenant: Tenant,
+                                              tmp_path: Path) -> None:
+    """runcycles 0.5.3 checks reserve and commit answers strictly (extra="forbid"): it accepts their
+    cycles_evidence; its error model refuses the member, which its requests therefore do not get."""
+    from published_sdk import ensure_runcycles
+
+    server, _ = ev_server
+    if not server.store_url.startswith("sqlite"):
+        pytest.skip("the wire is the same on every store")
+    python = ensure_runcycles()
+    run = subprocess.run([python, "-c", _SDK_PROGRAM, server.base_url, ev_tenant.key, ev_tenant.tenant_id,
+                          str(tmp_path / "journal")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"guarded": "ran", "denied": [409, "BUDGET_EXCEEDED"]}
+    assert not list((tmp_path / "journal").glob("*.json"))  # the commit was accepted: nothing left to retry
+    with ev_tenant.client() as c:
+        [row] = c.get("/v1/reservations", params={"include": "evidence", "status": "COMMITTED"}).json()["reservations"]
+    assert set(row["evidence"]) == {"reserve", "commit"}
