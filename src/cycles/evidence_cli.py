@@ -19,10 +19,10 @@ EXIT_INVALID = 1  # the envelope does not verify (tampered, wrong key, not autho
 @app.command()
 def verify(
     source: str = typer.Argument(..., help="The envelope: a file, or a URL such as {server_id}/evidence/{id}."),
-    jwks: Optional[str] = typer.Option(None, "--jwks", help="The issuer's JWK Set (file or URL). Default: fetched "
-                                       "from the envelope's server_id (/.well-known/cycles-jwks.json)."),
+    jwks: Optional[str] = typer.Option(None, "--jwks", help="The issuer's JWK Set (file or URL). Default: the key set "
+                                       "published under the envelope's server_id."),
     no_resolve: bool = typer.Option(False, "--no-resolve", help="Do not fetch the JWK Set: check the content id and "
-                                    "a raw-hex signer only (binding_only)."),
+                                    "a raw hex signer only (binding_only)."),
     expected_signer: Optional[str] = typer.Option(None, help="Pin the signer_did the envelope must carry."),
 ) -> None:
     """Check an envelope's canonical form, content id and Ed25519 signature (and, with the issuer's JWK Set,
@@ -52,8 +52,8 @@ def verify(
 
 @app.command("rotate-key")
 def rotate_key(
-    keys: str = typer.Option(..., "--keys", help="The key ring file (CYCLES_EVIDENCE_KEYS_FILE, or "
-                             "evidence-keys.json in the data directory of the embedded store)."),
+    keys: str = typer.Option(..., "--keys", help="The key ring file: CYCLES_EVIDENCE_KEYS_FILE, or for the "
+                             "embedded store the key file in its data directory."),
     in_seconds: int = typer.Option(60, "--in", min=0, help="Seconds from now at which the new key takes over: "
                                    "time for every server sharing the file to get the new copy (a server reads a "
                                    "changed file within a second)."),
