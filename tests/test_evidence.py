@@ -392,3 +392,16 @@ def test_published_sdk_works_with_evidence_on(ev_server: tuple[Server, Path], ev
     with ev_tenant.client() as c:
         [row] = c.get("/v1/reservations", params={"include": "evidence", "status": "COMMITTED"}).json()["reservations"]
     assert set(row["evidence"]) == {"reserve", "commit"}
+
+
+def test_redis_store_needs_shared_keys(tmp_path: Path) -> None:
+    """Servers sharing a Redis store must share their signing keys: none given is one line and exit 3,
+    before the store is even reached."""
+    from support import WEBHOOK_KEY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CYCLES_EVIDENCE")}
+    env["CYCLES_WEBHOOK_SECRET_KEY"] = WEBHOOK_KEY
+    run = subprocess.run([cycles_bin(), "serve", "--store", "redis://127.0.0.1:1/0", "--evidence"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.startswith("error: --evidence on a Redis store needs") and run.stderr.count("\n") == 1

@@ -176,7 +176,8 @@ def serve(
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
     os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
     os.environ["CYCLES_EVIDENCE"] = "1" if evidence else "0"
-    os.environ["CYCLES_EVIDENCE_SERVER_ID"] = evidence_server_id or f"http://{host}:{port}/v1"
+    os.environ["CYCLES_EVIDENCE_SERVER_ID"] = evidence_server_id or (
+        f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1")
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                   loop="auto", timeout_graceful_shutdown=5)
     if workers == 1:

@@ -130,8 +130,13 @@ async def stamp_denial(request: Request, ctx: Ctx, endpoint: str, raw: bytes, er
     response = msgspec.to_builtins(error_body(ctx, err))
     payload = E.payload("error", msgspec.json.decode(raw), response, reservation_id=rid, endpoint=endpoint,
                         http_status=err.status)
-    evidence_id = await ev.record(st.store, "error", payload, trace_id=ctx.trace_id, issued_at_ms=_now_ms(None),
-                                  links=[])
+    try:
+        evidence_id = await ev.record(st.store, "error", payload, trace_id=ctx.trace_id,
+                                      issued_at_ms=_now_ms(None), links=[])
+    except Exception:  # noqa: BLE001 - the caller needs its denial more than its receipt of it
+        log.warning("could not store the evidence of a %s denial (request_id=%s)", err.code.value, ctx.request_id,
+                    exc_info=True)
+        return
     if evidence_id is not None:
         err.evidence = ev.ref(evidence_id)  # type: ignore[attr-defined]
 
