@@ -188,6 +188,24 @@ def test_replays_answer_the_original_envelope(ev_server: tuple[Server, Path], ev
         assert a["cycles_evidence"] == b["cycles_evidence"] != first["cycles_evidence"]
 
 
+def test_concurrent_retries_agree_on_one_envelope(ev_server: tuple[Server, Path], ev_tenant: Tenant) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = reserve_body(ev_tenant, 100)
+
+    def send(_: int) -> dict[str, Any]:
+        with ev_tenant.client() as c:
+            r = c.post("/v1/reservations", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert len({a["reservation_id"] for a in answers}) == 1
+    assert len({a["cycles_evidence"]["evidence_id"] for a in answers}) == 1
+    fetch(answers[0]["cycles_evidence"])
+
+
 def test_tampered_envelopes_fail(ev_server: tuple[Server, Path], ev_tenant: Tenant, tmp_path: Path) -> None:
     server, _ = ev_server
     jwks = jwks_of(server)
