@@ -412,14 +412,15 @@ def test_published_sdk_works_with_evidence_on(ev_server: tuple[Server, Path], ev
     assert set(row["evidence"]) == {"reserve", "commit"}
 
 
-def test_redis_store_needs_shared_keys(tmp_path: Path) -> None:
-    """Servers sharing a Redis store must share their signing keys: none given is one line and exit 3,
-    before the store is even reached."""
-    from support import WEBHOOK_KEY
+def test_redis_store_needs_shared_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers sharing a Redis store must share their signing keys: `cycles serve --evidence` refuses to start
+    without them (a StartupError is one line and its exit code, 3, like every startup failure)."""
+    from cycles import startup
+    from cycles.evidence_cli import ensure_keys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CYCLES_EVIDENCE")}
-    env["CYCLES_WEBHOOK_SECRET_KEY"] = WEBHOOK_KEY
-    run = subprocess.run([cycles_bin(), "serve", "--store", "redis://127.0.0.1:1/0", "--evidence"], env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 3, run.stderr
-    assert run.stderr.startswith("error: --evidence on a Redis store needs") and run.stderr.count("\n") == 1
+    for name in ("CYCLES_EVIDENCE_SIGNING_KEY", "CYCLES_EVIDENCE_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(startup.StartupError) as info:
+        ensure_keys("redis://127.0.0.1:1/0", True)
+    assert info.value.code == startup.EXIT_CONFIG and "--evidence on a Redis store needs" in info.value.message
+    ensure_keys("redis://127.0.0.1:1/0", False)  # evidence off: nothing needed
