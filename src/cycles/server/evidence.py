@@ -82,7 +82,7 @@ class Evidence:
         assert key.private is not None
         sealed = E.seal(artifact, payload, server_id=self.server_id, did=did, issued_at_ms=issued_at_ms,
                         trace_id=trace_id, key=key.private)
-        return await store.put_evidence(sealed.evidence_id, sealed.body, links or [f"once|{sealed.evidence_id}"])
+        return await store.put_evidence(sealed.evidence_id, sealed.body, links)
 
 
 def _link(*parts: str) -> str:

@@ -399,8 +399,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_evidence(self, evidence_id: str, body: bytes, links: list[str]) -> str:
-        """Store a signed envelope under its content id and point `links` at it, in one step, unless
-        links[0] already points at one: then nothing is written and that envelope's id is returned."""
+        """Store a signed envelope under its content id and point `links` (maybe none) at it, in one step,
+        unless links[0] already points at one: then nothing is written and that envelope's id is returned."""
 
     @abc.abstractmethod
     async def get_evidence(self, evidence_id: str) -> bytes | None: ...

@@ -11,7 +11,8 @@ from .core import _Core
 class _Evidence(_Core):
     async def put_evidence(self, evidence_id: str, body: bytes, links: list[str]) -> str:
         def tx(conn: sqlite3.Connection, now: int) -> str:
-            row = conn.execute("SELECT evidence_id FROM evidence_links WHERE link=?", (links[0],)).fetchone()
+            row = conn.execute("SELECT evidence_id FROM evidence_links WHERE link=?", (links[0],)).fetchone() \
+                if links else None
             if row is not None:
                 return row[0]  # a concurrent request for the same operation emitted first: its envelope stands
             conn.execute("INSERT OR IGNORE INTO evidence (evidence_id, body, created_at_ms) VALUES (?, ?, ?)",
