@@ -7,6 +7,7 @@ provider is called, release on failure, commit through the client's settler (jou
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -20,6 +21,15 @@ from ..pricing.usage import extract_usage
 log = logging.getLogger("cycles.integrations")
 
 SUBJECT_FIELDS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+
+# The subject of the web request being served (set by the ASGI/Django/Flask middleware).
+_request_subject: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cycles_request_subject",
+                                                                                         default=None)
+
+
+def request_subject() -> dict[str, Any]:
+    """The subject fields the web middleware derived for the current request ({} outside one)."""
+    return dict(_request_subject.get() or {})
 
 
 @dataclass
@@ -110,10 +120,14 @@ def _value(v: Any, arg: Any) -> Any:
 def build_spec(opts: Options, cl: Any, arg: Any, *, estimate: int, action_kind: str | None = None,
                action_name: str | None = None, subject_overrides: Mapping[str, Any] | None = None) -> CallSpec:
     levels = {k: _value(getattr(opts, k), arg) for k in SUBJECT_FIELDS}
-    for k, v in (subject_overrides or {}).items():
-        if v and not levels.get(k):
-            levels[k] = v
-    subject = make_subject(cl.config, levels, _value(opts.dimensions, arg))
+    # below the options: what the framework run carries, then the web request's subject (middleware)
+    from_request = _request_subject.get() or {}
+    for source in (subject_overrides or {}, from_request):
+        for k, v in source.items():
+            if v and k in SUBJECT_FIELDS and not levels.get(k):
+                levels[k] = v
+    dims = _value(opts.dimensions, arg) or from_request.get("dimensions")
+    subject = make_subject(cl.config, levels, dims)
     name = _value(opts.action_name, arg) or action_name or "unknown"
     action = make_action(action_kind or opts.action_kind, str(name)[:256], opts.action_tags)
     md = _value(opts.metadata, arg)
@@ -190,10 +204,10 @@ class Call:
     def prepare(cls, opts: Options, req: LLMRequest, *, want_async: bool, arg: Any = None,
                 subject_overrides: Mapping[str, Any] | None = None) -> "Call":
         cl = opts.client(want_async)
-        tenant = _value(opts.tenant, req) or cl.config.tenant or (subject_overrides or {}).get("tenant")
-        est = llm_estimate(opts, req, tenant)
-        spec = build_spec(opts, cl, req if arg is None else arg, estimate=est,
+        spec = build_spec(opts, cl, req if arg is None else arg, estimate=0,
                           action_name=f"{req.provider}:{req.model}", subject_overrides=subject_overrides)
+        tenant = spec.subject.tenant  # the operator's per-tenant price table applies to it
+        spec.estimate = llm_estimate(opts, req, tenant)
         guard = (AsyncGuard if want_async else SyncGuard)(cl, spec, shadow=opts.is_shadow)
         return cls(opts, req, guard, spec, tenant)
 
@@ -375,7 +389,7 @@ def is_marked(fn: Any) -> bool:
     return hasattr(fn, "__cycles_original__")
 
 
-__all__ = ["Options", "LLMRequest", "Call", "Priced", "Accumulator", "SyncStreamProxy", "AsyncStreamProxy",
+__all__ = ["request_subject", "Options", "LLMRequest", "Call", "Priced", "Accumulator", "SyncStreamProxy", "AsyncStreamProxy",
            "guard_sync", "guard_async", "extract_usage", "build_spec", "llm_estimate", "price_usage", "mark",
            "is_marked", "input_tokens"]
 
