@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN
 from typing import Any
 
+import pytest
+
 from cycles.client import AsyncCyclesClient, CyclesConfig
 
 
@@ -33,3 +35,8 @@ def only_reservation(tenant) -> dict[str, Any]:
 def make_async_client(config: CyclesConfig) -> AsyncCyclesClient:
     return AsyncCyclesClient(config)
 
+
+
+# The integrations are client code: their tests run against the session's SQLite server only (the server's
+# behaviour on every store is what the rest of the suite checks), which keeps them inside their time budget.
+ONE_STORE = pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)

@@ -8,10 +8,12 @@ import anthropic
 import pytest
 
 from fake_providers import TEXT, usage_for
-from integ_helpers import make_async_client, only_reservation, price_of, reservations
+from integ_helpers import ONE_STORE, make_async_client, only_reservation, price_of, reservations
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.anthropic import instrument
+
+pytestmark = ONE_STORE
 
 MODEL = "claude-sonnet-4-5"
 MESSAGES = [{"role": "user", "content": "What does a reservation hold, and for how long? One sentence."}]

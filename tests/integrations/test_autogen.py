@@ -12,10 +12,12 @@ from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.replay import ReplayChatCompletionClient
 
 from fake_providers import usage_for
-from integ_helpers import make_async_client, price_of, reservations
+from integ_helpers import ONE_STORE, make_async_client, price_of, reservations
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.autogen import CyclesChatCompletionClient
+
+pytestmark = ONE_STORE
 
 
 def test_assistant_agent_priced_from_the_provider_usage(funded, config, fake):

@@ -10,10 +10,12 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 
-from integ_helpers import only_reservation, price_of, reservations
+from integ_helpers import ONE_STORE, only_reservation, price_of, reservations
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.langchain import CyclesCallbackHandler
+
+pytestmark = ONE_STORE
 
 USAGE = {"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500,
          "input_token_details": {"cache_read": 200}}

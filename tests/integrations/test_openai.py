@@ -7,12 +7,14 @@ import asyncio
 import openai
 import pytest
 
-from integ_helpers import make_async_client, only_reservation, price_of, reservations
+from integ_helpers import ONE_STORE, make_async_client, only_reservation, price_of, reservations
 from fake_providers import TEXT, usage_for
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.openai import instrument
 from cycles.pricing import UnknownModelError
+
+pytestmark = ONE_STORE
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Why reserve before calling the model? Answer in one line please."}]

@@ -10,10 +10,12 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message, function
 from agents.usage import Usage
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from integ_helpers import make_async_client, price_of, reservations
+from integ_helpers import ONE_STORE, make_async_client, price_of, reservations
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.openai_agents import CyclesRunHooks
+
+pytestmark = ONE_STORE
 
 
 def usage(inp: int, out: int, cached: int = 0) -> Usage:

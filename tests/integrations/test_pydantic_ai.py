@@ -11,10 +11,12 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage
 
-from integ_helpers import make_async_client, price_of, reservations
+from integ_helpers import ONE_STORE, make_async_client, price_of, reservations
 
 from cycles.client import BudgetExceededError
 from cycles.integrations.pydantic_ai import CyclesModel
+
+pytestmark = ONE_STORE
 
 USAGES = [RequestUsage(input_tokens=800, output_tokens=30, cache_read_tokens=100),
           RequestUsage(input_tokens=900, output_tokens=15)]

@@ -8,10 +8,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from integ_helpers import reservations
+from integ_helpers import ONE_STORE, reservations
 
 from cycles.client import CyclesClient, CyclesConfig
 from cycles.integrations.openai import instrument
+
+pytestmark = ONE_STORE
 
 ASK = [{"role": "user", "content": "Say hi."}]
 
