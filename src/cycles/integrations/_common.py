@@ -299,6 +299,12 @@ class SyncStreamProxy:
         finally:
             self._finish(None)
 
+    def __del__(self) -> None:
+        # Dropped unconsumed and unclosed: stop extending the lease (no I/O here); the reservation then
+        # expires at its TTL instead of being held for the life of the process.
+        if not getattr(self, "_done", True):
+            self._call.guard._stop_heartbeat()
+
     def __enter__(self) -> "SyncStreamProxy":
         return self
 
@@ -346,6 +352,10 @@ class AsyncStreamProxy:
             await self._inner.close()
         finally:
             await self._finish(None)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self._call.guard._stop_heartbeat()
 
     async def __aenter__(self) -> "AsyncStreamProxy":
         return self
