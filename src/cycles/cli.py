@@ -77,6 +77,10 @@ from .mcp.cli import app as mcp_app  # noqa: E402
 
 app.add_typer(mcp_app, name="mcp")
 
+from .conformance.cli import app as conformance_app  # noqa: E402
+
+app.add_typer(conformance_app, name="conformance")
+
 from .admin_cli.commands import app as admin_app, apply_command  # noqa: E402
 
 app.add_typer(admin_app, name="admin")
