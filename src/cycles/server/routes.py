@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..protocol import admin as a
+from ..protocol import evidence as EV
 from ..protocol import models as m
-from . import admin, bulk, events, governance, operators, overview, policies, runtime, usage, webhook_delivery, webhooks
+from . import admin, bulk, events, evidence, governance, operators, overview, policies, runtime, usage
+from . import webhook_delivery, webhooks
 from ..protocol import governance as g
 
 
@@ -36,7 +38,7 @@ _RESERVATION_FILTERS = (
     ("finalized_from", "date-time", ""), ("finalized_to", "date-time", ""),
     ("sort_by", "string", "reservation_id, tenant, scope_path, status, reserved, created_at_ms, expires_at_ms"),
     ("sort_dir", "string", "asc or desc (default desc)"),
-    ("include", "string", "metadata,committed_metadata"),
+    ("include", "string", "metadata,committed_metadata,evidence"),
     ("limit", "integer", "1..200, default 50"), ("cursor", "string", "Opaque cursor from the previous page"),
 )
 _WINDOW = (
@@ -239,6 +241,11 @@ OPS: tuple[Op, ...] = (
        None, {200: webhook_delivery.WebhookDeliveryListResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
        webhook_delivery.DELIVERY_FILTERS),
     # -- webhook delivery routes --
+    Op("GET", "/v1/evidence/{evidence_id}", "getEvidence", "Fetch a signed CyclesEvidence envelope by content id "
+       "(public, rate-limited, Cache-Control: public, immutable)", "Evidence", evidence.get_evidence, None,
+       {200: EV.CyclesEvidenceEnvelope}, ()),
+    Op("GET", "/v1/.well-known/cycles-jwks.json", "getEvidenceJwks", "The signer's CyclesEvidence JWK Set, retired "
+       "keys included (public, rate-limited)", "Evidence", evidence.get_jwks, None, {200: EV.CyclesEvidenceJwks}, ()),
     # -- usage, denials and the live event stream (dashboard) --
     Op("GET", "/v1/admin/usage", "getAdminUsage", "Committed spend of a tenant over time, with a breakdown",
        "Dashboard", usage.admin_usage, None, {200: usage.UsageResponse}, ("AdminKeyAuth",),
