@@ -259,6 +259,7 @@ def test_webhook_create_pause_resume_test_delete(work_tab: Tab, work: Work, gamm
     page.get_by_role("button", name=f"Delete {sid}", exact=True).click()
     dialog_button(work_tab, "Delete webhook")
     eventually(lambda: webhook_status(server, sid) == 404)
+    page.wait_for_function("() => location.hash === '#/webhooks'")  # back on the list
 
 
 def test_force_release_and_policy_create(work_tab: Tab, work: Work, gamma: Tenant) -> None:

@@ -51,7 +51,10 @@ function actionsFor(w, refresh) {
     w.status === 'ACTIVE' ? h('button', { type: 'button', class: 'small', 'aria-label': `Pause ${w.subscription_id}`, onclick: run(() => setPaused(w, true)) }, 'Pause')
       : h('button', { type: 'button', class: 'small', 'aria-label': `Resume ${w.subscription_id}`, onclick: run(() => setPaused(w, false)) }, 'Resume'),
     h('button', { type: 'button', class: 'small', 'aria-label': `Test ${w.subscription_id}`, onclick: () => testWebhook(w).then(refresh).catch((e) => toast(e.message, 'error')) }, 'Test'),
-    h('button', { type: 'button', class: 'small danger', 'aria-label': `Delete ${w.subscription_id}`, onclick: run(() => deleteWebhook(w)) }, 'Delete'));
+    // deleted from its own page: back to the list (reloading the page would ask for a webhook that is gone)
+    h('button', { type: 'button', class: 'small danger', 'aria-label': `Delete ${w.subscription_id}`, onclick: () => deleteWebhook(w)
+      .then((ok) => { if (ok && location.hash.startsWith('#/webhook/')) go('webhooks'); else if (ok) refresh(); })
+      .catch((e) => toast(e.message, 'error')) }, 'Delete'));
 }
 
 export function render(main, r) {
