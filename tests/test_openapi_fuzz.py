@@ -1,0 +1,143 @@
+"""Schemathesis against a real `cycles serve` (SQLite, loopback): the OpenAPI document is exact.
+
+Every operation is fuzzed from the served /openapi.json with the tenant key and with the admin key, in
+positive and negative modes; every response must be documented (status code, content type, headers,
+body schema) and none may be a 5xx. Then the stateful phase follows the document's links and must
+cover reserve → commit / release / extend. CYCLES_FUZZ_EXAMPLES (default 6 examples per operation and
+key) and CYCLES_FUZZ_STEPS (default 40 stateful scenarios) run it deeper; docs/security.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi import checks as oa_checks
+from schemathesis import checks as core_checks
+
+from support import ADMIN_KEY, Server, new_tenant, start_server
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = int(os.environ.get("CYCLES_FUZZ_EXAMPLES", "6"))
+SCENARIOS = int(os.environ.get("CYCLES_FUZZ_STEPS", "40"))
+CHECKS = [core_checks.not_a_server_error, oa_checks.status_code_conformance, oa_checks.content_type_conformance,
+          oa_checks.response_headers_conformance, oa_checks.response_schema_conformance,
+          oa_checks.negative_data_rejection]
+TENANT_PERMISSIONS = ["reservations:create", "reservations:commit", "reservations:release", "reservations:extend",
+                      "reservations:list", "balances:read", "budgets:read", "budgets:write", "policies:read",
+                      "policies:write", "webhooks:read", "webhooks:write", "events:read"]
+# Turning the bootstrap key off would end the admin half of the run; its own tests cover it.
+NOT_FUZZED = {"disableBootstrapKey"}
+UNITS = ("USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS")
+
+
+class Target:
+    def __init__(self, server: Server, tenant_id: str, tenant_key: str) -> None:
+        self.server, self.tenant_id, self.tenant_key = server, tenant_id, tenant_key
+
+    def headers(self, kind: str) -> dict[str, str]:
+        return {"X-Cycles-API-Key": self.tenant_key} if kind == "tenant" else {"X-Admin-API-Key": ADMIN_KEY}
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A server of its own: the admin half changes global settings (webhook security, bulk actions)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    server = start_server(f"sqlite:///{tmp / 'cycles.db'}", tmp)
+    try:
+        tenant = new_tenant(server, TENANT_PERMISSIONS, tenant_id=f"fuzz-{uuid.uuid4().hex[:8]}")
+        for unit in UNITS:
+            tenant.budget("", 10**15, unit)
+        yield Target(server, tenant.tenant_id, tenant.key)
+    finally:
+        server.stop()
+
+
+def load(target: Target, kind: str) -> Any:
+    schema = schemathesis.openapi.from_url(target.server.base_url + "/openapi.json")
+    schema.config.update(headers=target.headers(kind), request_timeout=30,
+                         # The tenant the key acts on (a tenant key may name only its own; the admin key must
+                         # name one): the fuzzer then reaches the operations' logic instead of 403/404.
+                         parameters={"tenant": target.tenant_id, "tenant_id": target.tenant_id,
+                                     "body.subject.tenant": target.tenant_id})
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+                                    max_examples=EXAMPLES)
+    scheme = "ApiKeyAuth" if kind == "tenant" else "AdminKeyAuth"
+    return schema.include(func=lambda ctx: ctx.operation.definition.raw.get("operationId") not in NOT_FUZZED
+                          and any(scheme in s for s in ctx.operation.definition.raw.get("security", [{}])))
+
+
+def fuzz_operation(operation: Any, mode: GenerationMode) -> str | None:
+    """Run the checks on EXAMPLES generated requests of one operation; the failure's text, if any."""
+    @hypothesis.given(operation.as_strategy(generation_mode=mode))
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def run(case: Any) -> None:
+        response = case.call_and_validate(checks=CHECKS)
+        if os.environ.get("CYCLES_FUZZ_400") and mode == GenerationMode.POSITIVE and response.status_code == 400:
+            print("400", operation.label, response.text[:200], repr(case.query)[:200], repr(case.body)[:300])
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        return None
+    except Exception as exc:  # noqa: BLE001 - every failure of every operation is reported together
+        return f"{operation.label} [{mode.value}]:\n{describe(exc)}"
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """The leaf failures of a (possibly nested) exception group, e.g. Hypothesis' FlakyFailure."""
+    inner = getattr(exc, "exceptions", None)
+    if inner:
+        return "\n".join(describe(e) for e in inner)
+    return f"{type(exc).__name__}: {exc}"[:3000]
+
+
+@pytest.mark.parametrize("kind", ["tenant", "admin"])
+def test_every_operation_answers_as_documented(target: Target, kind: str) -> None:
+    api = load(target, kind)
+    failures, tested = [], 0
+    for result in api.get_all_operations():
+        operation = result.ok()
+        tested += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            started = time.monotonic()
+            failure = fuzz_operation(operation, mode)
+            if os.environ.get("CYCLES_FUZZ_TIMES"):
+                print(f"{time.monotonic() - started:6.2f}s {operation.label} {mode.value}")
+            if failure:
+                failures.append(failure)
+    assert tested > 20
+    assert not failures, f"{len(failures)} of {tested} operations failed:\n\n" + "\n\n".join(failures)
+
+
+def test_stateful_links_cover_the_reservation_lifecycle(target: Target) -> None:
+    api = load(target, "tenant")
+    seen: Counter[str] = Counter()
+
+    class Machine(api.as_state_machine()):  # type: ignore[misc]
+        def step(self, input: Any) -> Any:
+            if input.transition is not None and input.is_applied:
+                seen[f"{input.transition.parent_id} -> {input.case.operation.definition.raw['operationId']}"] += 1
+            return super().step(input)
+
+        def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
+            case.validate_response(response, checks=CHECKS[:5])
+
+    Machine.run(settings=hypothesis.settings(max_examples=SCENARIOS, deadline=None, derandomize=True,
+                                             database=None, stateful_step_count=6,
+                                             suppress_health_check=list(hypothesis.HealthCheck)))
+    print(sorted(seen.items()))
+    for op in ("commitReservation", "releaseReservation", "extendReservation"):
+        assert any(k.endswith(op) and "reservations" in k.lower() for k in seen), (op, seen)
