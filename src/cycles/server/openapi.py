@@ -68,8 +68,14 @@ def query_parameter(spec: tuple[Any, ...]) -> dict[str, Any]:
     description and as x-required-with)."""
     name, typ, desc = spec[:3]
     need = spec[3] if len(spec) > 3 else None
+    schema = param_schema(typ)
+    if need != "required":  # the server reads an empty value as absent
+        if "enum" in schema:
+            schema["enum"].append("")
+        elif schema.get("type") != "string" or "format" in schema or "pattern" in schema:
+            schema = {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
     param: dict[str, Any] = {"name": name, "in": "query", "required": need == "required",
-                             "schema": param_schema(typ), "description": desc}
+                             "schema": schema, "description": desc}
     if need == "admin":
         param["description"] = (desc + "." if desc and not desc.endswith(".") else desc) + ADMIN_ONLY_NOTE
         param["x-required-with"] = ["AdminKeyAuth"]
