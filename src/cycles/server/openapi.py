@@ -16,9 +16,10 @@ from typing import Any
 import msgspec
 
 from .. import __version__
+from ..core import events as E
 from ..core.scopes import LEVELS
 from ..protocol import models as m
-from .routes import OPS, Op
+from .routes import OPS, WEBHOOK_EVENT_TYPE as EVENT_TYPE, Op
 
 _VALUE = r"[a-zA-Z0-9_.-]{1,128}"
 # A budget scope: tenant:<id>, then optional levels in the order workspace → toolset, each at most once.
@@ -26,6 +27,20 @@ TENANT_SCOPE_PATTERN = f"^tenant:{_VALUE}" + "".join(f"(/{level}:{_VALUE})?" for
 TENANT_SCOPE = {"type": "string", "maxLength": 1024, "pattern": TENANT_SCOPE_PATTERN,
                 "description": "A scope: tenant:<tenant_id>, then level:value segments joined by '/' in the order "
                                + " → ".join(LEVELS[1:]) + ", each at most once; values match ^[a-zA-Z0-9_.-]+$."}
+
+# ISO 8601 as the server reads it (Python's datetime.fromisoformat; UTC when no offset is given).
+DATE_TIME = {"type": "string", "maxLength": 64,
+             "pattern": r"^\s*(?:\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?)?\s*$",
+             "description": "ISO 8601 date or date-time such as 2026-01-01T00:00:00Z (UTC when no offset is given); "
+                            "blank means unset"}
+# Request bodies the server refuses unless one of these fields carries a value (None: any field).
+AT_LEAST_ONE: dict[str, tuple[str, ...] | None] = {
+    "ApiKeyUpdateRequest": None, "PolicyUpdateRequest": None, "BudgetUpdateRequest": None,
+    "TenantBulkFilter": ("status", "parent_tenant_id", "search"),
+    "WebhookBulkFilter": ("tenant_id", "status", "event_type", "search"),
+}
+# Fields optional in the model that the handler requires all the same.
+ALSO_REQUIRED: dict[str, tuple[str, ...]] = {"BudgetBulkActionRequest": ("amount",)}
 
 INTEGER_NOTE = ("Integers are JSON integer literals within int64 (129, never 129.0 or 1.29e2): a value with a "
                 "fraction or an exponent is refused with 400 INVALID_REQUEST, whatever its numeric value.")
@@ -56,7 +71,7 @@ def param_schema(typ: Any) -> dict[str, Any]:
     if typ == "boolean":
         return {"type": "boolean"}
     if typ == "date-time":
-        return {"type": "string", "format": "date-time"}
+        return copy.deepcopy(DATE_TIME)
     if typ == "tenant-scope":
         return copy.deepcopy(TENANT_SCOPE)
     raise ValueError(f"unknown query parameter type {typ!r}")
@@ -72,7 +87,7 @@ def query_parameter(spec: tuple[Any, ...]) -> dict[str, Any]:
     if need != "required":  # the server reads an empty value as absent
         if "enum" in schema:
             schema["enum"].append("")
-        elif schema.get("type") != "string" or "format" in schema or "pattern" in schema:
+        elif (schema.get("type") != "string" or "format" in schema or "pattern" in schema) and schema != DATE_TIME:
             schema = {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
     param: dict[str, Any] = {"name": name, "in": "query", "required": need == "required",
                              "schema": schema, "description": desc}
@@ -106,8 +121,32 @@ def _refine_components(components: dict[str, Any]) -> None:
     if subject is not None:  # the server refuses a subject without any level (400)
         subject["anyOf"] = [{"required": [level], "properties": {level: {"type": "string"}}} for level in LEVELS]
         subject["description"] = "At least one of " + ", ".join(LEVELS) + " is required (a non-null value)."
+    for name, fields in AT_LEAST_ONE.items():
+        schema = components.get(name)
+        if schema is None:
+            continue
+        branches = []
+        for field in fields or tuple(schema.get("properties", {})):
+            value: dict[str, Any] = {"not": {"type": "null"}}
+            if field == "search":  # blank counts as absent
+                value = {"type": "string", "pattern": "\\S"}
+            branches.append({"required": [field], "properties": {field: value}})
+        schema["anyOf"] = branches
+        schema["description"] = "At least one of " + ", ".join(fields or schema["properties"]) + " must be given."
+    for name, fields in ALSO_REQUIRED.items():
+        if name in components:
+            components[name]["required"] = sorted(set(components[name].get("required", [])) | set(fields))
     for name, schema in components.items():
         props = schema.get("properties", {})
+        if name.endswith(("Request", "Filter")):
+            for field, prop in props.items():
+                if field == "event_type":
+                    props[field] = {"anyOf": [EVENT_TYPE, {"type": "null"}]} if "anyOf" in prop else EVENT_TYPE
+                elif field in ("event_types", "event_categories"):
+                    item = EVENT_TYPE if field == "event_types" else {"type": "string", "enum": list(E.CATEGORIES)}
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == "array":
+                            branch["items"] = item
         for field in ("scope",):
             if name.endswith("Request") and props.get(field, {}).get("type") == "string":
                 props[field] = {**props[field], "pattern": TENANT_SCOPE_PATTERN,
