@@ -10,6 +10,7 @@ key) and CYCLES_FUZZ_STEPS (default 30 stateful scenarios) run it deeper; docs/s
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -185,3 +186,47 @@ def test_stateful_links_cover_the_reservation_lifecycle(target: Target) -> None:
         pass  # schemathesis' adaptive link weights differ when Hypothesis replays; not a server finding
     for op in ("commitReservation", "releaseReservation", "extendReservation"):
         assert any(k.startswith("POST /v1/reservations ->") and f"] {op} ->" in k for k in seen), (op, seen)
+
+
+def test_document_states_what_the_server_enforces() -> None:
+    """The facts a fuzzer needs, checked on the document itself (fast; the fuzzing above checks them
+    against the server)."""
+    from cycles.server import openapi
+
+    doc = openapi.build()
+    ops = {op["operationId"]: op for item in doc["paths"].values() for op in item.values()}
+    for op_id, op in ops.items():
+        if op["security"]:
+            assert op["responses"]["429"]["headers"]["Retry-After"]["required"], op_id
+    links = ops["createReservation"]["responses"]["200"]["links"]
+    for target in ("getReservation", "commitReservation", "releaseReservation", "extendReservation"):
+        assert links[target]["parameters"] == {"reservation_id": "$response.body#/reservation_id"}
+    params = {p["name"]: p for p in ops["listReservations"]["parameters"]}
+    assert params["tenant"]["x-required-with"] == ["AdminKeyAuth"]
+    assert params["limit"]["schema"]["anyOf"][0] == {"type": "integer", "format": "int64", "minimum": 1,
+                                                      "maximum": 200}
+    assert params["status"]["schema"]["enum"] == ["ACTIVE", "COMMITTED", "RELEASED", "EXPIRED", ""]
+    lookup = {p["name"]: p for p in ops["lookupBudget"]["parameters"]}
+    assert lookup["scope"]["required"] and lookup["unit"]["required"]
+    assert lookup["unit"]["schema"]["enum"] == list(UNITS)
+    integers: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                integers.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    assert integers and all(node.get("format") == "int64" for node in integers)
+    subject = doc["components"]["schemas"]["Subject"]
+    assert [b["required"] for b in subject["anyOf"]] == [[lvl] for lvl in
+                                                          ("tenant", "workspace", "app", "workflow", "agent", "toolset")]
+    scope = re.compile(openapi.TENANT_SCOPE_PATTERN)
+    assert scope.search("tenant:acme/workspace:prod/agent:a1")
+    for bad in ("workspace:prod", "tenant:acme/agent:a/workspace:w", "tenant:acme/", "tenant:a//app:b"):
+        assert not scope.search(bad), bad

@@ -29,8 +29,8 @@ TENANT_SCOPE = {"type": "string", "maxLength": 1024, "pattern": TENANT_SCOPE_PAT
                                + " → ".join(LEVELS[1:]) + ", each at most once; values match ^[a-zA-Z0-9_.-]+$."}
 
 # ISO 8601 as the server reads it (Python's datetime.fromisoformat; UTC when no offset is given).
-DATE_TIME = {"type": "string", "maxLength": 64,
-             "pattern": r"^\s*(?:\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?)?\s*$",
+_TIME = r"(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?"
+DATE_TIME = {"type": "string", "pattern": r"^\s*(?:\d{4}-\d{2}-\d{2}" + _TIME + r")?\s*$",
              "description": "ISO 8601 date or date-time such as 2026-01-01T00:00:00Z (UTC when no offset is given); "
                             "blank means unset"}
 # Request bodies the server refuses unless one of these fields carries a value (None: any field).
@@ -52,7 +52,8 @@ ADMIN_ONLY_NOTE = " Required with the admin key (X-Admin-API-Key)."
 def param_schema(typ: Any) -> dict[str, Any]:
     """The JSON schema of a query parameter declared in the route table.
 
-    `typ` is one of: "string" (at most 256 characters, the server's default), "string:N" (at most N),
+    `typ` is one of: "string" (at most 256 characters, the server's default), "string:N" (at most N), "text"
+    (unbounded),
     "integer", "int:LO..HI", "boolean", "date-time", "tenant-scope" (a budget scope,
     tenant:<id>/...), a tuple of allowed values (an enum), or a JSON schema dict."""
     if isinstance(typ, dict):
@@ -61,6 +62,8 @@ def param_schema(typ: Any) -> dict[str, Any]:
         return {"type": "string", "enum": list(typ)}
     if typ == "string":
         return {"type": "string", "maxLength": 256}
+    if typ == "text":  # any length: e.g. a parameter that a tenant key's requests ignore unread
+        return {"type": "string"}
     if typ.startswith("string:"):
         return {"type": "string", "maxLength": int(typ[7:])}
     if typ == "integer":
@@ -153,21 +156,26 @@ def _refine_components(components: dict[str, Any]) -> None:
                                 "description": TENANT_SCOPE["description"]}
 
 
-def _success_id_fields(op: Op, refs: dict[type, Any], components: dict[str, Any]) -> set[str]:
-    """Top-level string fields of an operation's 2xx response bodies (candidates for links)."""
-    fields: set[str] = set()
+def _success_id_fields(op: Op, refs: dict[type, Any], components: dict[str, Any]) -> dict[str, bool]:
+    """Top-level `*_id` fields of an operation's 2xx response bodies (candidates for links): name →
+    whether every such body carries it."""
+    fields: dict[str, bool] = {}
     for code, typ in op.responses.items():
         if typ is None or not 200 <= code < 300:
             continue
         ref = refs[typ].get("$ref", "")
         schema = components.get(ref.rsplit("/", 1)[-1], {})
-        fields |= {k for k, v in schema.get("properties", {}).items() if k.endswith("_id")}
+        for name in schema.get("properties", {}):
+            if name.endswith("_id"):
+                fields[name] = fields.get(name, True) and name in schema.get("required", [])
     return fields
 
 
 def _links(ops: tuple[Op, ...], refs: dict[type, Any], components: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """operationId → links: an operation whose success body has an `x_id` field links to each operation
-    whose path parameters are all `x_id` fields of that body (same security scheme in common)."""
+    whose path parameters are all `x_id` fields of that body, with a security scheme in common. A field
+    the body may lack links only below the source's own path (a create and its resource, e.g. a
+    reservation, which a dry run does not make), so links never point at ids a response left out."""
     out: dict[str, dict[str, Any]] = {}
     for source in ops:
         fields = _success_id_fields(source, refs, components)
@@ -176,7 +184,9 @@ def _links(ops: tuple[Op, ...], refs: dict[type, Any], components: dict[str, Any
         links: dict[str, Any] = {}
         for target in ops:
             names = re.findall(r"{(\w+)}", target.path)
-            if not names or not set(names) <= fields or target is source:
+            if not names or not set(names) <= set(fields) or target is source:
+                continue
+            if not all(fields[n] for n in names) and not target.path.startswith(source.path + "/"):
                 continue
             if not set(source.security) & set(target.security):
                 continue
