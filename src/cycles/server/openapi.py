@@ -188,7 +188,7 @@ def _links(ops: tuple[Op, ...], refs: dict[type, Any], components: dict[str, Any
                 continue
             if not all(fields[n] for n in names) and not target.path.startswith(source.path + "/"):
                 continue
-            if not set(source.security) & set(target.security):
+            if target.security and not set(source.security) & set(target.security):
                 continue
             links[target.operation_id] = {
                 "operationId": target.operation_id,
@@ -223,8 +223,11 @@ def build() -> dict[str, Any]:
         "404": _error(refs, "Not found"),
         "409": _error(refs, "Conflict: budget, idempotency, lifecycle state"),
         "410": _error(refs, "The reservation expired"),
-        "429": _error(refs, "Too many failed authentication attempts from this address or for this key prefix "
-                            "(LIMIT_EXCEEDED)", {"Retry-After": RETRY_AFTER}),
+        "429": _error(refs, "Rate limited (LIMIT_EXCEEDED): too many failed authentication attempts from this "
+                            "address or for this key prefix, or too many requests to a public operation",
+                      {"Retry-After": RETRY_AFTER, "X-RateLimit-Reset": {
+                          "description": "Unix time (seconds) when the limit resets", "required": False,
+                          "schema": {"type": "integer", "format": "int64", "minimum": 0}}}),
         "500": _error(refs, "Internal error"),
         "503": _error(refs, "The store is unavailable, or the connection cap is reached; retry",
                       {"Retry-After": {**RETRY_AFTER, "required": False}}),
@@ -241,7 +244,7 @@ def build() -> dict[str, Any]:
                 resp["links"] = links[op.operation_id]
             responses[str(code)] = resp
         for code, resp in errors.items():
-            if code == "429" and not op.security:
+            if code == "429" and not (op.security or op.throttled):
                 continue
             responses.setdefault(code, resp)
         item: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "tags": [op.tag],

@@ -27,7 +27,8 @@ class Op:
     request: type | None = None
     responses: dict[int, type | None] = field(default_factory=dict)
     security: tuple[str, ...] = ("ApiKeyAuth",)
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
+    query: tuple[tuple[Any, ...], ...] = ()  # (name, type, description[, need]): see openapi.query_parameter
+    throttled: bool = False  # a public operation that answers 429 + Retry-After (authenticated ones all may)
 
 
 REQUIRED, ADMIN = "required", "admin"  # the optional 4th element of a query parameter (see openapi.query_parameter)
@@ -51,7 +52,7 @@ _RESERVATION_FILTERS = (
     ("finalized_from", "date-time", ""), ("finalized_to", "date-time", ""),
     ("sort_by", runtime.SORT_KEYS, "default created_at_ms"),
     ("sort_dir", SORT_DIR, "default desc"),
-    ("include", "string", "metadata,committed_metadata,evidence"),
+    ("include", "text", "comma-separated: metadata, committed_metadata, evidence"),
     ("limit", "int:1..200", "default 50"), ("cursor", "string", "Opaque cursor from the previous page"),
 )
 _SUBJECT_FILTERS = tuple((lvl, "string:128", "At least one level is required" if lvl == "tenant" else "")
@@ -253,7 +254,8 @@ OPS: tuple[Op, ...] = (
     # -- webhook delivery routes --
     Op("GET", "/v1/evidence/{evidence_id}", "getEvidence", "Fetch a signed CyclesEvidence envelope by content id "
        "(public, rate-limited, Cache-Control: public, immutable)", "Evidence", evidence.get_evidence, None,
-       {200: EV.CyclesEvidenceEnvelope}, ()),
+       {200: EV.CyclesEvidenceEnvelope}, (), throttled=True),
     Op("GET", "/v1/.well-known/cycles-jwks.json", "getEvidenceJwks", "The signer's CyclesEvidence JWK Set, retired "
-       "keys included (public, rate-limited)", "Evidence", evidence.get_jwks, None, {200: EV.CyclesEvidenceJwks}, ()),
+       "keys included (public, rate-limited)", "Evidence", evidence.get_jwks, None, {200: EV.CyclesEvidenceJwks}, (),
+       throttled=True),
 )
