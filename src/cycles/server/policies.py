@@ -9,6 +9,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..core import actions as A
 from ..core import policies as P
 from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
@@ -26,6 +27,9 @@ MAX_POLICIES_PER_TENANT = 1000
 
 def _wire(rec: dict[str, Any]) -> g.Policy:
     fields = {k: v for k, v in rec.items() if k in g.Policy.__struct_fields__}
+    for name in A.RULE_FIELDS:  # v0.1.26: returned as [] when unset, never omitted
+        if fields.get(name) is None:
+            fields[name] = []
     return msgspec.convert(fields, g.Policy)
 
 
@@ -57,6 +61,10 @@ def _validate(rec: dict[str, Any], tenant: str) -> None:
     ttl = rec.get("reservation_ttl_override") or {}
     if ttl.get("default_ttl_ms") and ttl.get("max_ttl_ms") and ttl["default_ttl_ms"] > ttl["max_ttl_ms"]:
         raise bad("reservation_ttl_override.default_ttl_ms must not exceed max_ttl_ms")
+    try:
+        A.validate_policy(rec)
+    except A.ActionError as exc:
+        raise bad(str(exc)) from None
 
 
 async def _owned(request: Request, principal: Principal, policy_id: str) -> dict[str, Any]:
