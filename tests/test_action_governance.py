@@ -103,6 +103,22 @@ def test_policy_and_tenant_fields(tenant: Tenant) -> None:
         t = c.get(f"/v1/admin/tenants/{tenant.tenant_id}").json()
         assert t["observe_mode"] == "ENFORCE"
         assert c.patch(f"/v1/admin/tenants/{tenant.tenant_id}", json={"observe_mode": "SHADOW"}).status_code == 400
+        quota = policy(tenant, action_quotas=[{"action_kind": "db.write", "max_calls": 2, "window": "per_run"}])
+        ids = lambda **f: {p["policy_id"] for p in c.get("/v1/admin/policies", params={  # noqa: E731
+            "tenant_id": tenant.tenant_id, **f}).json()["policies"]}
+        assert ids(has_action_quotas="true") == {quota["policy_id"]}
+        assert ids(references_action_kind="llm.completion") == {plain["policy_id"]}
+        assert ids(references_action_kind="db.write") == {quota["policy_id"]}
+        r = c.patch(f"/v1/admin/tenants/{tenant.tenant_id}", json={"observe_mode": "OBSERVE"})
+        assert r.json()["observe_mode"] == "OBSERVE"
+        listed = c.get("/v1/admin/tenants", params={"observe_mode": "OBSERVE", "limit": 100}).json()["tenants"]
+        assert tenant.tenant_id in {t["tenant_id"] for t in listed}
+    settings = events_of(tenant.server, tenant, "tenant.settings_changed")
+    assert any(e["data"]["changed_fields"] == ["observe_mode"] for e in settings)
+    spec = httpx.get(tenant.server.base_url + "/openapi.json").json()
+    assert {"/v1/action-kinds", "/v1/action-kinds/{kind}", "/v1/admin/action-quota-counters",
+            "/v1/admin/action-quota-counters/reset"} <= set(spec["paths"])
+    assert spec["paths"]["/v1/action-kinds"]["get"]["security"] == []
     changed = events_of(tenant.server, tenant, "policy.updated")
     assert any(e["data"]["changed_fields"] == ["allowed_action_kinds", "denied_action_kinds"] for e in changed)
 
@@ -173,6 +189,9 @@ def test_quota_order_risk_class_then_kind_then_budget(tenant: Tenant) -> None:
         r = reserve(c, tenant, "llm.completion")
         assert r.status_code == 409 and r.json()["error"] == "BUDGET_EXCEEDED"
         assert r.json()["details"]["deny_detail"]["reason_code"] == "BUDGET_EXCEEDED"
+    crossed = events_of(tenant.server, tenant, "quota.threshold_approaching")
+    assert {(e["data"]["action_kind"], e["data"]["used"], e["data"]["limit"]) for e in crossed} == {
+        ("message.email.send", 1, 1), ("__risk__", 2, 2)}  # once each, at 80 % (rounded up to a whole call)
     rows = {(c["action_kind"], c.get("risk_class")): c for c in counters(tenant.server, tenant)}
     assert rows[("__risk__", "external_side_effect")]["used"] == 2
     assert rows[("message.email.send", None)]["used"] == 1 and rows[("message.email.send", None)]["remaining"] == 0
@@ -411,3 +430,32 @@ def test_custom_kind_declarations() -> None:
         reg.check("custom.acme.other")
     with pytest.raises(A.ActionError):
         A.load_registry({A.CUSTOM_KINDS_ENV: '[{"kind": "custom.x", "risk_class": "high_risk"}]'})
+
+
+def test_which_policy_rules_apply() -> None:
+    scopes = ["tenant:t", "tenant:t/agent:a"]
+    act = {"kind": "code.exec", "name": "x"}
+
+    def pol(pid: str, priority: int, pattern: str = "tenant:t", **rules: Any) -> dict[str, Any]:
+        return {"policy_id": pid, "priority": priority, "scope_pattern": pattern, "status": "ACTIVE", **rules}
+
+    caps_only = pol("p_caps", 9, caps={"max_tokens": 5})
+    low_deny = pol("p_deny", 1, denied_action_kinds=["code.exec"])
+    high_allow = pol("p_allow", 5, "tenant:t/agent:*", allowed_action_kinds=["code.exec"])
+    # a higher policy without lists does not switch off a lower policy's deny list
+    assert A.plan([caps_only, low_deny], scopes, act, {}, 0).deny[0] == "ACTION_KIND_DENIED"
+    # the first policy with a list decides: the higher allow list admits the kind, the lower deny is not added
+    assert A.plan([caps_only, low_deny, high_allow], scopes, act, {}, 0).deny is None
+    # quotas of a kind come from the first policy that has some for it; the counter is per matched scope
+    q1 = pol("p_q1", 3, "tenant:t/agent:*", action_quotas=[
+        {"action_kind": "code.exec", "max_calls": 4, "window": "per_hour_tumbling"}])
+    q2 = pol("p_q2", 2, action_quotas=[{"action_kind": "code.exec", "max_calls": 1, "window": "per_day_tumbling"},
+                                         {"action_kind": "llm.completion", "max_calls": 1, "window": "per_day_tumbling"}],
+             risk_class_quotas=[{"risk_class": "high_risk", "max_calls": 9, "window": "per_tenant_per_day"}])
+    plan = A.plan([q2, q1], scopes, act, {}, 0)
+    assert [(q[0], q[4]) for q in plan.quotas] == [
+        ("tenant:t|__risk__:high_risk|per_tenant_per_day", 9), ("tenant:t/agent:a|code.exec|per_hour_tumbling", 4)]
+    # an effective window that has ended takes the policy out
+    q1["effective_until_ms"] = 10
+    assert [q[4] for q in A.plan([q2, q1], scopes, act, {}, 20).quotas] == [9, 1]
+    assert A.pick_violation([(1, 1), (0, 9)], plan.quotas) == 0  # a risk-class violation answers first
