@@ -226,8 +226,15 @@ def test_quota_holds_under_64_concurrent_clients(tenant: Tenant) -> None:
     policy(tenant, action_quotas=[{"action_kind": "llm.completion", "max_calls": 7, "window": "per_hour_tumbling"}])
 
     def one(_: int) -> int:
+        # 64 clients at once; one that is told the store is busy (503) retries with the same idempotency key,
+        # as the protocol asks (a loaded 2-core machine cannot always open 64 Redis connections in time)
+        body = reserve_body(tenant, 10)
         with tenant.client() as c:
-            return reserve(c, tenant, "llm.completion", 10).status_code
+            for _ in range(10):
+                r = c.post("/v1/reservations", json=body)
+                if r.status_code != 503:
+                    return r.status_code
+        return 503
 
     with ThreadPoolExecutor(64) as pool:
         codes = list(pool.map(one, range(64)))

@@ -564,7 +564,8 @@ end
 
 -- ---- action quotas (v0.1.26; cycles.core.actions and store/sqlite/quotas.py hold the same rules) ----
 -- A counter is the hash P..'aq:'..<key>|<window key> {used, exp (end of its window instance, ms), last, lim,
--- pol}; P..'aqi' indexes the keys for the admin view. Windows end by `exp`, not by the key's TTL (cleanup).
+-- pol}; the sorted set P..'aqi' indexes the keys by window end for the admin view. Windows end by `exp`,
+-- not by the key's TTL (that is stale-key cleanup).
 local function k_quota(key) return P .. 'aq:' .. key end
 local function k_quotas() return P .. 'aqi' end
 
@@ -646,7 +647,9 @@ local function quota_count(quotas, rows, now)
     redis.call('HSET', kq, 'used', string.format('%d', used + 1), 'exp', string.format('%d', fin),
       'last', string.format('%d', now), 'lim', string.format('%d', q[5]), 'pol', v.policy_id or '')
     redis.call('PEXPIRE', kq, tonumber(q[6]))
-    redis.call('SADD', k_quotas(), key)
+    -- the index is ordered by window end; ended windows leave it here, so it stays as small as the live counters
+    redis.call('ZADD', k_quotas(), fin, key)
+    redis.call('ZREMRANGEBYSCORE', k_quotas(), '-inf', string.format('%d', now))
     local t = tonumber(q[7])
     if used < t and t <= used + 1 then
       local label = v.action_kind

@@ -7,11 +7,9 @@ local function state(key, h)
 end
 if ARGV[5] == 'list' then
   local out = {}
-  for _, key in ipairs(redis.call('SMEMBERS', k_quotas())) do
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', k_quotas(), '(' .. string.format('%d', now), '+inf')) do
     local h = redis.call('HMGET', k_quota(key), 'used', 'exp', 'last', 'lim', 'pol')
-    if not h[1] then
-      redis.call('SREM', k_quotas(), key)  -- its key expired (stale-key cleanup)
-    elseif tonumber(h[2]) > now then
+    if h[1] and tonumber(h[2]) > now then
       table.insert(out, state(key, h))
     end
   end
