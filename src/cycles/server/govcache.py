@@ -29,6 +29,8 @@ class TenantView:
     timed: bool = False
     # whether any policy carries v0.1.26 action rules (otherwise reserve skips action evaluation)
     actions: bool = False
+    # action plans already worked out from these policies (server.action_rules), by what they depend on
+    plans: dict[Any, Any] = field(default_factory=dict)
 
 
 class GovernanceCache:

@@ -31,13 +31,14 @@ def _instance(q: Quota, now: int) -> tuple[str, str, int]:
 
 def check(conn: sqlite3.Connection, tenant: str, quotas: Sequence[Quota], now: int) -> tuple[list[Any], dict | None]:
     """Step 2 and 3: the counters as they are now, and the deny detail of the one that denies (None: all pass)."""
+    keys = [_instance(q, now) for q in quotas]
+    marks = ",".join("?" * len(keys))
+    live = dict(conn.execute(f"SELECT counter, used FROM action_counters WHERE tenant_id=? AND counter IN ({marks}) "
+                             "AND expires_at_ms > ?", (tenant, *(k[0] for k in keys), now)).fetchall())
     rows = []
     full: list[tuple[int, int]] = []
-    for i, q in enumerate(quotas):
-        key, bucket, end = _instance(q, now)
-        row = conn.execute("SELECT used, expires_at_ms FROM action_counters WHERE tenant_id=? AND counter=?",
-                           (tenant, key)).fetchone()
-        used = row[0] if row and row[1] > now else 0
+    for i, (q, (key, bucket, end)) in enumerate(zip(quotas, keys)):
+        used = live.get(key, 0)
         rows.append((key, bucket, end, used))
         if used >= q[4]:
             full.append((i, used))
@@ -57,14 +58,15 @@ def denial(detail: dict[str, Any]) -> ProtocolError:
 def count(conn: sqlite3.Connection, tenant: str, quotas: Sequence[Quota], rows: Sequence[Any], now: int) -> list[str]:
     """Step 5: one more on every counter; returns the per_run keys (to count down on release / expiry)."""
     runs = []
+    conn.executemany(
+        "INSERT INTO action_counters (tenant_id, counter, used, expires_at_ms, last_ms, lim, policy_id) "
+        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (tenant_id, counter) DO UPDATE SET used=excluded.used, "
+        "expires_at_ms=excluded.expires_at_ms, last_ms=excluded.last_ms, lim=excluded.lim, "
+        "policy_id=excluded.policy_id",
+        [(tenant, key, used + 1, end, now, q[4], q[7]["quota_violation"].get("policy_id"))
+         for q, (key, _bucket, end, used) in zip(quotas, rows)])
     for q, (key, bucket, end, used) in zip(quotas, rows):
         violation = q[7]["quota_violation"]
-        conn.execute(
-            "INSERT INTO action_counters (tenant_id, counter, used, expires_at_ms, last_ms, lim, policy_id) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT (tenant_id, counter) DO UPDATE SET used=excluded.used, "
-            "expires_at_ms=excluded.expires_at_ms, last_ms=excluded.last_ms, lim=excluded.lim, "
-            "policy_id=excluded.policy_id",
-            (tenant, key, used + 1, end, now, q[4], violation.get("policy_id")))
         if used < q[6] <= used + 1:
             _emit("quota.threshold_approaching", tenant, violation["scope"], {
                 "scope": violation["scope"], "action_kind": A.RISK if violation.get("risk_class") else violation["action_kind"],
