@@ -5,6 +5,7 @@ having created the venv first (a fresh checkout runs them all; see README "Tests
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +27,13 @@ def _ready(py: Path) -> bool:
 
 def ensure_runcycles() -> str:
     """The venv's python, creating the venv and installing runcycles==0.5.3 from the package index if needed."""
+    # Parallel test workers (pytest -n) would build the venv at once: one builds, the others wait.
+    with open(ROOT / ".venv-conformance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure()
+
+
+def _ensure() -> str:
     if not _ready(PYTHON):
         base = shutil.which("python3") or "python3"
         subprocess.run([base, "-m", "venv", str(VENV)], check=True, timeout=300)

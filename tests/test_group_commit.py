@@ -256,3 +256,48 @@ def test_a_file_from_before_without_rowid_reservations_is_migrated(tmp_path: Pat
         await store.close()
 
     asyncio.run(main())
+
+
+def test_wal_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PASSIVE checkpoints let the log restart and be cut to WAL_KEEP_BYTES; a reader that pins the
+    log makes it grow until the forced TRUNCATE checkpoint runs once the reader is gone."""
+    from cycles.store.sqlite import core
+
+    monkeypatch.setattr(core, "WAL_KEEP_BYTES", 256 << 10)
+    monkeypatch.setattr(core, "WAL_TRUNCATE_BYTES", 2 << 20)
+    wal = tmp_path / "w.db-wal"
+
+    async def write(store: SQLiteStore, n: int) -> None:
+        for _ in range(n // 50):
+            await asyncio.gather(*(store.reserve(reserve_cmd("t", 1)) for _ in range(50)))
+            await asyncio.sleep(0.01)
+
+    async def settle(limit: int) -> int:
+        deadline = time.monotonic() + 10
+        while wal.stat().st_size > limit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return wal.stat().st_size
+
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "w.db", 10**12)
+        try:
+            await write(store, 1500)
+            await asyncio.sleep(0.5)  # a checkpoint pass, then the next writes restart the log
+            await write(store, 50)
+            assert await settle(256 << 10) <= 256 << 10
+            reader = sqlite3.connect(tmp_path / "w.db")
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM reservations").fetchone()  # pins the log
+            await write(store, 1500)
+            pinned = wal.stat().st_size
+            assert pinned > 2 << 20, pinned  # the log could not restart while the reader held it
+            reader.close()
+            await write(store, 50)
+            assert await settle(256 << 10) <= 256 << 10  # TRUNCATE ran once the reader was gone
+            spent = sqlite3.connect(tmp_path / "w.db").execute(
+                "SELECT spent + reserved FROM budgets WHERE tenant_id='t'").fetchone()[0]
+            assert spent == 3100
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -20,20 +20,25 @@ from cycles.client import CyclesClient, CyclesConfig, cycles  # noqa: E402
 class Observing(FaultTransport):
     """Snapshots the journal directory at the moment each settlement request is about to leave."""
 
-    def __init__(self, script, journal_dir: Path, snapshot_to: str | None, start_at: float | None):
+    def __init__(self, script, journal_dir: Path, snapshot_to: str | None, barrier: tuple[str, int] | None):
         super().__init__(script)
         self.journal_dir = journal_dir
         self.snapshot_to = snapshot_to
-        self.start_at = start_at
+        self.barrier = barrier
         self.times: list[tuple[str, int]] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         from faults import op_of
 
         op = op_of(request)
-        if self.start_at is not None:
-            time.sleep(max(0.0, self.start_at - time.time()))
-            self.start_at = None
+        if self.barrier is not None:
+            # Every child has read the journal before any settles: a start time would not hold on a loaded machine.
+            directory, count = Path(self.barrier[0]), self.barrier[1]
+            (directory / str(os.getpid())).touch()
+            deadline = time.monotonic() + 60
+            while len(list(directory.iterdir())) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.barrier = None
         if op in ("commit", "event") and self.snapshot_to:
             files = {}
             for p in self.journal_dir.rglob("*"):
@@ -50,7 +55,8 @@ def main() -> None:
                        journal_dir=p["journal_dir"], retry_initial_delay=0.05, retry_max_delay=0.2,
                        retry_enabled=p.get("retry_enabled", True), journal_replay=False, heartbeat_enabled=False)
     script = Script([tuple(r) for r in p.get("rules", [])])
-    transport = Observing(script, Path(p["journal_dir"]), p.get("snapshot_to"), p.get("start_at"))
+    transport = Observing(script, Path(p["journal_dir"]), p.get("snapshot_to"),
+                          tuple(p["barrier"]) if p.get("barrier") else None)
     client = CyclesClient(cfg, transport=transport)
     out: dict = {}
     if p["mode"] == "guarded":

@@ -279,8 +279,9 @@ def test_CR_DURABLE_006_concurrent_replay_is_exactly_once(tenant, journal_dir):
     tenant.budget(amount=1_000_000)
     rid = reserve_raw(tenant, 1000)
     journal_record(tenant, journal_dir, rid, 333, "cr-dur-006")
-    start_at = time.time() + 1.5
-    params = json.dumps(child_params(tenant, journal_dir, mode="replay", start_at=start_at))
+    barrier = journal_dir.parent / "barrier-006"
+    barrier.mkdir()
+    params = json.dumps(child_params(tenant, journal_dir, mode="replay", barrier=[str(barrier), 2]))
     procs = [subprocess.Popen([sys.executable, str(CHILD), params], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = []

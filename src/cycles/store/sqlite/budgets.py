@@ -10,7 +10,7 @@ from ...core import events as E
 from ...core import ledger as L
 from ...protocol.errors import ErrorCode, ProtocolError
 from ..base import FundCommand, Outcome, Page
-from .common import _LEDGER_COLS, _budget_rows, _decode, _dumps, _guard_tenant_open, _ledger, new_id
+from .common import _BUDGET_SELECT, _LEDGER_COLS, _budget_dicts, _budget_rows, _decode, _dumps, _guard_tenant_open, _ledger, new_id
 from .core import _Core, _emit
 from .runtime import _remember, _replay, _write_ledgers
 
@@ -68,7 +68,8 @@ class _Budgets(_Core):
             where.append("(tenant_id, scope, unit) > (?, ?, ?)")
             params += list(after)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        rows = _budget_rows(self.conn, f"{clause} ORDER BY tenant_id, scope, unit LIMIT ?", (*params, limit + 1))
+        rows = _budget_dicts(self._read(_BUDGET_SELECT + f"{clause} ORDER BY tenant_id, scope, unit LIMIT ?",
+                                        (*params, limit + 1)))
         return Page(rows[:limit], len(rows) > limit)
 
     async def fund(self, cmd: FundCommand) -> Outcome:
@@ -101,7 +102,7 @@ class _Budgets(_Core):
         return await self._awrite(tx)
 
     async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
-        rows = _budget_rows(self.conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
+        rows = _budget_dicts(self._read(_BUDGET_SELECT + "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit)))
         return rows[0] if rows else None
 
     async def update_budget(self, tenant: str, scope: str, unit: str, changes: dict[str, Any],
@@ -131,14 +132,9 @@ class _Budgets(_Core):
         return await self._awrite(tx)
 
     async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._read("SELECT tenant_id, scope, unit FROM budgets WHERE period_end_ms IS NOT NULL AND period_end_ms <= ? "
-                          "AND status != 'CLOSED' ORDER BY period_end_ms LIMIT ?", (now_ms, limit))
-        out = []
-        for tenant, scope, unit in rows:
-            rec = await self.get_budget(tenant, scope, unit)
-            if rec is not None:
-                out.append(rec)
-        return out
+        return _budget_dicts(self._read(
+            _BUDGET_SELECT + "WHERE period_end_ms IS NOT NULL AND period_end_ms <= ? AND status != 'CLOSED' "
+                             "ORDER BY period_end_ms LIMIT ?", (now_ms, limit)))
 
     async def rollover_budget(self, tenant: str, scope: str, unit: str, expected_end_ms: int,
                               period: dict[str, Any]) -> dict[str, Any] | None:
@@ -169,7 +165,7 @@ class _Budgets(_Core):
 
     async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
         where = "is_over_limit = 1" if kind == "over_limit" else "debt > 0"
-        return _budget_rows(self.conn, f"WHERE {where} ORDER BY debt DESC LIMIT ?", (limit,))
+        return _budget_dicts(self._read(_BUDGET_SELECT + f"WHERE {where} ORDER BY debt DESC LIMIT ?", (limit,)))
 
 
 def _set_period_allocation(conn: sqlite3.Connection, tenant: str, scope: str, unit: str, amount: int) -> None:

@@ -40,11 +40,14 @@ def _reservation(row: Sequence[Any]) -> dict[str, Any]:
     return dict(zip(_RES_KEYS, row))
 
 
+_BUDGET_SELECT = "SELECT tenant_id, ledger_id, created_at_ms, updated_at_ms, extra, " + _LEDGER_COLS + " FROM budgets "
+
+
 def _budget_rows(conn: sqlite3.Connection, clause: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT tenant_id, ledger_id, created_at_ms, updated_at_ms, extra, " + _LEDGER_COLS + f" FROM budgets {clause}",
-        tuple(params),
-    ).fetchall()
+    return _budget_dicts(conn.execute(_BUDGET_SELECT + clause, tuple(params)).fetchall())
+
+
+def _budget_dicts(rows: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         out.append({
