@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from cycles.core import actions as A
-from cycles.store.base import ReserveCommand, SettleCommand
+from cycles.store.base import ReserveCommand
 
-from support import Server, Tenant, new_tenant, reserve_body
+from support import Server, Tenant, reserve_body, start_server
 
 USD = "USD_MICROCENTS"
 
@@ -352,18 +352,22 @@ def test_v0_tenants_get_no_new_fields(tenant: Tenant) -> None:
         assert keyed.status_code == 200 and keyed.json()["deny_detail"]["budget_remaining"] == 5
 
 
-def test_registry_is_rate_limited_per_source(server: Server) -> None:
-    """Last in this file: it spends the minute's allowance of this address."""
-    codes = []
-    with httpx.Client(base_url=server.base_url) as c:
-        for _ in range(70):
-            r = c.get("/v1/action-kinds/llm.completion")
-            codes.append(r.status_code)
-            if r.status_code == 429:
-                assert int(r.headers["retry-after"]) >= 1
-                assert r.json()["error"] == "LIMIT_EXCEEDED"
-                break
-    assert codes[-1] == 429 and codes.count(200) <= 60
+def test_registry_is_rate_limited_per_source(tmp_path: Path) -> None:
+    """The registry is public: a source gets its allowance a minute, then 429 with Retry-After; 304s are free.
+    Its own server, so the allowance it spends is nobody else's (the feature does not depend on the store)."""
+    srv = start_server(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, extra_env={"CYCLES_ACTION_KINDS_PER_MINUTE": "5"})
+    try:
+        with httpx.Client(base_url=srv.base_url) as c:
+            etag = c.get("/v1/action-kinds").headers["etag"]
+            for _ in range(10):
+                assert c.get("/v1/action-kinds", headers={"If-None-Match": etag}).status_code == 304
+            codes = [c.get("/v1/action-kinds/llm.completion").status_code for _ in range(5)]
+            assert codes == [200, 200, 200, 200, 429]
+            r = c.get("/v1/action-kinds")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"] == "LIMIT_EXCEEDED"
+    finally:
+        srv.stop()
 
 
 # ---- window rollover, on the store with its clock driven ----
