@@ -91,6 +91,8 @@ def error_detail(code: str, details: dict[str, Any] | None) -> dict[str, Any]:
         detail: dict[str, Any] = {"reason_code": code}
         if details.get("scope"):
             detail["blocked_by_scope"] = details["scope"]
+        if details.get("policy_id"):  # a policy rate limit
+            detail["blocked_by_policy"] = details["policy_id"]
         details["deny_detail"] = detail
     return details
 

@@ -150,7 +150,8 @@ async def reset_counter(request: Request, ctx: Ctx) -> Response:
     principal = await access.authenticate(request, ctx, allow_admin=True, allow_tenant=False)
     req = decode(await read_body(request), w.ActionQuotaCounterResetRequest)
     if not req.tenant_id:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "tenant_id is required", details={"missing_required_field": "tenant_id"})
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "tenant_id is required",
+                            details={"missing_required_field": "tenant_id"})
     if (req.action_kind == A.RISK) != (req.risk_class is not None):
         raise bad("risk_class is required with action_kind __risk__, and only then")
     key = f"{A.counter_key(req.scope.lower(), req.action_kind, req.risk_class, req.window)}|{req.window_key}"
@@ -162,4 +163,5 @@ async def reset_counter(request: Request, ctx: Ctx) -> Response:
                     "window": req.window, "window_key": req.window_key, "actor_id": principal.key_id or "admin",
                     "reason": req.reason, "tenant_id": req.tenant_id}, data_from_result=True)
     rec = await state_of(request).store.reset_action_counter(req.tenant_id, key)
-    return json_response(ctx, w.ActionQuotaCounterResetResponse(counter=_state(rec), previous_used=rec["previous_used"]))
+    return json_response(ctx, w.ActionQuotaCounterResetResponse(counter=_state(rec),
+                                                                previous_used=rec["previous_used"]))

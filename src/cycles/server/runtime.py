@@ -115,11 +115,12 @@ async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: T
 
 def _denied(ctx: Ctx, cmd: ReserveCommand, reason: str, details: dict[str, Any] | None) -> None:
     details = details or {}
-    detail = details.get("deny_detail") or details or None
+    # the event always carries a DenyDetail (v0.1.26), whoever asked
+    detail = action_rules.error_detail(reason, details)["deny_detail"]
     events.emit(ctx, "reservation.denied", cmd.tenant, scope=details.get("scope") or cmd.scope_path, observation=True,
                 data={"scope": cmd.scope_path, "unit": cmd.unit, "reason_code": reason, "requested_amount": cmd.amount,
                       "subject": cmd.subject, "action": cmd.action,
-                      "policy_id": details.get("policy_id") or (detail or {}).get("blocked_by_policy"),
+                      "policy_id": details.get("policy_id") or detail.get("blocked_by_policy"),
                       "deny_detail": detail, "dry_run": cmd.dry_run or cmd.endpoint == "decide"})
 
 

@@ -634,7 +634,8 @@ local function quota_message(v)
   local what = 'action kind ' .. v.action_kind
   if v.risk_class then what = 'risk class ' .. v.risk_class end
   return 'Action quota exceeded: ' .. what .. ' used ' .. string.format('%d', v.used) .. ' of ' ..
-    string.format('%d', v.limit) .. ' ' .. v.window .. ' at scope ' .. v.scope .. ' (policy ' .. tostring(v.policy_id) .. ')'
+    string.format('%d', v.limit) .. ' ' .. v.window .. ' at scope ' .. v.scope .. ' (policy ' ..
+    tostring(v.policy_id) .. ')'
 end
 
 -- Step 5: one more on every counter; returns the per_run keys (counted down on release / expiry).

@@ -67,7 +67,8 @@ if ARGV[26] ~= '' then
     qrows, d = quota_check(quotas, now)
     if d then
       if evaluate_only then return deny('ACTION_QUOTA_EXCEEDED', nil, d) end
-      return fail('ACTION_QUOTA_EXCEEDED', quota_message(d.quota_violation), {scope = d.blocked_by_scope, deny_detail = d})
+      return fail('ACTION_QUOTA_EXCEEDED', quota_message(d.quota_violation),
+        {scope = d.blocked_by_scope, deny_detail = d})
     end
   end
 end

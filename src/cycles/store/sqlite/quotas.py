@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ...core import actions as A
 from ...protocol.errors import ErrorCode, ProtocolError
 from ..base import Outcome
-from .common import _decode, _dumps
+from .common import _decode
 from .core import _Core, _emit
 
 Quota = Sequence[Any]  # see core.actions._quota
@@ -69,7 +69,8 @@ def count(conn: sqlite3.Connection, tenant: str, quotas: Sequence[Quota], rows: 
         violation = q[7]["quota_violation"]
         if used < q[6] <= used + 1:
             _emit("quota.threshold_approaching", tenant, violation["scope"], {
-                "scope": violation["scope"], "action_kind": A.RISK if violation.get("risk_class") else violation["action_kind"],
+                "scope": violation["scope"],
+                "action_kind": A.RISK if violation.get("risk_class") else violation["action_kind"],
                 **({"risk_class": violation["risk_class"]} if violation.get("risk_class") else {}),
                 "window": violation["window"], "window_key": bucket, "used": used + 1, "limit": q[4],
                 "threshold_pct": round(q[6] / q[4], 4), "policy_id": violation.get("policy_id"), "tenant_id": tenant})
@@ -126,4 +127,4 @@ class _Quotas(_Core):
         return out.result
 
 
-__all__ = ["check", "count", "denial", "list_counters", "observed", "purge", "reset_counter", "uncount", "_dumps"]
+__all__ = ["check", "count", "denial", "list_counters", "observed", "purge", "reset_counter", "uncount"]
