@@ -77,10 +77,18 @@ from .mcp.cli import app as mcp_app  # noqa: E402
 
 app.add_typer(mcp_app, name="mcp")
 
+from .conformance.cli import app as conformance_app  # noqa: E402
+
+app.add_typer(conformance_app, name="conformance")
+
 from .admin_cli.commands import app as admin_app, apply_command  # noqa: E402
 
 app.add_typer(admin_app, name="admin")
 app.command(name="apply")(apply_command)
+
+from .evidence_cli import app as evidence_app  # noqa: E402
+
+app.add_typer(evidence_app, name="evidence")
 
 from .admin_cli.runtime import register as register_runtime  # noqa: E402
 
@@ -117,6 +125,14 @@ def serve(
     max_header_bytes: int = typer.Option(
         32 * 1024, envvar="CYCLES_MAX_HEADER_BYTES", help="Bytes of request line and headers (431 and close above)."),
     max_headers: int = typer.Option(100, envvar="CYCLES_MAX_HEADERS", help="Request headers (431 and close above)."),
+    evidence: bool = typer.Option(
+        False, "--evidence/--no-evidence", envvar="CYCLES_EVIDENCE", help="Sign a CyclesEvidence envelope for "
+        "every decide, reserve, commit, release and denial, and put its cycles_evidence reference on the response "
+        "(docs/evidence.md). Off by default: it costs CPU per request, and strict clients (runcycles 0.5.3 error "
+        "bodies, MCP server 0.6.1) refuse the reference."),
+    evidence_server_id: Optional[str] = typer.Option(
+        None, envvar="CYCLES_EVIDENCE_SERVER_ID", show_default="http://HOST:PORT/v1",
+        help="The public base URL (with /v1) envelopes name as server_id; the evidence URLs start with it."),
     access_log: bool = typer.Option(False, help="Log every request."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -145,6 +161,9 @@ def serve(
     from .server.keystrength import warning_text, weak_reasons
 
     store_url = _store_with_secret_key(store, data_dir)
+    from .evidence_cli import ensure_keys
+
+    ensure_keys(store_url, evidence)
     weak = weak_reasons(os.environ.get("CYCLES_ADMIN_API_KEY"))
     if weak:
         typer.echo(warning_text(weak), err=True)
@@ -160,6 +179,9 @@ def serve(
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
     os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
+    os.environ["CYCLES_EVIDENCE"] = "1" if evidence else "0"
+    os.environ["CYCLES_EVIDENCE_SERVER_ID"] = evidence_server_id or (
+        f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1")
     common = dict(host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                   loop="auto", timeout_graceful_shutdown=5)
     if workers == 1:

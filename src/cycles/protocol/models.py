@@ -161,6 +161,19 @@ class EventCreateRequest(Wire):
 # ---- responses ----
 
 
+class CyclesEvidenceRef(Wire):
+    """Transport metadata (not attested): where the envelope emitted for an operation is (cycles.server.evidence)."""
+
+    evidence_id: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    cycles_evidence_url: str
+
+
+class ReservationEvidence(Wire):
+    reserve: CyclesEvidenceRef | None = None
+    commit: CyclesEvidenceRef | None = None
+    release: CyclesEvidenceRef | None = None
+
+
 class ReservationCreateResponse(Wire):
     decision: Decision
     affected_scopes: list[str]
@@ -173,6 +186,7 @@ class ReservationCreateResponse(Wire):
     balances: list[Balance] | None = None
     reason_code: Annotated[str, Meta(max_length=128)] | None = None
     retry_after_ms: Int64 | None = None
+    cycles_evidence: CyclesEvidenceRef | None = None
     # v0.1.26 DenyDetail: only sent to requests that use action governance (strict v0 clients forbid it)
     deny_detail: dict[str, Any] | None = None
 
@@ -183,6 +197,7 @@ class DecisionResponse(Wire):
     reason_code: Annotated[str, Meta(max_length=128)] | None = None
     retry_after_ms: Int64 | None = None
     affected_scopes: list[str] | None = None
+    cycles_evidence: CyclesEvidenceRef | None = None
     deny_detail: dict[str, Any] | None = None  # as on ReservationCreateResponse
 
 
@@ -191,12 +206,14 @@ class CommitResponse(Wire):
     charged: Amount
     released: Amount | None = None
     balances: list[Balance] | None = None
+    cycles_evidence: CyclesEvidenceRef | None = None
 
 
 class ReleaseResponse(Wire):
     status: Literal["RELEASED"]
     released: Amount
     balances: list[Balance] | None = None
+    cycles_evidence: CyclesEvidenceRef | None = None
 
 
 class ReservationExtendResponse(Wire):
@@ -228,6 +245,7 @@ class ReservationSummary(Wire):
     committed: Amount | None = None
     metadata: Metadata | None = None
     committed_metadata: Metadata | None = None
+    evidence: ReservationEvidence | None = None
 
 
 class ReservationDetail(ReservationSummary):
@@ -252,6 +270,7 @@ class ErrorResponse(Wire):
     request_id: str
     trace_id: str | None = None
     details: dict[str, Any] | None = None
+    cycles_evidence: CyclesEvidenceRef | None = None
 
 
 class HealthResponse(Wire):

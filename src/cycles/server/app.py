@@ -79,7 +79,9 @@ async def _resume_cascades(store: Store) -> None:
 def create_app(store: Store | None = None, *, store_url: str | None = None, admin_key: str | None = None,
                sweep_interval_s: float = 1.0, error_trace_id: bool | None = None,
                audit_retention_days: int = 90, local: bool = False, auth_failures_per_minute: int = 20,
-               auth_failure_records_per_minute: int = 10, tune_gc: bool = False) -> Starlette:
+               auth_failure_records_per_minute: int = 10, tune_gc: bool = False, evidence: bool = False,
+               evidence_server_id: str = "http://127.0.0.1:7878/v1", evidence_public_per_minute: int = 600,
+               ) -> Starlette:
     if store is None:
         store = open_store(store_url or default_store_url())
     metrics = Metrics()
@@ -93,6 +95,7 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
                      audit_retention_ms=audit_retention_days * 86_400_000,
                      secret_box=_secret_box(), health_details=_health_details(admin_key),
                      failure_records=records)
+    state.evidence = _evidence(evidence, evidence_server_id, evidence_public_per_minute)
 
     wrapped = {(op.method, op.path): endpoint(op.operation_id, metrics.observe, audit_hooks(
         op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler) for op in OPS}
@@ -217,6 +220,15 @@ def _health_details(admin_key: str | None) -> dict | None:
     return {"warnings": [f"weak admin key: {r}" for r in reasons]}
 
 
+def _evidence(emit: bool, server_id: str, per_minute: int) -> object:
+    """CyclesEvidence settings (cycles.server.evidence); the keys come from the environment (`cycles serve`
+    checked them, and made the embedded store's key ring, before starting)."""
+    from .evidence import Evidence
+    from .evidence_keys import KeyRing
+
+    return Evidence(KeyRing.from_env(), server_id, emit=emit, public_per_minute=per_minute)
+
+
 def _secret_box() -> object | None:
     from ..webhooks.crypto import SecretBox, SecretKeyMissing
 
@@ -240,6 +252,9 @@ def create_app_from_env() -> Starlette:
         auth_failure_records_per_minute=int(os.environ.get("CYCLES_AUTH_FAILURE_RECORDS_PER_MINUTE", "10")),
         # a server process of its own (not an app embedded in someone's process): tune its collector
         tune_gc=os.environ.get("CYCLES_GC_TUNE", "1") != "0",
+        evidence=os.environ.get("CYCLES_EVIDENCE", "0").strip().lower() in ("1", "true", "yes", "on"),
+        evidence_server_id=os.environ.get("CYCLES_EVIDENCE_SERVER_ID") or "http://127.0.0.1:7878/v1",
+        evidence_public_per_minute=int(os.environ.get("CYCLES_EVIDENCE_PUBLIC_PER_MINUTE", "600")),
     )
 
 

@@ -101,12 +101,22 @@ def json_response(ctx: Ctx, obj: Any, status: int = 200) -> Response:
     return JSONBody(body, status, _raw_headers(ctx, body))
 
 
-def error_response(ctx: Ctx, err: ProtocolError) -> Response:
+def raw_json_response(ctx: Ctx, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    """A 200 whose JSON body is already encoded (stored CyclesEvidence envelopes, served byte for byte)."""
+    return JSONBody(body, 200, _raw_headers(ctx, body, headers))
+
+
+def error_body(ctx: Ctx, err: ProtocolError) -> m.ErrorResponse:
     # trace_id in the body is what the spec asks; the published runcycles 0.5.3 SDK cannot read such a body
-    # (errors_compat decides per request). The X-Cycles-Trace-Id header always carries it.
-    body = m.encode(m.ErrorResponse(error=err.code.value, message=err.message, request_id=ctx.request_id,
-                                    trace_id=ctx.trace_id if ctx.trace_in_errors else None,
-                                    details=err.details or None))
+    # (errors_compat decides per request). The X-Cycles-Trace-Id header always carries it. So does the
+    # `cycles_evidence` reference of a denial (cycles.server.evidence), another member that SDK refuses.
+    return m.ErrorResponse(error=err.code.value, message=err.message, request_id=ctx.request_id,
+                           trace_id=ctx.trace_id if ctx.trace_in_errors else None, details=err.details or None,
+                           cycles_evidence=getattr(err, "evidence", None) if ctx.trace_in_errors else None)
+
+
+def error_response(ctx: Ctx, err: ProtocolError) -> Response:
+    body = m.encode(error_body(ctx, err))
     return JSONBody(body, err.status, _raw_headers(ctx, body, err.headers))
 
 

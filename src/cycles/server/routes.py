@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..protocol import admin as a
+from ..protocol import evidence as EV
 from ..protocol import models as m
 from . import (
-    actions, admin, bulk, events, governance, operators, overview, policies, runtime, webhook_delivery, webhooks,
+    actions, admin, bulk, events, evidence, governance, operators, overview, policies, runtime, webhook_delivery,
+    webhooks,
 )
 from ..protocol import actions as ak
 from ..protocol import governance as g
@@ -39,7 +41,7 @@ _RESERVATION_FILTERS = (
     ("finalized_from", "date-time", ""), ("finalized_to", "date-time", ""),
     ("sort_by", "string", "reservation_id, tenant, scope_path, status, reserved, created_at_ms, expires_at_ms"),
     ("sort_dir", "string", "asc or desc (default desc)"),
-    ("include", "string", "metadata,committed_metadata"),
+    ("include", "string", "metadata,committed_metadata,evidence"),
     ("limit", "integer", "1..200, default 50"), ("cursor", "string", "Opaque cursor from the previous page"),
 )
 _SUBJECT_FILTERS = tuple((lvl, "string", "") for lvl in ("tenant", "workspace", "app", "workflow", "agent", "toolset"))
@@ -250,4 +252,9 @@ OPS: tuple[Op, ...] = (
        None, {200: webhook_delivery.WebhookDeliveryListResponse}, ("ApiKeyAuth", "AdminKeyAuth"),
        webhook_delivery.DELIVERY_FILTERS),
     # -- webhook delivery routes --
+    Op("GET", "/v1/evidence/{evidence_id}", "getEvidence", "Fetch a signed CyclesEvidence envelope by content id "
+       "(public, rate-limited, Cache-Control: public, immutable)", "Evidence", evidence.get_evidence, None,
+       {200: EV.CyclesEvidenceEnvelope}, ()),
+    Op("GET", "/v1/.well-known/cycles-jwks.json", "getEvidenceJwks", "The signer's CyclesEvidence JWK Set, retired "
+       "keys included (public, rate-limited)", "Evidence", evidence.get_jwks, None, {200: EV.CyclesEvidenceJwks}, ()),
 )

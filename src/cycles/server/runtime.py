@@ -21,7 +21,7 @@ from .http import Ctx, check_idempotency_header, decode, json_response, read_bod
 from .params import (
     bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
 )
-from . import access, action_rules, events, policies
+from . import access, action_rules, events, evidence, policies
 from .state import state_of
 
 T = TypeVar("T")
@@ -142,12 +142,14 @@ async def decide(request: Request, ctx: Ctx) -> Response:
 async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Response:
     """createReservation (live and dry run) and decide: the same evaluation, one store step."""
     principal = await _auth(request, ctx, "reservations:create", runtime=True)
-    req = decode(await read_body(request), typ)
+    raw = await read_body(request)
+    req = decode(raw, typ)
     check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
     payload_hash = _hash(m.canonical(req))
     dry_run = endpoint == "reserve" and req.dry_run
     st = state_of(request)
+    emit = st.evidence is not None and st.evidence.emit
 
     async def act(principal: Principal, gen: int | None) -> tuple[ReserveCommand, Any, bool]:
         cmd = ReserveCommand(
@@ -170,7 +172,12 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
                 _denied(ctx, cmd, err.code.value, err.details)
             raise
 
-    cmd, out, aware = await _acting(request, ctx, "reservations:create", principal, act)
+    try:
+        cmd, out, aware = await _acting(request, ctx, "reservations:create", principal, act)
+    except ProtocolError as err:
+        if emit:
+            await evidence.stamp_denial(request, ctx, endpoint, raw, err)
+        raise
     body = render.reservation_create(out) if endpoint == "reserve" else render.decision(out)
     shadow = bool(out.result.get("observed"))
     if body.decision == "DENY" and body.deny_detail is None and (aware or shadow):
@@ -182,6 +189,8 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
             action_rules.observed(ctx, cmd, body.decision, body.reason_code, body.deny_detail, out.result.get("caps"))
         elif body.decision == "DENY":
             _denied(ctx, cmd, reason, {"deny_detail": body.deny_detail or action_rules.base_detail(out.result)})
+    if emit:
+        await evidence.stamp(request, ctx, endpoint, raw, body, out, tenant=principal.tenant_id)
     return json_response(ctx, body)
 
 
@@ -191,24 +200,39 @@ async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
     allow_admin = kind == "release"
     principal = await _auth(request, ctx, permission, allow_admin=allow_admin, runtime=True)
     typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
-    req = decode(await read_body(request), typ)
+    raw = await read_body(request)
+    req = decode(raw, typ)
     check_idempotency_header(request, req.idempotency_key)
     payload_hash = _hash(rid.encode(), m.canonical(req))
-    store = state_of(request).store
+    st = state_of(request)
+    store = st.store
+    emit = kind != "extend" and st.evidence is not None and st.evidence.emit
 
     async def act(principal: Principal, gen: int | None) -> Response:
         cmd = SettleCommand(tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
                             idempotency_key=req.idempotency_key, payload_hash=payload_hash, gen=gen)
         if isinstance(req, m.CommitRequest):
             cmd.actual, cmd.unit, cmd.metadata = req.actual.amount, req.actual.unit, req.metadata
-            return json_response(ctx, render.commit(await store.commit(cmd)))
-        if isinstance(req, m.ReleaseRequest):
+            out = await store.commit(cmd)
+            body: Any = render.commit(out)
+        elif isinstance(req, m.ReleaseRequest):
             cmd.reason = req.reason
-            return json_response(ctx, render.release(await store.release(cmd)))
-        cmd.extend_by_ms = req.extend_by_ms
-        return json_response(ctx, render.extend(await store.extend(cmd)))
+            out = await store.release(cmd)
+            body = render.release(out)
+        else:
+            cmd.extend_by_ms = req.extend_by_ms
+            return json_response(ctx, render.extend(await store.extend(cmd)))
+        if emit:
+            await evidence.stamp(request, ctx, kind, raw, body, out, tenant=cmd.tenant, rid=rid)
+        return json_response(ctx, body)
 
-    return await _acting(request, ctx, permission, principal, act, allow_admin=allow_admin)
+    if not emit:
+        return await _acting(request, ctx, permission, principal, act, allow_admin=allow_admin)
+    try:
+        return await _acting(request, ctx, permission, principal, act, allow_admin=allow_admin)
+    except ProtocolError as err:
+        await evidence.stamp_denial(request, ctx, kind, raw, err, rid=rid)
+        raise
 
 
 async def commit(request: Request, ctx: Ctx) -> Response:
@@ -236,7 +260,10 @@ async def get_reservation(request: Request, ctx: Ctx) -> Response:
     if rec["status"] == "EXPIRED" or (rec["status"] == "ACTIVE" and now > rec["deadline_ms"]):
         raise ProtocolError(ErrorCode.RESERVATION_EXPIRED, f"Reservation {rid} has expired",
                             details={"expires_at_ms": rec["expires_at_ms"]})
-    return json_response(ctx, render.reservation(rec, detail=True))
+    detail = render.reservation(rec, detail=True)
+    if st.evidence is not None and st.evidence.emit:
+        detail.evidence = (await evidence.reservation_evidence(st.evidence, st.store, [rid]))[0]
+    return json_response(ctx, detail)
 
 
 async def list_reservations(request: Request, ctx: Ctx) -> Response:
@@ -275,8 +302,13 @@ async def list_reservations(request: Request, ctx: Ctx) -> Response:
         if not isinstance(cursor.get("id"), str):
             raise bad("cursor is not a cursor this server issued")
         query.after = (cursor.get("v"), cursor["id"])
-    page = await state_of(request).store.list_reservations(query)
+    st = state_of(request)
+    page = await st.store.list_reservations(query)
     items = [render.reservation(rec, include) for rec in page.items]
+    if "evidence" in include and st.evidence is not None and st.evidence.emit and items:
+        found = await evidence.reservation_evidence(st.evidence, st.store, [i.reservation_id for i in items])
+        for item, ev in zip(items, found):
+            item.evidence = ev
     next_cursor = None
     if page.has_more and page.items:
         last = page.items[-1]

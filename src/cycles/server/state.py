@@ -24,6 +24,7 @@ class AppState:
     secret_box: Any = None  # cycles.webhooks.crypto.SecretBox, None when no key was configured
     failure_records: FailureRecords = field(default_factory=FailureRecords)
     health_details: dict[str, Any] | None = None  # computed once at start: health checks are polled constantly
+    evidence: Any = None  # cycles.server.evidence.Evidence: keys, server_id, whether the runtime routes emit
 
 
 def state_of(request: Request) -> AppState:

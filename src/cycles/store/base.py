@@ -409,6 +409,20 @@ class Store(abc.ABC):
         budgets, revoke keys, disable webhooks. Returns True (and marks the tenant's cascade DONE)
         when nothing is left. Safe to repeat and to run from several processes at once."""
 
+    # ---- CyclesEvidence (cycles.server.evidence) ----
+
+    @abc.abstractmethod
+    async def put_evidence(self, evidence_id: str, body: bytes, links: list[str]) -> str:
+        """Store a signed envelope under its content id and point `links` (maybe none) at it, in one step,
+        unless links[0] already points at one: then nothing is written and that envelope's id is returned."""
+
+    @abc.abstractmethod
+    async def get_evidence(self, evidence_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def evidence_links(self, links: list[str]) -> list[str | None]:
+        """The evidence id each link points at (None where none)."""
+
     @abc.abstractmethod
     async def pending_cascades(self) -> list[str]:
         """Tenants whose close cascade has not finished (a crash stopped it): resumed at startup."""

@@ -35,6 +35,7 @@ from ..core import policies as Pol
 from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
+from .redis_evidence import RedisEvidence
 from .redis_wire import ScriptChannel, supports
 from .base import (
     AuditScan,
@@ -57,7 +58,7 @@ IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
 TENANTS = "cy:tenants"
 _TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
-            "budget_admin", "cascade", "audit", "rollover", "counters", "quota_admin")
+            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin")
 AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
 EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
 KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
@@ -183,7 +184,7 @@ def _script_error(out: dict[str, Any]) -> Exception:
                          status=out.get("status"))
 
 
-class RedisStore(Store):
+class RedisStore(RedisEvidence, Store):
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
                  socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
                  max_connections: int = 100) -> None:

@@ -225,7 +225,8 @@ class _Core:
                 raise StoreUnavailable(f"store error: {exc}") from exc
             raise
 
-    async def _awrite(self, fn: Callable[[sqlite3.Connection, int], Any]) -> Any:
+    async def _awrite(self, fn: Callable[[sqlite3.Connection, int], Any],
+                      journal: list[dict[str, Any]] | None = None) -> Any:
         """Run `fn` in a write transaction, grouped with the other writes queued at the same time.
 
         Group commit on the event loop's thread: the first write schedules a flush with call_soon, the
@@ -236,7 +237,7 @@ class _Core:
         start changed nothing, so retrying it is safe.
         """
         loop = asyncio.get_running_loop()
-        op = _Op(fn, pending_journal(), loop.create_future())
+        op = _Op(fn, pending_journal() if journal is None else journal, loop.create_future())
         self._queue.append(op)
         if not self._flush_scheduled or self._flush_loop is not loop:
             # (a store used from a new loop after the old one closed with a flush pending)

@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant_id, endpoint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at_ms);
+CREATE TABLE IF NOT EXISTS evidence (
+    evidence_id TEXT PRIMARY KEY, body TEXT NOT NULL, created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence_links (link TEXT PRIMARY KEY, evidence_id TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
     timestamp_ms INTEGER NOT NULL, log_id TEXT NOT NULL, tenant_id TEXT NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (timestamp_ms, log_id)
