@@ -22,20 +22,11 @@ from typing import Any
 
 import httpx
 
+from cycles.conformance.faultproxy import op_of as op_name
+
 
 def op_of(request: httpx.Request) -> str:
-    path = request.url.path
-    if request.method == "GET":
-        if path.startswith("/v1/balances"):
-            return "balances"
-        return "list" if path.rstrip("/") == "/v1/reservations" else "get"
-    if path == "/v1/reservations":
-        return "create"
-    if path == "/v1/events":
-        return "event"
-    if path == "/v1/decide":
-        return "decide"
-    return path.rsplit("/", 1)[-1]
+    return op_name(request.method, request.url.path)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 from .ledger import Ledger
 
-CATEGORIES = ("budget", "tenant", "api_key", "policy", "reservation", "system", "webhook")
+CATEGORIES = ("budget", "tenant", "api_key", "policy", "reservation", "system", "webhook", "quota")
 TENANT_CATEGORIES = ("budget", "reservation", "tenant")  # what a tenant's own key (and its webhooks) may see
 SYSTEM_TENANT = "__system__"
 
@@ -21,6 +21,8 @@ EVENT_TYPES = (
     "budget.debt_incurred", "budget.burn_rate_anomaly",
     "reservation.denied", "reservation.denial_rate_spike", "reservation.expired", "reservation.expiry_rate_spike",
     "reservation.commit_overage", "reservation.released_via_tenant_cascade",
+    "reservation.observed_denied", "reservation.observed_allowed",  # v0.1.26
+    "quota.threshold_approaching", "quota.counter_reset",  # v0.1.26
     "tenant.created", "tenant.updated", "tenant.suspended", "tenant.reactivated", "tenant.closed",
     "tenant.settings_changed",
     "webhook.created", "webhook.updated", "webhook.paused", "webhook.resumed", "webhook.disabled", "webhook.deleted",

@@ -42,6 +42,7 @@ Permission = Literal[
     "admin:webhooks:write",
     "admin:events:read",
     "admin:audit:read",
+    "action_quotas:read",  # v0.1.26 (balances:read is accepted in its place on the counters, deprecated)
 ]
 DEFAULT_PERMISSIONS: tuple[str, ...] = (
     "reservations:create",
@@ -72,6 +73,7 @@ class TenantCreateRequest(Wire):
     max_reservation_ttl_ms: Ttl | None = None
     max_reservation_extensions: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     reservation_expiry_policy: ExpiryPolicy | None = None
+    observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None  # v0.1.26 TenantExtension
 
     def __post_init__(self) -> None:
         # Python's `$` also matches before a trailing newline; the pattern alone lets "acme\n" through.
@@ -87,6 +89,7 @@ class TenantUpdateRequest(Wire):
     default_reservation_ttl_ms: Ttl | None = None
     max_reservation_ttl_ms: Ttl | None = None
     max_reservation_extensions: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
+    observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None  # v0.1.26 TenantPatchExtension
 
 
 class Tenant(Wire):
@@ -104,6 +107,7 @@ class Tenant(Wire):
     updated_at: str | None = None
     suspended_at: str | None = None
     closed_at: str | None = None
+    observe_mode: str | None = None  # v0.1.26: always returned (ENFORCE when never set)
 
 
 class ApiKeyCreateRequest(Wire):

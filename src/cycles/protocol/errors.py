@@ -24,6 +24,10 @@ class ErrorCode(str, Enum):
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
     TENANT_CLOSED = "TENANT_CLOSED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    # v0.1.26 action governance (cycles-protocol-extensions ErrorCodeExtension)
+    ACTION_QUOTA_EXCEEDED = "ACTION_QUOTA_EXCEEDED"
+    ACTION_KIND_NOT_ALLOWED = "ACTION_KIND_NOT_ALLOWED"
+    ACTION_KIND_DENIED = "ACTION_KIND_DENIED"
     # Governance-plane codes (cycles-governance-admin ErrorCode); used on /v1/admin routes only.
     DUPLICATE_RESOURCE = "DUPLICATE_RESOURCE"
     TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
@@ -58,6 +62,9 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.DEBT_OUTSTANDING: 409,
     ErrorCode.MAX_EXTENSIONS_EXCEEDED: 409,
     ErrorCode.TENANT_CLOSED: 409,
+    ErrorCode.ACTION_QUOTA_EXCEEDED: 409,
+    ErrorCode.ACTION_KIND_NOT_ALLOWED: 409,
+    ErrorCode.ACTION_KIND_DENIED: 409,
     ErrorCode.DUPLICATE_RESOURCE: 409,
     ErrorCode.TENANT_SUSPENDED: 409,
     ErrorCode.POLICY_VIOLATION: 409,

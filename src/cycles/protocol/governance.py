@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
+from .actions import ActionQuota, ActionQuotas, KindList, RiskClassQuota, RiskClassQuotas
 from .admin import Name, Permission, Reason, Tenant, Timestamp, Ttl
 from .models import Amount, Caps, OveragePolicy, Wire
 
@@ -42,6 +43,11 @@ class PolicyCreateRequest(Wire):
     rate_limits: RateLimits | None = None
     effective_from: Timestamp | None = None
     effective_until: Timestamp | None = None
+    # v0.1.26 (cycles-governance-extensions PolicyExtension)
+    action_quotas: ActionQuotas | None = None
+    risk_class_quotas: RiskClassQuotas | None = None
+    allowed_action_kinds: KindList | None = None
+    denied_action_kinds: KindList | None = None
 
 
 class PolicyUpdateRequest(Wire):
@@ -55,6 +61,11 @@ class PolicyUpdateRequest(Wire):
     effective_from: Timestamp | None = None
     effective_until: Timestamp | None = None
     status: PolicyStatus | None = None
+    # v0.1.26 (cycles-governance-extensions PolicyExtension)
+    action_quotas: ActionQuotas | None = None
+    risk_class_quotas: RiskClassQuotas | None = None
+    allowed_action_kinds: KindList | None = None
+    denied_action_kinds: KindList | None = None
 
 
 class Policy(Wire):
@@ -73,6 +84,11 @@ class Policy(Wire):
     effective_from: str | None = None
     effective_until: str | None = None
     updated_at: str | None = None
+    # v0.1.26: always returned (empty lists when unset)
+    action_quotas: list[ActionQuota] | None = None
+    risk_class_quotas: list[RiskClassQuota] | None = None
+    allowed_action_kinds: list[str] | None = None
+    denied_action_kinds: list[str] | None = None
 
 
 class PolicyListResponse(Wire):

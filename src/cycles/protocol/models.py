@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .actions import ActionPolicyKeys, ObserveMode
+
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 
@@ -66,6 +68,7 @@ class Action(Wire):
     kind: Annotated[str, Meta(max_length=64)]
     name: Annotated[str, Meta(max_length=256)]
     tags: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=10)] | None = None
+    policy_keys: ActionPolicyKeys | None = None  # v0.1.26 ActionExtension
 
 
 class Caps(Wire):
@@ -115,6 +118,7 @@ class ReservationCreateRequest(Wire):
     overage_policy: OveragePolicy | None = None
     dry_run: bool = False
     metadata: Metadata | None = None
+    observe_mode: ObserveMode | None = None  # v0.1.26: overrides the tenant's observe_mode
 
 
 class DecisionRequest(Wire):
@@ -183,6 +187,8 @@ class ReservationCreateResponse(Wire):
     reason_code: Annotated[str, Meta(max_length=128)] | None = None
     retry_after_ms: Int64 | None = None
     cycles_evidence: CyclesEvidenceRef | None = None
+    # v0.1.26 DenyDetail: only sent to requests that use action governance (strict v0 clients forbid it)
+    deny_detail: dict[str, Any] | None = None
 
 
 class DecisionResponse(Wire):
@@ -192,6 +198,7 @@ class DecisionResponse(Wire):
     retry_after_ms: Int64 | None = None
     affected_scopes: list[str] | None = None
     cycles_evidence: CyclesEvidenceRef | None = None
+    deny_detail: dict[str, Any] | None = None  # as on ReservationCreateResponse
 
 
 class CommitResponse(Wire):

@@ -82,6 +82,7 @@ async def refuse_if_suspended(request: Request, tenant_id: str) -> None:
 
 def _tenant_wire(rec: dict[str, Any]) -> a.Tenant:
     fields = {k: v for k, v in rec.items() if k in a.Tenant.__struct_fields__}
+    fields.setdefault("observe_mode", "ENFORCE")
     return a.Tenant(**fields)
 
 
@@ -138,7 +139,7 @@ async def update_tenant(request: Request, ctx: Ctx) -> Response:
 
 
 _SETTINGS = ("default_commit_overage_policy", "default_reservation_ttl_ms", "max_reservation_ttl_ms",
-             "max_reservation_extensions")
+             "max_reservation_extensions", "observe_mode")
 
 
 def _tenant_events(ctx: Ctx, before: dict[str, Any], changes: dict[str, Any], now_iso: str) -> None:

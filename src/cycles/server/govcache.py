@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.actions import has_rules
 from ..store.base import Store
 
 POLICY_KIND = "policy"
@@ -26,6 +27,10 @@ class TenantView:
     policies: list[dict[str, Any]] = field(default_factory=list)
     # whether any policy has an effective window (then resolving needs the store's time)
     timed: bool = False
+    # whether any policy carries v0.1.26 action rules (otherwise reserve skips action evaluation)
+    actions: bool = False
+    # action plans already worked out from these policies (server.action_rules), by what they depend on
+    plans: dict[Any, Any] = field(default_factory=dict)
 
 
 class GovernanceCache:
@@ -41,7 +46,7 @@ class GovernanceCache:
         policies = await self.store.list_docs(POLICY_KIND, tenant)
         timed = any(p.get("effective_from_ms") is not None or p.get("effective_until_ms") is not None
                     for p in policies)
-        view = TenantView(gen, policies, timed)
+        view = TenantView(gen, policies, timed, any(has_rules(p) for p in policies))
         if len(self._views) >= _MAX_TENANTS:
             self._views.clear()
         self._views[tenant] = view

@@ -51,18 +51,20 @@ async def list_tenants(request: Request, ctx: Ctx) -> Response:
     status = enum_param(q, "status", ("ACTIVE", "SUSPENDED", "CLOSED"))
     parent = str_param(q, "parent_tenant_id", max_length=64)
     search = (str_param(q, "search", max_length=128) or "").strip().lower() or None
+    observe = enum_param(q, "observe_mode", ("DISABLED", "OBSERVE", "ENFORCE"))
     sort_by = enum_param(q, "sort_by", TENANT_SORTS) or "tenant_id"
     desc = (enum_param(q, "sort_dir", ("asc", "desc")) or "asc") == "desc"
     limit = int_param(q, "limit", default=50, lo=1, hi=100)
     rows = [t for t in await state_of(request).store.list_tenants()
             if (status is None or t["status"] == status) and (parent is None or t.get("parent_tenant_id") == parent)
-            and (search is None or search in t["tenant_id"].lower() or search in str(t.get("name", "")).lower())]
+            and (search is None or search in t["tenant_id"].lower() or search in str(t.get("name", "")).lower())
+            and (observe is None or (t.get("observe_mode") or "ENFORCE") == observe)]
 
     def key(t: dict[str, Any]) -> tuple[str, str]:
         return (str(t.get(sort_by) or ""), t["tenant_id"])
 
     rows.sort(key=key, reverse=desc)
-    filters = {"status": status, "parent": parent, "search": search, "sort": sort_by, "desc": desc}
+    filters = {"status": status, "parent": parent, "search": search, "sort": sort_by, "desc": desc, "observe": observe}
     page, next_cursor = _page(rows, key, q, filters, limit)
     return json_response(ctx, g.TenantListResponse(tenants=[_tenant_wire(t) for t in page], next_cursor=next_cursor,
                                                    has_more=next_cursor is not None))

@@ -9,6 +9,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..core import actions as A
 from ..core import policies as P
 from ..protocol import governance as g
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
@@ -17,7 +18,9 @@ from . import audit, events
 from .admin import existing_tenant, owning_tenant, query_tenant, tenant_or_admin
 from .auth import Principal
 from .http import Ctx, decode, json_response, read_body
-from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
+from .params import (
+    bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param,
+)
 from .state import state_of
 
 KIND = "policy"
@@ -26,6 +29,9 @@ MAX_POLICIES_PER_TENANT = 1000
 
 def _wire(rec: dict[str, Any]) -> g.Policy:
     fields = {k: v for k, v in rec.items() if k in g.Policy.__struct_fields__}
+    for name in A.RULE_FIELDS:  # v0.1.26: returned as [] when unset, never omitted
+        if fields.get(name) is None:
+            fields[name] = []
     return msgspec.convert(fields, g.Policy)
 
 
@@ -57,6 +63,10 @@ def _validate(rec: dict[str, Any], tenant: str) -> None:
     ttl = rec.get("reservation_ttl_override") or {}
     if ttl.get("default_ttl_ms") and ttl.get("max_ttl_ms") and ttl["default_ttl_ms"] > ttl["max_ttl_ms"]:
         raise bad("reservation_ttl_override.default_ttl_ms must not exceed max_ttl_ms")
+    try:
+        A.validate_policy(rec)
+    except A.ActionError as exc:
+        raise bad(str(exc)) from None
 
 
 async def _owned(request: Request, principal: Principal, policy_id: str) -> dict[str, Any]:
@@ -141,20 +151,29 @@ async def list_policies(request: Request, ctx: Ctx) -> Response:
     tenant = query_tenant(principal, q)
     pattern = str_param(q, "scope_pattern", max_length=1024)
     status = enum_param(q, "status", ("ACTIVE", "DISABLED"))
+    quotas = bool_param(q, "has_action_quotas")
+    kind = str_param(q, "references_action_kind", max_length=64)
     limit = int_param(q, "limit", default=50, lo=1, hi=100)
-    fh = filter_hash({"t": tenant, "p": pattern, "s": status})
+    fh = filter_hash({"t": tenant, "p": pattern, "s": status, "q": quotas, "k": kind})
     cursor = decode_cursor(q.get("cursor"), fh)
     after = cursor.get("k") if cursor else None
     if after is not None and not isinstance(after, str):
         raise bad("cursor is not a cursor this server issued")
     rows = [r for r in await state_of(request).store.list_docs(KIND, tenant)
             if (pattern is None or r["scope_pattern"] == pattern) and (status is None or r["status"] == status)
-            and (after is None or r["policy_id"] > after)]
+            and (after is None or r["policy_id"] > after)
+            and (quotas is None or bool(r.get("action_quotas") or r.get("risk_class_quotas")) == quotas)
+            and (kind is None or _references(r, kind))]
     rows.sort(key=lambda r: r["policy_id"])
     page, more = rows[:limit], len(rows) > limit
     next_cursor = encode_cursor({"k": page[-1]["policy_id"], "f": fh}) if more else None
     return json_response(ctx, g.PolicyListResponse(policies=[_wire(r) for r in page], next_cursor=next_cursor,
                                                    has_more=more))
+
+
+def _references(rec: dict[str, Any], kind: str) -> bool:
+    return (kind in (rec.get("allowed_action_kinds") or ()) or kind in (rec.get("denied_action_kinds") or ())
+            or any(q.get("action_kind") == kind for q in rec.get("action_quotas") or ()))
 
 
 async def resolve_for(store: Store, tenant: str, scopes: list[str]) -> P.Resolution:

@@ -52,7 +52,7 @@ def reservation_create(out: Outcome) -> m.ReservationCreateResponse:
     if r["decision"] == "DENY":
         return m.ReservationCreateResponse(
             decision="DENY", affected_scopes=r["affected_scopes"], scope_path=r["scope_path"],
-            reason_code=r["reason_code"], balances=bal)
+            reason_code=r["reason_code"], balances=bal, deny_detail=r.get("deny_detail"))
     live = "reservation_id" in r
     return m.ReservationCreateResponse(
         decision=r["decision"],
@@ -71,7 +71,7 @@ def decision(out: Outcome) -> m.DecisionResponse:
     r = out.result
     return m.DecisionResponse(
         decision=r["decision"], caps=_caps(r.get("caps")), reason_code=r.get("reason_code"),
-        affected_scopes=r["affected_scopes"])
+        affected_scopes=r["affected_scopes"], deny_detail=r.get("deny_detail"))
 
 
 def commit(out: Outcome) -> m.CommitResponse:

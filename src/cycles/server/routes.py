@@ -8,8 +8,11 @@ from typing import Any, Callable
 from ..protocol import admin as a
 from ..protocol import evidence as EV
 from ..protocol import models as m
-from . import admin, bulk, events, evidence, governance, operators, overview, policies, runtime, usage
-from . import webhook_delivery, webhooks
+from . import (
+    actions, admin, bulk, events, evidence, governance, operators, overview, policies, runtime, usage,
+    webhook_delivery, webhooks,
+)
+from ..protocol import actions as ak
 from ..protocol import governance as g
 from ..core import events as E
 from ..core.scopes import LEVELS
@@ -88,6 +91,22 @@ OPS: tuple[Op, ...] = (
                            ("cursor", "string", ""))),
     Op("POST", "/v1/events", "createEvent", "Post-only accounting event", "Events", runtime.create_event,
        m.EventCreateRequest, {201: m.EventCreateResponse}),
+    Op("GET", "/v1/action-kinds", "listActionKinds", "List the canonical action kind registry (public, rate-limited)",
+       "ActionKinds", actions.list_action_kinds, None, {200: ak.ActionKindRegistry}, (),
+       (("risk_class", "string", "read_only, local_mutation, side_effect, external_side_effect or high_risk"),
+        ("deprecated", "boolean", "include deprecated kinds (default false)"), ("limit", "integer", "1..100"),
+        ("cursor", "string", ""))),
+    Op("GET", "/v1/action-kinds/{kind}", "getActionKind", "Get one action kind (exact match)", "ActionKinds",
+       actions.get_action_kind, None, {200: ak.ActionKind}, ()),
+    Op("GET", "/v1/admin/action-quota-counters", "listActionQuotaCounters",
+       "Live action quota counters (action_quotas:read; balances:read accepted, deprecated)", "ActionQuotas",
+       actions.list_counters, None, {200: ak.ActionQuotaCounterListResponse}, ("AdminKeyAuth", "ApiKeyAuth"),
+       (("tenant_id", "string", "Admin key: required"), ("scope", "string", "scope prefix"),
+        ("action_kind", "string", ""), ("window", "string", ""), ("run_id", "string", "per_run counters of a run"),
+        ("include_zero", "boolean", ""), ("limit", "integer", "1..200"), ("cursor", "string", ""))),
+    Op("POST", "/v1/admin/action-quota-counters/reset", "resetActionQuotaCounter",
+       "Reset one action quota counter to 0 (incident response; audited)", "ActionQuotas", actions.reset_counter,
+       ak.ActionQuotaCounterResetRequest, {200: ak.ActionQuotaCounterResetResponse}, ("AdminKeyAuth",)),
     Op("POST", "/v1/admin/tenants", "createTenant", "Create a tenant (idempotent on tenant_id)", "Tenants",
        admin.create_tenant, a.TenantCreateRequest, {201: a.Tenant, 200: a.Tenant}, ("AdminKeyAuth",)),
     Op("GET", "/v1/admin/tenants/{tenant_id}", "getTenant", "Get a tenant", "Tenants", admin.get_tenant, None,

@@ -21,7 +21,7 @@ from .http import Ctx, check_idempotency_header, decode, json_response, read_bod
 from .params import (
     bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, str_param, time_param,
 )
-from . import access, events, evidence, policies
+from . import access, action_rules, events, evidence, policies
 from .state import state_of
 
 T = TypeVar("T")
@@ -95,8 +95,9 @@ def _subject(subject: m.Subject, principal: Principal) -> tuple[dict[str, Any], 
     return fields, path, scopes
 
 
-async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: TenantView | None) -> None:
-    """Apply the key's scope_filter and the tenant's policies to a reservation request."""
+async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: TenantView | None) -> bool:
+    """Apply the key's scope_filter and the tenant's policies to a reservation request; returns whether the
+    request or the policies use v0.1.26 action governance."""
     principal.require_scope(cmd.scope_path)
     if view is None:
         res = await policies.resolve_for(store, cmd.tenant, cmd.scopes)
@@ -109,14 +110,18 @@ async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: T
     for lim in res.limits:
         bucket = (lim.bucket, lim.limit, lim.policy_id, lim.scope)
         (cmd.limits if lim.kind == "reserve" else cmd.commit_limits).append(bucket)
+    return action_rules.uses_extension(cmd, await action_rules.plan(store, cmd, view))
 
 
 def _denied(ctx: Ctx, cmd: ReserveCommand, reason: str, details: dict[str, Any] | None) -> None:
     details = details or {}
+    # the event always carries a DenyDetail (v0.1.26), whoever asked
+    detail = action_rules.error_detail(reason, details)["deny_detail"]
     events.emit(ctx, "reservation.denied", cmd.tenant, scope=details.get("scope") or cmd.scope_path, observation=True,
                 data={"scope": cmd.scope_path, "unit": cmd.unit, "reason_code": reason, "requested_amount": cmd.amount,
-                      "subject": cmd.subject, "action": cmd.action, "policy_id": details.get("policy_id"),
-                      "deny_detail": details or None, "dry_run": cmd.dry_run or cmd.endpoint == "decide"})
+                      "subject": cmd.subject, "action": cmd.action,
+                      "policy_id": details.get("policy_id") or detail.get("blocked_by_policy"),
+                      "deny_detail": detail, "dry_run": cmd.dry_run or cmd.endpoint == "decide"})
 
 
 def _rid(request: Request) -> str:
@@ -146,7 +151,7 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
     st = state_of(request)
     emit = st.evidence is not None and st.evidence.emit
 
-    async def act(principal: Principal, gen: int | None) -> tuple[ReserveCommand, Any]:
+    async def act(principal: Principal, gen: int | None) -> tuple[ReserveCommand, Any, bool]:
         cmd = ReserveCommand(
             tenant=principal.tenant_id or "", endpoint=endpoint, idempotency_key=req.idempotency_key,
             payload_hash=payload_hash, subject=subject, action=msgspec.to_builtins(req.action),
@@ -155,26 +160,35 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
         if endpoint == "reserve":
             cmd.dry_run, cmd.ttl_ms, cmd.grace_ms, cmd.overage_policy = (req.dry_run, req.ttl_ms, req.grace_period_ms,
                                                                          req.overage_policy)
-        await _govern(st.store, principal, cmd, ctx.view)
+            cmd.observe_mode = req.observe_mode
+        aware = await _govern(st.store, principal, cmd, ctx.view)
         try:
-            return cmd, await st.store.reserve(cmd)
+            return cmd, await st.store.reserve(cmd), aware
         except ProtocolError as err:
             if err.status in (409, 429):  # budget, governance and policy denials, not malformed requests
+                if aware and err.status == 409:
+                    err.details = action_rules.error_detail(err.code.value, err.details)
                 st.metrics.decision(endpoint, "DENY", err.code.value)
                 _denied(ctx, cmd, err.code.value, err.details)
             raise
 
     try:
-        cmd, out = await _acting(request, ctx, "reservations:create", principal, act)
+        cmd, out, aware = await _acting(request, ctx, "reservations:create", principal, act)
     except ProtocolError as err:
         if emit:
             await evidence.stamp_denial(request, ctx, endpoint, raw, err)
         raise
     body = render.reservation_create(out) if endpoint == "reserve" else render.decision(out)
+    shadow = bool(out.result.get("observed"))
+    if body.decision == "DENY" and body.deny_detail is None and (aware or shadow):
+        body.deny_detail = action_rules.base_detail(out.result)
     if not out.replay:
-        st.metrics.decision("dry_run" if dry_run else endpoint, body.decision, body.reason_code or body.decision)
-        if body.decision == "DENY":
-            _denied(ctx, cmd, body.reason_code or "DENY", None)
+        reason = body.reason_code or body.decision
+        st.metrics.decision("observe" if shadow else "dry_run" if dry_run else endpoint, body.decision, reason)
+        if shadow:
+            action_rules.observed(ctx, cmd, body.decision, body.reason_code, body.deny_detail, out.result.get("caps"))
+        elif body.decision == "DENY":
+            _denied(ctx, cmd, reason, {"deny_detail": body.deny_detail or action_rules.base_detail(out.result)})
     if emit:
         await evidence.stamp(request, ctx, endpoint, raw, body, out, tenant=principal.tenant_id)
     return json_response(ctx, body)

@@ -130,6 +130,10 @@ class ReserveCommand:
     limits: list[tuple[str, int, str, str]] = field(default_factory=list)
     commit_limits: list[tuple[str, int, str, str]] = field(default_factory=list)
     gen: int | None = None  # governance generation the caller's cache was read at (None: no check)
+    # v0.1.26 action rules (core.actions.Plan.store_arg: a step-1 denial, the quota counters) and the
+    # request's observe_mode; None when the request and the tenant's policies use neither
+    actions: dict[str, Any] | None = None
+    observe_mode: str | None = None
 
 
 @dataclass(slots=True)
@@ -280,6 +284,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_event(self, cmd: EventCommand) -> Outcome: ...
+
+    @abc.abstractmethod
+    async def action_counters(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's live action quota counters: {counter (full key, core.actions.split_key), used,
+        expires_at_ms, last_ms, limit, policy_id}."""
+
+    @abc.abstractmethod
+    async def reset_action_counter(self, tenant: str, key: str) -> dict[str, Any]:
+        """Set one live counter to 0 (its window end kept): the counter with used 0 and previous_used;
+        404 NOT_FOUND when no live counter has that key."""
 
     @abc.abstractmethod
     async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None: ...

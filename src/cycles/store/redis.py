@@ -58,7 +58,7 @@ IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
 TENANTS = "cy:tenants"
 _TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
-            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence")
+            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin")
 AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
 EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
 KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
@@ -366,7 +366,7 @@ class RedisStore(RedisEvidence, Store):
             _s(cmd.metadata) if cmd.metadata is not None else "", rid,
             "ALLOW_WITH_CAPS" if cmd.caps else "ALLOW", "null" if cmd.caps is None else _s(cmd.caps),
             _s(cmd.policy or {}), _s(_limits(cmd.limits)), _s(_limits(cmd.commit_limits)) if cmd.commit_limits else "",
-            _opt(cmd.gen)])
+            _opt(cmd.gen), _s(cmd.actions) if cmd.actions else "", cmd.observe_mode or ""])
         return self._outcome(out)
 
     async def _settle(self, endpoint: str, cmd: SettleCommand, extra: list[str]) -> Outcome:
@@ -398,6 +398,14 @@ class RedisStore(RedisEvidence, Store):
         return self._outcome(out)
 
     # ---- reads ----
+
+    async def action_counters(self, tenant: str) -> list[dict[str, Any]]:
+        out = await self._script("quota_admin", tenant, ["list", ""], journal=False)
+        return sorted(out["counters"], key=lambda c: c["counter"])
+
+    async def reset_action_counter(self, tenant: str, key: str) -> dict[str, Any]:
+        out = await self._script("quota_admin", tenant, ["reset", key])
+        return out["result"] if isinstance(out["result"], dict) else _decode(out["result"])
 
     async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None:
         tenant = tenant_of_reservation(reservation_id)

@@ -4,7 +4,9 @@
 -- allowed (ALLOW / ALLOW_WITH_CAPS), 21 caps (json text, returned verbatim), 22 governing policy settings (json:
 -- default_ttl_ms, max_ttl_ms, max_extensions, overage_policy), 23 reserve rate limits (json [[bucket, limit,
 -- policy_id, scope]], limits as decimal strings), 24 commit rate limits (same, '' = none; kept on the reservation),
--- 25 governance generation the caller read its key, tenant and policies at ('' = no check)
+-- 25 governance generation the caller read its key, tenant and policies at ('' = no check), 26 v0.1.26 action
+-- rules (json {deny: [reason, detail, message]?, quotas: [...]?}, '' = none; core.actions.Plan), 27 the request's
+-- observe_mode ('' = the tenant's)
 local tenant_id, retention, endpoint, key, payload_hash = ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6], ARGV[7]
 local unit, amount, scope_path, scopes_json = ARGV[8], I(ARGV[9]), ARGV[10], ARGV[11]
 local evaluate_only = ARGV[12] == '1' or endpoint == 'decide'
@@ -16,13 +18,16 @@ local replayed = replay(endpoint, key, payload_hash, now)
 if replayed then return replayed end
 
 local scopes = cjson.decode(scopes_json)
+local observed = nil
 local function base(decision)
-  return {scope_path = scope_path, affected_scopes = scopes, unit = unit, amount = S(amount), decision = decision}
+  return {scope_path = scope_path, affected_scopes = scopes, unit = unit, amount = S(amount), decision = decision,
+    observed = observed}
 end
-local function deny(reason, ls)
+local function deny(reason, ls, detail)
   local r = base('DENY')
   r.reason_code = reason
   r.balances = balance_records(ls or {})
+  r.deny_detail = detail
   local js = cjson.encode(r)
   remember(endpoint, key, payload_hash, js, nil, retention)
   return ok(js, now, false)
@@ -38,6 +43,34 @@ end
 if status == 'SUSPENDED' then
   if evaluate_only then return deny('TENANT_SUSPENDED') end
   return fail('FORBIDDEN', 'Tenant ' .. tenant_id .. ' is suspended; new reservations are refused')
+end
+if endpoint == 'reserve' then
+  local mode = ARGV[27]
+  if mode == '' and tenant then mode = tenant.observe_mode end
+  if mode == 'OBSERVE' then  -- shadow mode: the full evaluation, nothing changed
+    evaluate_only = true
+    observed = true
+  end
+end
+-- v0.1.26 steps 1 to 3, before rate limits and budgets
+local quotas, qrows = nil, nil
+if ARGV[26] ~= '' then
+  local gov = cjson.decode(ARGV[26])
+  if gov.deny then
+    local reason, detail = gov.deny[1], gov.deny[2]
+    if evaluate_only then return deny(reason, nil, detail) end
+    return fail(reason, gov.deny[3], {scope = detail.blocked_by_scope, deny_detail = detail})
+  end
+  if gov.quotas and #gov.quotas > 0 then
+    local d
+    quotas = gov.quotas
+    qrows, d = quota_check(quotas, now)
+    if d then
+      if evaluate_only then return deny('ACTION_QUOTA_EXCEEDED', nil, d) end
+      return fail('ACTION_QUOTA_EXCEEDED', quota_message(d.quota_violation),
+        {scope = d.blocked_by_scope, deny_detail = d})
+    end
+  end
 end
 
 local limits = cjson.decode(ARGV[23])
@@ -103,6 +136,7 @@ local max_ext = pol.max_extensions
 if max_ext == nil then max_ext = tenant.max_reservation_extensions end
 if max_ext == nil or max_ext == cjson.null then max_ext = 10 end
 if #limits > 0 then rate_count(limits, now) end
+local runs = quotas and quota_count(quotas, qrows, now) or {}
 
 local budgeted = {}
 for i, l in ipairs(ls) do
@@ -121,6 +155,7 @@ redis.call('HSET', rk, 'reservation_id', rid, 'tenant_id', tenant_id, 'status', 
   'extensions', '0', 'max_extensions', string.format('%d', max_ext))
 if ARGV[18] ~= '' then redis.call('HSET', rk, 'metadata', ARGV[18]) end
 if ARGV[24] ~= '' then redis.call('HSET', rk, 'commit_limits', ARGV[24]) end
+if #runs > 0 then redis.call('HSET', rk, 'quota_runs', cjson.encode(runs)) end
 redis.call('ZADD', k_created(), now, rid)
 redis.call('ZADD', k_deadline(), expires + grace, rid)
 

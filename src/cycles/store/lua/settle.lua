@@ -68,6 +68,7 @@ if endpoint == 'commit' then
   result = {unit = unit, charged = S(charged), released = S(imax(ZERO, isub(amount, charged))),
             balances = balance_records(ls)}
 elseif endpoint == 'release' then
+  quota_uncount(redis.call('HGET', rk, 'quota_runs'))
   local ls = scope_ledgers(cjson.decode(r[7]), unit)
   for _, l in ipairs(ls) do
     l.reserved = isub(l.reserved, amount)

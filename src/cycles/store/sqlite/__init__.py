@@ -10,7 +10,8 @@ waits for another's write lock before the request fails with 503.
 
 The store is one class assembled from a mixin per concern, as the Lua scripts beside it are split:
 schema.py (tables, triggers, migrations), core.py (connection, group commit, transaction events),
-runtime.py, reads.py, budgets.py, admin.py, journal.py and evidence.py (the SQL of each plane), common.py (shared).
+runtime.py, quotas.py (v0.1.26 action quota counters), reads.py, budgets.py, admin.py, journal.py and evidence.py
+(the SQL of each plane), common.py (shared).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .common import new_id
 from .core import MAX_BATCH, _Core
 from .evidence import _Evidence
 from .journal import _Journal
+from .quotas import _Quotas
 from .reads import _Reads
 from .runtime import (
     DEFAULT_GRACE_MS, DEFAULT_MAX_EXTENSIONS, DEFAULT_TTL_MS, SUBJECT_LEVELS, _Runtime, balance_record,
@@ -30,7 +32,7 @@ from .runtime import (
 from .schema import COUNTER_TRIGGERS, GEN_TRIGGERS, SCHEMA
 
 
-class SQLiteStore(_Runtime, _Reads, _Budgets, _Admin, _Journal, _Evidence, _Core, Store):
+class SQLiteStore(_Runtime, _Quotas, _Reads, _Budgets, _Admin, _Journal, _Evidence, _Core, Store):
     """The embedded store (see the module docstring); constructed as SQLiteStore(path, synchronous=...,
     busy_timeout_ms=..., clock=...)."""
 

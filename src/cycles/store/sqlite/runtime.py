@@ -18,6 +18,7 @@ from .common import (
     _LEDGER_COLS, _RES_COLS, _decode, _dumps, _ledger, _reservation, _tenant_state, new_id,
 )
 from .core import _CommitThenRaise, _Core, _emit
+from . import quotas as Q
 
 SUBJECT_LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
 
@@ -62,9 +63,11 @@ class _Runtime(_Core):
         tenant = _tenant_state(conn, cmd.tenant)
         base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
 
-        def deny(reason: str, ledgers: Sequence[L.Ledger] = ()) -> Outcome:
+        def deny(reason: str, ledgers: Sequence[L.Ledger] = (), detail: dict[str, Any] | None = None) -> Outcome:
             result = {**base, "decision": "DENY", "reason_code": reason,
                       "balances": [balance_record(l) for l in ledgers]}
+            if detail is not None:
+                result["deny_detail"] = detail
             _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
@@ -77,6 +80,23 @@ class _Runtime(_Core):
             if evaluate_only:
                 return deny("TENANT_SUSPENDED")
             raise ProtocolError(ErrorCode.FORBIDDEN, f"Tenant {cmd.tenant} is suspended; new reservations are refused")
+        if cmd.endpoint == "reserve" and Q.observed(cmd.observe_mode, tenant):
+            evaluate_only = True  # shadow mode: the full evaluation, nothing changed
+            base["observed"] = True
+        gov, counted = cmd.actions, None
+        if gov is not None:  # v0.1.26 steps 1 to 3, before rate limits and budgets
+            if gov.get("deny"):
+                reason, detail, message = gov["deny"]
+                if evaluate_only:
+                    return deny(reason, detail=detail)
+                raise ProtocolError(ErrorCode(reason), message,
+                                    details={"scope": detail["blocked_by_scope"], "deny_detail": detail})
+            if gov.get("quotas"):
+                counted, detail = Q.check(conn, cmd.tenant, gov["quotas"], now)
+                if detail is not None:
+                    if evaluate_only:
+                        return deny("ACTION_QUOTA_EXCEEDED", detail=detail)
+                    raise Q.denial(detail)
 
         if cmd.limits and not evaluate_only:
             _rate_check(conn, cmd.limits, now)
@@ -122,6 +142,7 @@ class _Runtime(_Core):
         max_ext = DEFAULT_MAX_EXTENSIONS if max_ext is None else max_ext
         if cmd.limits:
             _rate_count(conn, cmd.limits, now)
+        runs = Q.count(conn, cmd.tenant, gov["quotas"], counted, now) if counted else None
         held = L.hold(ledgers, cmd.amount)
         _write_ledgers(conn, cmd.tenant, held, now, before=ledgers)
         rid = time_ordered_id("rsv", now)
@@ -132,12 +153,13 @@ class _Runtime(_Core):
         # the reservation row is also the idempotency record of the reserve that made it (_reserved)
         conn.execute(
             f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits, "
-            "payload_hash, result) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "payload_hash, result, quota_runs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
              cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
              0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
-             _dumps(cmd.commit_limits) if cmd.commit_limits else None, cmd.payload_hash, _dumps(result)),
+             _dumps(cmd.commit_limits) if cmd.commit_limits else None, cmd.payload_hash, _dumps(result),
+             _dumps(runs) if runs else None),
         )
         return Outcome(result, now_ms=now, reservation_active=True)
 
@@ -188,6 +210,7 @@ class _Runtime(_Core):
             ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
             freed = L.unhold(ledgers, res["amount"])
             _write_ledgers(conn, res["tenant_id"], freed, now, before=ledgers)
+            Q.uncount(conn, res["tenant_id"], res["quota_runs"])
             conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
                          (now, cmd.reservation_id))
             result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
@@ -259,9 +282,11 @@ class _Runtime(_Core):
         return await self._awrite(lambda conn, now: _expire_due(conn, now, limit))
 
     async def purge_idempotency(self, older_than_ms: int) -> int:
-        return await self._awrite(
-            lambda conn, now: conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
-        )
+        def tx(conn: sqlite3.Connection, now: int) -> int:
+            Q.purge(conn, now)  # action quota counters whose window ended (Redis lets their keys expire)
+            return conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (older_than_ms,)).rowcount
+
+        return await self._awrite(tx)
 
 
 def _rate_check(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: int) -> None:
@@ -405,11 +430,12 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
     """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
     if cmd.gen is not None and cmd.tenant is not None:
         _check_gen(conn, cmd.tenant, cmd.gen)
-    row = conn.execute(f"SELECT {_RES_COLS}, commit_limits FROM reservations WHERE reservation_id=?",
+    row = conn.execute(f"SELECT {_RES_COLS}, commit_limits, quota_runs FROM reservations WHERE reservation_id=?",
                        (cmd.reservation_id,)).fetchone()
     res = _reservation(row) if row else None
     if res is not None:
-        res["commit_limits"] = _decode(row[-1]) if row[-1] else []
+        res["commit_limits"] = _decode(row[-2]) if row[-2] else []
+        res["quota_runs"] = row[-1]
     # Ownership before replay: another tenant must never see this tenant's stored responses.
     if res is not None and cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
         raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
@@ -435,7 +461,7 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
 
 
 def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | None = None) -> int:
-    sql = f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
+    sql = f"SELECT {_RES_COLS}, quota_runs FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
     params: list[Any] = [now]
     if tenant is not None:
         sql += " AND tenant_id=?"
@@ -445,6 +471,7 @@ def _expire_due(conn: sqlite3.Connection, now: int, limit: int, tenant: str | No
         res = _reservation(row)
         ledgers = _scope_ledgers(conn, res["tenant_id"], _decode(res["budgeted_scopes"]), res["unit"])
         _write_ledgers(conn, res["tenant_id"], L.unhold(ledgers, res["amount"]), now, before=ledgers)
+        Q.uncount(conn, res["tenant_id"], row[-1])
         conn.execute("UPDATE reservations SET status='EXPIRED' WHERE reservation_id=?", (res["reservation_id"],))
         _emit("reservation.expired", res["tenant_id"], res["scope_path"], {
             "reservation_id": res["reservation_id"], "scope": res["scope_path"], "unit": res["unit"],

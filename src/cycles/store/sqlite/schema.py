@@ -17,7 +17,7 @@ RESERVATION_COLUMNS = """
     metadata TEXT, committed INTEGER, committed_metadata TEXT, finalized_at_ms INTEGER,
     extensions INTEGER NOT NULL DEFAULT 0, max_extensions INTEGER NOT NULL,
     s_workspace TEXT, s_app TEXT, s_workflow TEXT, s_agent TEXT, s_toolset TEXT, commit_limits TEXT,
-    payload_hash TEXT, result TEXT
+    payload_hash TEXT, result TEXT, quota_runs TEXT
 """
 RESERVATION_INDEXES = """
 CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
@@ -74,6 +74,10 @@ CREATE TABLE IF NOT EXISTS gov_events (
 );
 CREATE INDEX IF NOT EXISTS gov_events_time ON gov_events (timestamp_ms, event_id);
 CREATE INDEX IF NOT EXISTS gov_events_tenant_time ON gov_events (tenant_id, timestamp_ms, event_id);
+CREATE TABLE IF NOT EXISTS action_counters (
+    tenant_id TEXT NOT NULL, counter TEXT NOT NULL, used INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+    last_ms INTEGER, lim INTEGER, policy_id TEXT, PRIMARY KEY (tenant_id, counter)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gens (tenant_id TEXT PRIMARY KEY, gen INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, scope_path TEXT NOT NULL, subject TEXT NOT NULL,
@@ -139,6 +143,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     table_sql = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='reservations'").fetchone()[0]
     if "WITHOUT ROWID" not in table_sql.upper():
         _rebuild_reservations(conn)
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
+    if "quota_runs" not in cols:  # per_run action quota keys a reservation counted (v0.1.26)
+        conn.execute("ALTER TABLE reservations ADD COLUMN quota_runs TEXT")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(docs)")}
     if "due_ms" not in cols:
         conn.execute("ALTER TABLE docs ADD COLUMN due_ms INTEGER")

@@ -1,0 +1,27 @@
+-- the admin view of a tenant's action quota counters (v0.1.26). ARGV: 1 prefix, 2 tenant, 3 unused, 4 test clock,
+-- 5 'list' or 'reset', 6 full counter key (reset)
+local now = now_ms()
+local function state(key, h)
+  return {counter = key, used = tonumber(h[1]), expires_at_ms = tonumber(h[2]), last_ms = tonumber(h[3]),
+    limit = tonumber(h[4]), policy_id = h[5]}
+end
+if ARGV[5] == 'list' then
+  local out = {}
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', k_quotas(), '(' .. string.format('%d', now), '+inf')) do
+    local h = redis.call('HMGET', k_quota(key), 'used', 'exp', 'last', 'lim', 'pol')
+    if h[1] and tonumber(h[2]) > now then
+      table.insert(out, state(key, h))
+    end
+  end
+  if #out == 0 then return '{"counters":[]}' end
+  return cjson.encode({counters = out})
+end
+local key = ARGV[6]
+local h = redis.call('HMGET', k_quota(key), 'used', 'exp', 'last', 'lim', 'pol')
+if not h[1] or tonumber(h[2]) <= now then return fail('NOT_FOUND', 'No live action quota counter ' .. key) end
+redis.call('HSET', k_quota(key), 'used', '0')
+local rec = state(key, h)
+rec.previous_used = rec.used
+rec.used = 0
+-- the result record: the reset's quota.counter_reset event takes previous_used, limit and policy_id from it
+return ok(cjson.encode(rec), now, false)
