@@ -151,4 +151,6 @@ def test_ten_thousand_rows_in_the_table_stay_responsive(work_tab: Tab) -> None:
     }""")
     print(f"\n10,000-row table: set {result['setMs']:.0f} ms, sort {result['sortMs']:.0f} ms, {result['dom']} rows in the DOM")
     assert result["first"] == 0 and result["dom"] < 80
-    assert result["setMs"] < 2000 and result["sortMs"] < 1000  # unloaded: ~30 ms and ~20 ms
+    # Unloaded ~30 ms and ~20 ms; a table that rendered all 10,000 rows fails the DOM bound above
+    # whatever the load, so the time bounds only need to catch a collapse (seen flaky at 2 s under load 15).
+    assert result["setMs"] < 5000 and result["sortMs"] < 3000
