@@ -123,7 +123,7 @@ def test_exhausted_retries_raise_typed(tenant, make_client):
 def test_unknown_response_fields_are_tolerated(tenant, make_client):
     tenant.budget(amount=100_000)
     body = {"decision": "ALLOW", "affected_scopes": [f"tenant:{tenant.tenant_id}"], "reservation_id": "r-x",
-            "expires_at_ms": 1, "remaining_ttl_ms": 60000, "cycles_evidence": {"evidence_id": "a" * 64},
+            "expires_at_ms": 1, "remaining_ttl_ms": 60000, "cycles_evidence": {"evidence_id": "a" * 64, "cycles_evidence_url": "/v1/evidence/" + "a" * 64},
             "future_field": 1}
     c = make_client(Script([("create", "status", (200, body, None))]))
     r = c.create_reservation(create_req(tenant, 1))

@@ -76,9 +76,11 @@ class RecordingProxy:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._exchanges: list[Exchange] = []
+        # keepalive_expiry below the server's 5 s idle timeout: a pooled connection the server is
+        # closing is never reused (under load that race answered a commit 502 "Server disconnected").
         self._client = httpx.Client(
             base_url=self.upstream, timeout=60, trust_env=False,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=256, keepalive_expiry=1.0),
         )
         proxy = self
 
