@@ -15,7 +15,7 @@ from cycles.core import periods
 from cycles.core.ledger import Ledger, rollover
 from cycles.server.params import iso, parse_iso
 from cycles.server.scheduler import roll_due
-from cycles.store.base import FundCommand, ReserveCommand
+from cycles.store.base import AuditScan, FundCommand, ReserveCommand, reset_journal, start_journal
 
 from support import Server, Tenant
 
@@ -108,6 +108,18 @@ def test_scheduler_rolls_each_boundary_exactly_once(clocked_store: Any) -> None:
         clock.now = ms("2026-04-01T00:00:01Z")
         counts = await asyncio.gather(roll_due(store), roll_due(store), roll_due(store))
         assert sum(counts) == 1
+        # and one audit row: the losers' rows ride with no write, so they are not recorded
+        rows = await store.scan_audit(AuditScan(tenant=tenant, descending=False, limit=100))
+        assert [r["operation"] for r in rows if r["operation"] == "rolloverBudget"] == ["rolloverBudget"]
+        # a process that read the budget before the winner's write comes second with the old end
+        token = start_journal([{"journal": "audit", "log_id": "log_late", "tenant_id": tenant, "key_id": "scheduler",
+                                "operation": "rolloverBudget", "status": 200, "metadata": {}}])
+        try:
+            assert await store.rollover_budget(tenant, f"tenant:{tenant}", TOK, end, {"period_end_ms": end + DAY}) is None
+        finally:
+            reset_journal(token)
+        rows = await store.scan_audit(AuditScan(tenant=tenant, descending=False, limit=100))
+        assert [r["operation"] for r in rows if r["operation"] == "rolloverBudget"] == ["rolloverBudget"]
         rec = await store.get_budget(tenant, f"tenant:{tenant}", TOK)
         led = rec["ledger"]
         # unused = 1000 - 0 - 300 reserved → carried: 1000 + 700

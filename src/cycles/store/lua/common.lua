@@ -313,7 +313,7 @@ local function finish_journal(result, jarg)
   local items = j.items or {}
   if #items == 0 and #TX_EVENTS == 0 then return end
   local ok_, out = pcall(cjson.decode, result)
-  local failed = ok_ and type(out) == 'table' and out.err ~= nil and out.err ~= cjson.null
+  local failed = ok_ and type(out) == 'table' and ((out.err ~= nil and out.err ~= cjson.null) or out.noop == true)
   local r, created = nil, nil
   if ok_ and type(out) == 'table' and out.replay ~= nil and out.result ~= nil then
     if type(out.result) == 'string' then r = out.result else r = jget(result, 'result') end

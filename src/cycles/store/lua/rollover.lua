@@ -6,11 +6,12 @@ local tenant_id, scope, unit = ARGV[2], ARGV[5], ARGV[6]
 local now = now_ms()
 local bk = k_budget(scope, unit)
 local l = load_ledger(scope, unit)
-if not l or l.status == 'CLOSED' then return cjson.encode({rolled = false}) end
+-- noop: nothing changed, so finish_journal records none of the request's journal (the scheduler's audit row)
+if not l or l.status == 'CLOSED' then return cjson.encode({rolled = false, noop = true}) end
 local extra = redis.call('HGET', bk, 'extra') or '{}'
 local stored_end = jget(extra, 'period_end_ms')
 if not stored_end or not string.match(stored_end, '^%-?%d+$') or icmp(I(stored_end), I(ARGV[7])) ~= 0 then
-  return cjson.encode({rolled = false})  -- another process rolled it over first
+  return cjson.encode({rolled = false, noop = true})  -- another process rolled it over first
 end
 local before = redis.call('HGETALL', bk)
 local base = jget(extra, 'period_allocation')

@@ -15,6 +15,10 @@ from .core import _Core, _emit
 from .runtime import _remember, _replay, _write_ledgers
 
 
+class _NotRolled(Exception):
+    """The period was already rolled over: nothing written, nothing journaled."""
+
+
 class _Budgets(_Core):
     """Budget administration, funding, rollover and the overview."""
 
@@ -141,7 +145,9 @@ class _Budgets(_Core):
         def tx(conn: sqlite3.Connection, now: int) -> dict[str, Any] | None:
             rows = _budget_rows(conn, "WHERE tenant_id=? AND scope=? AND unit=?", (tenant, scope, unit))
             if not rows or rows[0]["extra"].get("period_end_ms") != expected_end_ms or rows[0]["ledger"].status == "CLOSED":
-                return None  # another process rolled it over first (or it was closed): exactly once
+                # Another process rolled it over first (or it was closed): exactly once. Raised, not returned,
+                # so the scheduler's audit row, which rides with a successful write, is not recorded twice.
+                raise _NotRolled
             row = rows[0]
             extra = row["extra"]
             before = row["ledger"]
@@ -158,7 +164,10 @@ class _Budgets(_Core):
                 "period_end": extra.get("period_end")})
             return {"before": before, "after": after, "extra": extra}
 
-        return await self._awrite(tx)
+        try:
+            return await self._awrite(tx)
+        except _NotRolled:
+            return None
 
     async def counters(self) -> dict[str, int]:
         return {name: value for name, value in self._read("SELECT name, value FROM counters")}
