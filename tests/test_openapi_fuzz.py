@@ -150,7 +150,8 @@ def test_stateful_links_cover_the_reservation_lifecycle(target: Target) -> None:
         tenant.budget("", 10**15, unit)
     # The reservation operations only, so the budgeted scenarios are spent on the lifecycle's links.
     api = load(Target(target.server, tenant.tenant_id, tenant.key), "tenant", {"body.dry_run": False})
-    api = api.include(func=lambda ctx: ctx.operation.path.startswith("/v1/reservations"))
+    # (an exclude: a second include widens the selection of load()'s include instead of narrowing it)
+    api = api.exclude(func=lambda ctx: not ctx.operation.path.startswith("/v1/reservations"))
     seen: Counter[str] = Counter()
     failures: list[str] = []
 
