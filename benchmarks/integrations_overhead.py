@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,32 +31,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integrations"))
-ADMIN_KEY = "bench-admin-key-0123456789"
+# The same private `cycles serve` as the SDK overhead benchmark (this directory is on sys.path when run).
+from sdk_overhead import ADMIN_KEY, free_port, start_server  # noqa: E402
 MESSAGES = [{"role": "user", "content": "Why reserve before calling the model? One line."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, CYCLES_ADMIN_API_KEY=ADMIN_KEY)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("cycles")), "serve", "--port", str(port), "--store",
-                             f"sqlite:///{tmp / 'bench.db'}", "--workers", "1", "--log-level", "warning"], env=env,
-                            stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/actuator/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def provision(base: str) -> tuple[str, str]:

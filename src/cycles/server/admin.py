@@ -219,13 +219,13 @@ def ledger_wire(rec: dict[str, Any]) -> a.BudgetLedger:
     )
 
 
-def _budget_scope(scope: str, tenant: str) -> str:
+def _budget_scope(scope: str, tenant: str, name: str = "scope") -> str:
     try:
         pairs = S.parse(scope)
     except S.ScopeError as exc:
         raise bad(str(exc)) from None
     if pairs[0] != ("tenant", tenant.lower()):
-        raise bad(f"scope must start with tenant:{tenant}")
+        raise bad(f"{name} must start with tenant:{tenant}")
     return "/".join(f"{level}:{value}" for level, value in pairs)
 
 

@@ -24,6 +24,7 @@ from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import AuditScan, ReservationQuery
 from . import access
+from .admin import _budget_scope
 from .events import event_wire
 from .http import Ctx, json_response
 from .params import bad, enum_param, int_param, iso, str_param, time_param
@@ -105,15 +106,7 @@ def _within(scope_path: str, prefix: str | None) -> bool:
 
 def _scope_prefix(q: Any, tenant: str) -> str | None:
     raw = str_param(q, "scope_prefix", max_length=1024)
-    if raw is None:
-        return None
-    try:
-        pairs = S.parse(raw)
-    except S.ScopeError as exc:
-        raise bad(str(exc)) from None
-    if pairs[0] != ("tenant", tenant.lower()):
-        raise bad(f"scope_prefix must start with tenant:{tenant}")
-    return "/".join(f"{k}:{v}" for k, v in pairs)
+    return None if raw is None else _budget_scope(raw, tenant, "scope_prefix")
 
 
 def _group_key(rec: dict[str, Any], subject: dict[str, Any], action: dict[str, Any], group_by: str) -> str:
