@@ -31,6 +31,10 @@ class TenantView:
     actions: bool = False
     # action plans already worked out from these policies (server.action_rules), by what they depend on
     plans: dict[Any, Any] = field(default_factory=dict)
+    # the tenant's record as read after `gen` (None: not found or unreadable); a store that checked `gen` in
+    # the operation's own transaction may use it instead of reading the record again (a change to the record
+    # moves the generation). Shared by every request: never modified.
+    tenant: dict[str, Any] | None = None
 
 
 class GovernanceCache:
@@ -46,7 +50,8 @@ class GovernanceCache:
         policies = await self.store.list_docs(POLICY_KIND, tenant)
         timed = any(p.get("effective_from_ms") is not None or p.get("effective_until_ms") is not None
                     for p in policies)
-        view = TenantView(gen, policies, timed, any(has_rules(p) for p in policies))
+        view = TenantView(gen, policies, timed, any(has_rules(p) for p in policies), tenant=_usable(
+            await self.store.get_tenant(tenant)))
         if len(self._views) >= _MAX_TENANTS:
             self._views.clear()
         self._views[tenant] = view
@@ -54,3 +59,11 @@ class GovernanceCache:
 
     def forget(self, tenant: str) -> None:
         self._views.pop(tenant, None)
+
+
+def _usable(record: Any) -> dict[str, Any] | None:
+    """A record the store may use in place of its own read; anything odd is left for the store to read and
+    refuse (it fails closed on a malformed record)."""
+    if isinstance(record, dict) and record.get("status") in ("ACTIVE", "SUSPENDED", "CLOSED"):
+        return record
+    return None

@@ -77,6 +77,12 @@ async def _acting(request: Request, ctx: Ctx, permission: str, principal: Princi
     raise AssertionError("unreachable: the last attempt is never refused as stale")
 
 
+def _tenant_record(ctx: Ctx, gen: int | None) -> dict[str, Any] | None:
+    """The tenant record of the view whose generation the store will check (store.base.ReserveCommand)."""
+    view = ctx.view
+    return view.tenant if gen is not None and view is not None and view.gen == gen else None
+
+
 def _hash(*parts: bytes) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -156,7 +162,7 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
             tenant=principal.tenant_id or "", endpoint=endpoint, idempotency_key=req.idempotency_key,
             payload_hash=payload_hash, subject=subject, action=msgspec.to_builtins(req.action),
             unit=req.estimate.unit, amount=req.estimate.amount, scope_path=path, scopes=scopes, metadata=req.metadata,
-            gen=gen)
+            gen=gen, tenant_record=_tenant_record(ctx, gen))
         if endpoint == "reserve":
             cmd.dry_run, cmd.ttl_ms, cmd.grace_ms, cmd.overage_policy = (req.dry_run, req.ttl_ms, req.grace_period_ms,
                                                                          req.overage_policy)
@@ -210,7 +216,8 @@ async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
 
     async def act(principal: Principal, gen: int | None) -> Response:
         cmd = SettleCommand(tenant=None if principal.is_admin else principal.tenant_id, reservation_id=rid,
-                            idempotency_key=req.idempotency_key, payload_hash=payload_hash, gen=gen)
+                            idempotency_key=req.idempotency_key, payload_hash=payload_hash, gen=gen,
+                            tenant_record=_tenant_record(ctx, gen))
         if isinstance(req, m.CommitRequest):
             cmd.actual, cmd.unit, cmd.metadata = req.actual.amount, req.actual.unit, req.metadata
             out = await store.commit(cmd)
@@ -363,7 +370,7 @@ async def create_event(request: Request, ctx: Ctx) -> Response:
             subject=subject, action=msgspec.to_builtins(req.action), unit=req.actual.unit, amount=req.actual.amount,
             scope_path=path, scopes=scopes, overage_policy=req.overage_policy, metadata=req.metadata,
             metrics=msgspec.to_builtins(req.metrics) if req.metrics else None, client_time_ms=req.client_time_ms,
-            gen=gen)
+            gen=gen, tenant_record=_tenant_record(ctx, gen))
         return json_response(ctx, render.event(await store.create_event(cmd)), status=201)
 
     return await _acting(request, ctx, "reservations:commit", principal, act)

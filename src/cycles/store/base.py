@@ -134,6 +134,9 @@ class ReserveCommand:
     # request's observe_mode; None when the request and the tenant's policies use neither
     actions: dict[str, Any] | None = None
     observe_mode: str | None = None
+    # the tenant's record as the caller read it after `gen`: used only when `gen` is checked (then it is
+    # current), to spare the store a read; None: the store reads it
+    tenant_record: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -150,6 +153,7 @@ class SettleCommand:
     metadata: dict[str, Any] | None = None
     reason: str | None = None
     gen: int | None = None  # as on ReserveCommand
+    tenant_record: dict[str, Any] | None = None  # as on ReserveCommand
 
 
 @dataclass(slots=True)
@@ -168,6 +172,7 @@ class EventCommand:
     metrics: dict[str, Any] | None = None
     client_time_ms: int | None = None
     gen: int | None = None  # as on ReserveCommand
+    tenant_record: dict[str, Any] | None = None  # as on ReserveCommand
 
 
 @dataclass(slots=True)

@@ -60,7 +60,7 @@ class _Runtime(_Core):
             if made is not None:
                 return made
         evaluate_only = cmd.dry_run or cmd.endpoint == "decide"
-        tenant = _tenant_state(conn, cmd.tenant)
+        tenant = _tenant_of(conn, cmd.tenant, cmd)
         base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
 
         def deny(reason: str, ledgers: Sequence[L.Ledger] = (), detail: dict[str, Any] | None = None) -> Outcome:
@@ -229,7 +229,7 @@ class _Runtime(_Core):
                     f"Reservation {cmd.reservation_id} reached its maximum of {res['max_extensions']} extensions",
                 )
             expires = res["expires_at_ms"] + (cmd.extend_by_ms or 0)
-            max_ttl = (_tenant_state(conn, res["tenant_id"]) or {}).get("max_reservation_ttl_ms")
+            max_ttl = (_tenant_of(conn, res["tenant_id"], cmd) or {}).get("max_reservation_ttl_ms")
             if max_ttl:
                 expires = max(res["expires_at_ms"], min(expires, now + max_ttl))
             conn.execute(
@@ -248,7 +248,7 @@ class _Runtime(_Core):
             replay = _replay(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash)
             if replay is not None:
                 return Outcome(_decode(replay[0]), replay=True, now_ms=now)
-            tenant = _tenant_state(conn, cmd.tenant)
+            tenant = _tenant_of(conn, cmd.tenant, cmd)
             if tenant and tenant.get("status") == "CLOSED":
                 raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
             overage: dict[str, str | None] = {}
@@ -338,7 +338,7 @@ def _settled(conn: sqlite3.Connection, res: dict[str, Any], cmd: SettleCommand, 
 def _reserved(conn: sqlite3.Connection, tenant: str, key: str, payload_hash: str, now: int) -> Outcome | None:
     """The replay of a live reserve, from the reservation it made (which carries its idempotency record)."""
     row = conn.execute(
-        "SELECT payload_hash, result, status, expires_at_ms FROM reservations INDEXED BY reservations_tenant_key "
+        "SELECT payload_hash, result, status, expires_at_ms FROM reservations INDEXED BY reservations_tenant_key_time "
         "WHERE tenant_id=? AND idempotency_key=? AND result IS NOT NULL ORDER BY created_at_ms DESC LIMIT 1",
         (tenant, key)).fetchone()
     if row is None:
@@ -374,19 +374,37 @@ def _gen(conn: sqlite3.Connection, tenant: str) -> int:
     return row[0] if row else 0
 
 
+def _tenant_of(conn: sqlite3.Connection, tenant: str, cmd: ReserveCommand | SettleCommand | EventCommand,
+               ) -> dict[str, Any] | None:
+    """The tenant's record: the caller's copy when this transaction checked the generation it was read at
+    (so it is current), else read here."""
+    if cmd.gen is not None and cmd.tenant_record is not None and cmd.tenant == tenant:
+        return cmd.tenant_record
+    return _tenant_state(conn, tenant)
+
+
 def _check_gen(conn: sqlite3.Connection, tenant: str, gen: int) -> None:
     if _gen(conn, tenant) != gen:
         raise StaleGovernance()
+
+
+# One primary-key lookup per scope, joined with UNION ALL: `scope IN (...)` over two or more values builds an
+# ephemeral table on every run (about a third of the statement's cost).
+_LEDGER_SQL = f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope=?"
+_LEDGERS_SQL: dict[int, str] = {}
 
 
 def _scope_ledgers(conn: sqlite3.Connection, tenant: str, scopes: list[str], unit: str,
                    overage: dict[str, str | None] | None = None) -> list[L.Ledger]:
     """Ledgers of `scopes` in `unit`, in canonical order; raises UNIT_MISMATCH when only other units exist.
     `overage`, when given, receives each ledger's own commit_overage_policy (by scope)."""
-    marks = ",".join("?" * len(scopes))
-    rows = conn.execute(
-        f"SELECT {_LEDGER_COLS} FROM budgets WHERE tenant_id=? AND scope IN ({marks})", (tenant, *scopes)
-    ).fetchall()
+    sql = _LEDGERS_SQL.get(len(scopes))
+    if sql is None:
+        sql = _LEDGERS_SQL[len(scopes)] = " UNION ALL ".join([_LEDGER_SQL] * len(scopes))
+    params: list[str] = []
+    for scope in scopes:
+        params += (tenant, scope)
+    rows = conn.execute(sql, params).fetchall()
     same = {r[0]: r for r in rows if r[1] == unit}
     if not same and rows:
         by_scope: dict[str, list[str]] = {}
@@ -418,11 +436,32 @@ def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Le
         for event_type, scope, data in E.transitions(old, new, reservation_id=reservation_id,
                                                      overage_policy=overage_policy):
             _emit(event_type, tenant, scope, data)
-    conn.executemany(
-        "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, is_over_limit=?, updated_at_ms=? "
-        "WHERE tenant_id=? AND scope=? AND unit=?",
-        [(l.allocated, l.spent, l.reserved, l.debt, int(l.is_over_limit), now, tenant, l.scope, l.unit) for l in ledgers],
-    )
+    if before is None or len(before) != len(ledgers):
+        conn.executemany(
+            _UPDATE_LEDGER_SQL[_LEDGER_FIELDS],
+            [(l.allocated, l.spent, l.reserved, l.debt, int(l.is_over_limit), now, tenant, l.scope, l.unit)
+             for l in ledgers])
+        return
+    for old, new in zip(before, ledgers):
+        # Only the columns that changed: a column in the SET list makes SQLite maintain every index on it
+        # (the debt and over-limit partial indexes) and fire the overview counters' trigger, even when the
+        # value is the same. A reserve changes `reserved` alone, a commit `spent` and `reserved`.
+        changed = tuple(f for f in _LEDGER_FIELDS if getattr(old, f) != getattr(new, f))
+        sql = _UPDATE_LEDGER_SQL.get(changed)
+        if sql is None:
+            sql = _UPDATE_LEDGER_SQL[changed] = _update_ledger_sql(changed)
+        conn.execute(sql, (*(int(getattr(new, f)) for f in changed), now, tenant, new.scope, new.unit))
+
+
+_LEDGER_FIELDS = ("allocated", "spent", "reserved", "debt", "is_over_limit")
+
+
+def _update_ledger_sql(fields: tuple[str, ...]) -> str:
+    sets = "".join(f"{f}=?, " for f in fields)
+    return f"UPDATE budgets SET {sets}updated_at_ms=? WHERE tenant_id=? AND scope=? AND unit=?"
+
+
+_UPDATE_LEDGER_SQL: dict[tuple[str, ...], str] = {_LEDGER_FIELDS: _update_ledger_sql(_LEDGER_FIELDS)}
 
 
 def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,
@@ -446,7 +485,7 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
             return res or {}, _replayed(conn, replay, now)
     if res is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
-    tenant = _tenant_state(conn, res["tenant_id"])
+    tenant = _tenant_of(conn, res["tenant_id"], cmd)
     if tenant and tenant.get("status") == "CLOSED":
         raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {res['tenant_id']} is closed")
     if res["status"] in ("COMMITTED", "RELEASED"):

@@ -22,7 +22,7 @@ RESERVATION_COLUMNS = """
 RESERVATION_INDEXES = """
 CREATE INDEX IF NOT EXISTS reservations_tenant_created ON reservations (tenant_id, created_at_ms, reservation_id);
 CREATE INDEX IF NOT EXISTS reservations_active ON reservations (deadline_ms) WHERE status = 'ACTIVE';
-CREATE INDEX IF NOT EXISTS reservations_tenant_key ON reservations (tenant_id, idempotency_key);
+CREATE INDEX IF NOT EXISTS reservations_tenant_key_time ON reservations (tenant_id, idempotency_key, created_at_ms);
 """
 
 SCHEMA = """
@@ -157,6 +157,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_over_limit ON budgets (debt DESC) WHERE is_over_limit = 1")
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_with_debt ON budgets (debt DESC) WHERE debt > 0")
     conn.execute("DROP INDEX IF EXISTS reservations_active_deadline")  # replaced by the partial reservations_active
+    # replaced by reservations_tenant_key_time, which also orders a key's reservations: the replay lookup of a
+    # reserve (runtime._reserved) reads the newest from the index instead of sorting in a temporary B-tree
+    conn.execute("DROP INDEX IF EXISTS reservations_tenant_key")
     for stmt in GEN_TRIGGERS.split(";;"):
         conn.execute(stmt)
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone() is None:
