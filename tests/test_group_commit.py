@@ -79,6 +79,37 @@ def test_errors_inside_a_batch_touch_only_their_own_operation(tmp_path: Path) ->
     asyncio.run(main())
 
 
+def test_a_runtime_batch_without_savepoints_still_isolates_a_failure_after_a_write(tmp_path: Path) -> None:
+    """Batches of runtime operations only run without savepoints; one that fails after writing makes the batch
+    run again with them: its write is undone, every other operation commits once, and answers once."""
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "c.db", 1_000)
+        batches0 = store.batches
+        savepoints: list[str] = []
+        store.conn.set_trace_callback(lambda sql: savepoints.append(sql) if sql.startswith("SAVEPOINT") else None)
+
+        def poisoned(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute("UPDATE budgets SET spent = spent + 999 WHERE tenant_id='t'")
+            raise RuntimeError("injected failure after a write")
+
+        plain = await asyncio.gather(*(store.reserve(reserve_cmd("t", 5)) for _ in range(8)))
+        assert len(plain) == 8 and not savepoints, "a batch of runtime operations ran with savepoints"
+        ops = [store._awrite(poisoned, rerun=True) if i == 5 else store.reserve(reserve_cmd("t", 25 if i != 9 else 10**6))
+               for i in range(16)]
+        out = await asyncio.gather(*ops, return_exceptions=True)
+        assert store.batches - batches0 == 2, "both batches commit once each"
+        assert savepoints, "the batch with the failure after a write did not run again with savepoints"
+        assert isinstance(out[5], RuntimeError) and isinstance(out[9], ProtocolError)
+        ok = [o for o in out if not isinstance(o, BaseException)]
+        assert len(ok) == 14 and len({o.result["reservation_id"] for o in ok}) == 14
+        row = store.conn.execute("SELECT spent, reserved FROM budgets WHERE tenant_id='t'").fetchone()
+        assert row == (0, 8 * 5 + 14 * 25)
+        assert store.conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 22
+        await store.close()
+
+    asyncio.run(main())
+
+
 def test_same_key_twice_in_one_batch_is_one_reservation(tmp_path: Path) -> None:
     async def main() -> None:
         store = await _store_with_budget(tmp_path / "c.db", 1_000)

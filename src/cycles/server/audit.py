@@ -58,9 +58,10 @@ def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Requ
             "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
         }
         ctx.runtime = runtime
-        for name in _ID_PARAMS:
-            if name in request.path_params:
-                ctx.audit["resource_id"] = str(request.path_params[name])[:256]
+        params = request.path_params
+        for name in _ID_PARAMS if params else ():
+            if name in params:
+                ctx.audit["resource_id"] = str(params[name])[:256]
                 break
         return start_journal(ctx.journal)
 

@@ -192,7 +192,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.headers) > self.limits.max_headers:  # their bytes were bounded by max_header_bytes
             raise _HeadTooLarge()
         self._deadline = self._sweeper.now + self.limits.timeout_body
-        super().on_headers_complete()
+        if not self._direct():
+            super().on_headers_complete()
+
+    def _direct(self) -> bool:
+        """Whether this request takes a direct path instead of uvicorn's (server.lean); here never."""
+        return False
 
     def on_message_complete(self) -> None:
         self._deadline = INF  # the application's turn; after the response uvicorn's keep-alive timer runs
@@ -206,8 +211,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def protocol_class(limits: Limits, max_connections: int) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class bound to these limits (uvicorn instantiates the class it is given)."""
-    return type("CyclesHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "max_connections": max_connections})
+    """A protocol class bound to these limits (uvicorn instantiates the class it is given), with the direct
+    path of the hot routes (server.lean)."""
+    from .lean import LeanHttpProtocol
+
+    return type("CyclesHttpProtocol", (LeanHttpProtocol,), {"limits": limits, "max_connections": max_connections})
 
 
 def uvicorn_options(limits: Limits) -> dict[str, Any]:

@@ -80,6 +80,30 @@ class HotRequest:
         return self._body
 
 
+class DirectRequest:
+    """A hot-route request read by server.lean straight off the connection: its headers (lower-case names, the
+    first value of a repeated header), path parameters, client address and whole body. Duck-typed to
+    starlette.requests.Request as HotRequest is."""
+
+    __slots__ = ("headers", "path_params", "app", "client", "_body")
+    method = "POST"
+
+    def __init__(self, headers: dict[str, str], path_params: dict[str, str], client: tuple[str, int] | None,
+                 app: Any, body: bytes) -> None:
+        self.headers = headers
+        self.path_params = path_params
+        self.app = app
+        self.client = _Client(client[0], client[1]) if client else None
+        self._body = body
+
+    async def body(self) -> bytes:
+        return self._body
+
+    async def stream(self) -> Any:
+        if self._body:
+            yield self._body
+
+
 class HotRoutes:
     """ASGI app: the runtime POST routes directly, the rest through `app`."""
 
@@ -90,7 +114,8 @@ class HotRoutes:
         self._actions = {path.rsplit("/", 1)[1]: fn for (method, path), fn in endpoints.items()
                          if method == "POST" and path.startswith("/v1/reservations/{reservation_id}/")}
 
-    def _match(self, path: str) -> tuple[Endpoint, dict[str, str]] | None:
+    def match(self, path: str) -> tuple[Endpoint, dict[str, str]] | None:
+        """The endpoint of a POST to `path` and its path parameters, when this dispatch owns it."""
         fn = self._exact.get(path)
         if fn is not None:
             return fn, {}
@@ -103,7 +128,7 @@ class HotRoutes:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            found = self._match(scope["path"])
+            found = self.match(scope["path"])
             if found is not None:
                 fn, params = found
                 scope["app"] = self.app

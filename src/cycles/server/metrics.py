@@ -22,6 +22,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=5_000)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._decisions: dict[tuple[str, str, str], Any] = {}
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)
@@ -77,7 +78,11 @@ class Metrics:
         return values[min(len(values) - 1, int(len(values) * 0.99))] * 1000
 
     def decision(self, endpoint: str, decision: str, reason: str) -> None:
-        self.decisions.labels(endpoint, decision, reason).inc()
+        key = (endpoint, decision, reason)
+        child = self._decisions.get(key)
+        if child is None:  # as for requests: each labelled child is looked up once
+            child = self._decisions[key] = self.decisions.labels(endpoint, decision, reason)
+        child.inc()
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

@@ -41,6 +41,11 @@ class _Op:
     ok: bool = False
     result: Any = None
     error: BaseException | None = None
+    rerun: bool = False  # a function of the store's state alone, safe to run again (_run_batch)
+
+
+class _Isolate(Exception):
+    """A batch run without savepoints must run again with them (_run_batch)."""
 
 
 class _Busy(Exception):
@@ -174,10 +179,21 @@ class _Core:
     # ---- group commit ----
 
     def _run_batch(self, batch: list[_Op]) -> None:
-        """Run queued write operations in one `BEGIN IMMEDIATE ... COMMIT`, each inside its own
-        SAVEPOINT: an operation that raises is rolled back to its savepoint and answers its error,
-        the others commit. Nobody is answered before the COMMIT returned (durable at the configured
-        `synchronous` level). Raises _Busy, before any change, while another process holds the lock."""
+        """Run queued write operations in one `BEGIN IMMEDIATE ... COMMIT`: an operation that raises leaves
+        no change behind and answers its error, the others commit. Nobody is answered before the COMMIT
+        returned (durable at the configured `synchronous` level). Raises _Busy, before any change, while
+        another process holds the lock.
+
+        Each operation runs inside its own SAVEPOINT, except in a batch of runtime operations only (`_Op.rerun`:
+        functions of the store's state alone, safe to run again): those run bare, and one that fails after it
+        wrote (rare: its checks come before its writes) has the whole transaction rolled back and the batch run
+        again with savepoints. A SAVEPOINT and its RELEASE are two of the nine or so statements of a reserve."""
+        try:
+            self._run_batch_once(batch, isolate=not all(op.rerun for op in batch))
+        except _Isolate:
+            self._run_batch_once(batch, isolate=True)
+
+    def _run_batch_once(self, batch: list[_Op], isolate: bool) -> None:
         conn = self.conn
         self._check_file()
         try:
@@ -191,9 +207,11 @@ class _Core:
             for op in batch:
                 if op.future.done():  # the request went away before its turn: nothing to do
                     continue
-                execute("SAVEPOINT op")
+                if isolate:
+                    execute("SAVEPOINT op")
                 _TX_EVENTS.clear()
                 now = self._clock()
+                changes = conn.total_changes
                 try:
                     op.result = op.fn(conn, now)
                     if _TX_EVENTS or (op.journal and _writes(op.journal)):
@@ -207,9 +225,13 @@ class _Core:
                 except sqlite3.OperationalError:
                     raise  # the file or the disk failed: the whole transaction goes
                 except Exception as exc:  # noqa: BLE001 - the operation's own answer (ProtocolError mostly)
-                    execute("ROLLBACK TO op")
+                    if isolate:
+                        execute("ROLLBACK TO op")
+                    elif conn.total_changes != changes:
+                        raise _Isolate() from exc  # it wrote before failing: only a savepoint undoes that alone
                     op.error = exc
-                execute("RELEASE op")
+                if isolate:
+                    execute("RELEASE op")
             execute("COMMIT")
             self.batches += 1
         except BaseException as exc:
@@ -226,7 +248,7 @@ class _Core:
             raise
 
     async def _awrite(self, fn: Callable[[sqlite3.Connection, int], Any],
-                      journal: list[dict[str, Any]] | None = None) -> Any:
+                      journal: list[dict[str, Any]] | None = None, *, rerun: bool = False) -> Any:
         """Run `fn` in a write transaction, grouped with the other writes queued at the same time.
 
         Group commit on the event loop's thread: the first write schedules a flush with call_soon, the
@@ -237,7 +259,7 @@ class _Core:
         start changed nothing, so retrying it is safe.
         """
         loop = asyncio.get_running_loop()
-        op = _Op(fn, pending_journal() if journal is None else journal, loop.create_future())
+        op = _Op(fn, pending_journal() if journal is None else journal, loop.create_future(), rerun=rerun)
         self._queue.append(op)
         if not self._flush_scheduled or self._flush_loop is not loop:
             # (a store used from a new loop after the old one closed with a flush pending)

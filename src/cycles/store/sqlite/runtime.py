@@ -47,7 +47,7 @@ class _Runtime(_Core):
     """reserve / decide, commit, release, extend, create_event, and the maintenance writes of the runtime."""
 
     async def reserve(self, cmd: ReserveCommand) -> Outcome:
-        return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd))
+        return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd), rerun=True)
 
     def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
         if cmd.gen is not None:
@@ -200,7 +200,7 @@ class _Runtime(_Core):
                       "balances": [balance_record(l) for l in settled.ledgers]}
             return _settled(conn, res, cmd, "commit", result, now)
 
-        return await self._awrite(tx)
+        return await self._awrite(tx, rerun=True)
 
     async def release(self, cmd: SettleCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
@@ -216,7 +216,7 @@ class _Runtime(_Core):
             result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
             return _settled(conn, res, cmd, "release", result, now)
 
-        return await self._awrite(tx)
+        return await self._awrite(tx, rerun=True)
 
     async def extend(self, cmd: SettleCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
@@ -239,7 +239,7 @@ class _Runtime(_Core):
             result = {"expires_at_ms": expires, "reservation_id": cmd.reservation_id}
             return _settled(conn, res, cmd, "extend", result, now)
 
-        return await self._awrite(tx)
+        return await self._awrite(tx, rerun=True)
 
     async def create_event(self, cmd: EventCommand) -> Outcome:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
@@ -274,7 +274,7 @@ class _Runtime(_Core):
             _remember(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
-        return await self._awrite(tx)
+        return await self._awrite(tx, rerun=True)
 
     # ---- maintenance ----
 
