@@ -38,6 +38,13 @@ def time_ordered_id(prefix: str, now_ms: int) -> str:
     return f"{prefix}_{now_ms & 0xFFFFFFFFFF:010x}{_ID_PROCESS:010x}{next(_ID_SEQ) & 0xFFFF:04x}"
 
 
+# built once: an f-string is formatted again on every call, and the statement cache is keyed by the text
+_INSERT_RESERVATION = (
+    f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits, "
+    "payload_hash, result, quota_runs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_OPEN_RESERVATION = f"SELECT {_RES_COLS}, commit_limits, quota_runs FROM reservations WHERE reservation_id=?"
+
+
 def balance_record(led: L.Ledger) -> list[Any]:
     """The compact form of a ledger inside result records (rendered into a wire Balance)."""
     return [led.scope, led.unit, led.allocated, led.spent, led.reserved, led.debt, led.overdraft_limit, led.is_over_limit]
@@ -152,8 +159,7 @@ class _Runtime(_Core):
                   "balances": [balance_record(l) for l in held]}
         # the reservation row is also the idempotency record of the reserve that made it (_reserved)
         conn.execute(
-            f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits, "
-            "payload_hash, result, quota_runs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            _INSERT_RESERVATION,
             (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
              cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
@@ -469,7 +475,7 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
     """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
     if cmd.gen is not None and cmd.tenant is not None:
         _check_gen(conn, cmd.tenant, cmd.gen)
-    row = conn.execute(f"SELECT {_RES_COLS}, commit_limits, quota_runs FROM reservations WHERE reservation_id=?",
+    row = conn.execute(_OPEN_RESERVATION,
                        (cmd.reservation_id,)).fetchone()
     res = _reservation(row) if row else None
     if res is not None:
