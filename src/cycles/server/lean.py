@@ -13,7 +13,7 @@ headers middleware pass and a second write per request.
 Everything else takes uvicorn's path unchanged: other methods and routes, HTTP/1.0, upgrades, `Expect:
 100-continue`, chunked or large bodies, a query string or an escaped path, X-Forwarded-* headers (uvicorn's
 proxy headers middleware decides what they mean), a request pipelined behind one still in progress, and any
-server whose access log is on (uvicorn writes it).
+server whose access log is on (uvicorn writes it) or that limits concurrency (uvicorn answers 503).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LeanHttpProtocol(GuardedHttpToolsProtocol):
         hot = getattr(self.server_state, "_cycles_hot", _UNSET)
         if hot is _UNSET:
             hot = self.server_state._cycles_hot = _hot_routes(self.app)
-        if hot is None or self.access_log:
+        if hot is None or self.access_log or self.limit_concurrency is not None:  # uvicorn's 503 decides there
             return False
         parser = self.parser
         if (parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or self.expect_100_continue
