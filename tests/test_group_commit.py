@@ -1,6 +1,7 @@
 """Group commit on the embedded store: many operations share one write transaction, each in its own
-savepoint, so an operation's error leaves the others committed and correct; an acknowledged operation
-survives kill -9 in the middle of a batch."""
+savepoint (or, in a batch of runtime operations only, none: a failure after a write runs the batch again with
+them), so an operation's error leaves the others committed and correct; an acknowledged operation survives
+kill -9 in the middle of a batch."""
 
 from __future__ import annotations
 
