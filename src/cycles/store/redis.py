@@ -36,6 +36,7 @@ from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
 from .redis_evidence import RedisEvidence
+from .redis_quotas import RedisQuotas
 from .redis_wire import ScriptChannel, supports
 from .base import (
     AuditScan,
@@ -184,7 +185,7 @@ def _script_error(out: dict[str, Any]) -> Exception:
                          status=out.get("status"))
 
 
-class RedisStore(RedisEvidence, Store):
+class RedisStore(RedisEvidence, RedisQuotas, Store):
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
                  socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
                  max_connections: int = 100) -> None:
