@@ -179,3 +179,112 @@ def test_reset_refreshes_a_per_run_expiry_and_the_close_cascade_counts_back(cloc
     assert run(store.cascade_close(tenant)) is True
     # both reservations were released by the cascade: their per_run counts came back, committed ones would not
     assert live()["per_run"]["used"] == 0 and live()["per_day_tumbling"]["used"] == 2
+
+
+# ---- the admin CLI and `cycles apply` manage the governance fields ----
+
+def _cli(server: Server, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from cycles.cli import app
+
+    env = {"COLUMNS": "200", "CYCLES_ADMIN_API_KEY": None, "CYCLES_URL": None, "CYCLES_BASE_URL": None}
+    if args[0] == "apply":
+        return CliRunner().invoke(app, [*args, "--url", server.base_url, "--admin-key", server.admin_key], env=env)
+    return CliRunner().invoke(app, ["admin", "--url", server.base_url, "--admin-key", server.admin_key, *args],
+                              env=env)
+
+
+def _json(server: Server, *args: str) -> Any:
+    result = _cli(server, *args, "--json")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_admin_cli_sets_lists_quotas_and_observe_mode(server: Server) -> None:
+    tenant = new_tenant(server)
+    tid = tenant.tenant_id
+    tenant.budget()
+    assert _json(server, "tenants", "update", tid, "--observe-mode", "OBSERVE")["observe_mode"] == "OBSERVE"
+    listed = _json(server, "tenants", "list", "--observe-mode", "OBSERVE", "--all")["tenants"]
+    assert tid in {t["tenant_id"] for t in listed}
+    _json(server, "tenants", "update", tid, "--observe-mode", "ENFORCE")
+    pol = _json(server, "policies", "create", "--tenant", tid, "--name", "gov", "--scope-pattern", f"tenant:{tid}",
+                "--deny-kind", "code.exec.shell", "--action-quota", "llm.completion=2/per_run",
+                "--risk-class-quota", "high_risk=9/per_hour_tumbling")
+    assert pol["denied_action_kinds"] == ["code.exec.shell"]
+    assert pol["action_quotas"] == [{"action_kind": "llm.completion", "max_calls": 2, "window": "per_run"}]
+    assert pol["risk_class_quotas"] == [{"risk_class": "high_risk", "max_calls": 9, "window": "per_hour_tumbling"}]
+    pid = pol["policy_id"]
+    swapped = _json(server, "policies", "update", pid, "--allow-kind", "llm.completion", "--clear",
+                    "denied_action_kinds")
+    assert swapped["allowed_action_kinds"] == ["llm.completion"] and swapped["denied_action_kinds"] == []
+    assert swapped["action_quotas"] == pol["action_quotas"]  # lists not named are kept
+    bad = _cli(server, "policies", "update", pid, "--action-quota", "llm.completion=five/per_run")
+    assert bad.exit_code == 2 and "KIND=MAX/WINDOW" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _cli(server, "policies", "update", pid, "--risk-class-quota", "risky=1/per_run")
+    assert bad.exit_code == 2 and "risk class must be one of" in bad.stderr
+    assert [p["policy_id"] for p in _json(server, "policies", "list", "--tenant", tid, "--has-action-quotas")[
+        "policies"]] == [pid]
+    run = tenant.subject(dimensions={"run_id": "r1"})
+    with tenant.client() as c:
+        for _ in range(2):
+            assert reserve(c, tenant, "llm.completion", subject=run).status_code == 200
+    rows = _json(server, "quotas", "list", "--tenant", tid, "--run-id", "r1")["counters"]
+    assert [(r["action_kind"], r["used"], r["limit"]) for r in rows] == [("llm.completion", 2, 2)]
+    table = _cli(server, "quotas", "list", "--tenant", tid, "--window", "per_run")
+    assert table.exit_code == 0 and "llm.completion" in table.stdout and "r1" in table.stdout
+    reset = _cli(server, "quotas", "reset", "--tenant", tid, "--scope", f"tenant:{tid}", "--action-kind",
+                 "llm.completion", "--window", "per_run", "--window-key", "r1", "--reason", "test")
+    assert reset.exit_code == 0 and "2 → 0" in reset.stdout, (reset.stdout, reset.stderr)
+    both = _cli(server, "quotas", "reset", "--tenant", tid, "--scope", f"tenant:{tid}", "--window", "per_run",
+                "--window-key", "r1")
+    assert both.exit_code == 2 and "--risk-class" in both.stderr
+    shown = _cli(server, "overview")
+    assert shown.exit_code == 0 and "Action quotas:" in shown.stdout and "allow list" in shown.stdout
+
+
+def test_apply_manages_governance_fields(server: Server, tmp_path: Path) -> None:
+    tid = f"apply-{uuid.uuid4().hex[:10]}"
+
+    def declare(policy_rules: str, observe: str = "OBSERVE") -> Path:
+        path = tmp_path / "gov.yaml"
+        path.write_text(f"tenants:\n  - tenant_id: {tid}\n    name: Gov\n    observe_mode: {observe}\n"
+                        f"    policies:\n      - name: gov\n        scope_pattern: tenant:{tid}\n{policy_rules}")
+        return path
+
+    rules = """        denied_action_kinds: [code.exec.shell]
+        action_quotas:
+          - {action_kind: message.email.send, max_calls: 5, window: per_run, host_allowlist: [api.sendgrid.com],
+             threshold_pct: 0.9, per_run_counter_ttl_ms: 3600000}
+        risk_class_quotas:
+          - {risk_class: high_risk, max_calls: 10, window: per_hour_tumbling}
+"""
+    applied = _cli(server, "apply", str(declare(rules)))
+    assert applied.exit_code == 0, (applied.stdout, applied.stderr)
+    with server.admin() as c:
+        assert c.get(f"/v1/admin/tenants/{tid}").json()["observe_mode"] == "OBSERVE"
+        pol = c.get("/v1/admin/policies", params={"tenant_id": tid}).json()["policies"][0]
+    assert pol["denied_action_kinds"] == ["code.exec.shell"]
+    assert pol["action_quotas"][0]["host_allowlist"] == ["api.sendgrid.com"]
+    assert pol["action_quotas"][0]["threshold_pct"] == 0.9
+    assert pol["risk_class_quotas"] == [{"risk_class": "high_risk", "max_calls": 10, "window": "per_hour_tumbling"}]
+    again = _cli(server, "apply", str(declare(rules)))
+    assert again.exit_code == 0 and "No changes." in again.stdout, again.stdout
+    # switching from a deny list to an allow list must say what happens to the deny list
+    swap = "        allowed_action_kinds: [llm.completion]\n"
+    conflict = _cli(server, "apply", str(declare(swap)))
+    assert conflict.exit_code == 1 and "denied_action_kinds: []" in conflict.stdout, conflict.stdout
+    swapped = _cli(server, "apply", str(declare(swap + "        denied_action_kinds: []\n", observe="ENFORCE")))
+    assert swapped.exit_code == 0, (swapped.stdout, swapped.stderr)
+    with server.admin() as c:
+        pol = c.get(f"/v1/admin/policies/{pol['policy_id']}").json()
+        assert c.get(f"/v1/admin/tenants/{tid}").json()["observe_mode"] == "ENFORCE"
+    assert (pol["allowed_action_kinds"], pol["denied_action_kinds"]) == (["llm.completion"], [])
+    bad = _cli(server, "apply", str(declare(
+        "        action_quotas: [{action_kind: x.y, max_calls: 0, window: weekly, threshold_pct: 2}]\n")))
+    assert bad.exit_code == 2
+    for problem in ("max_calls: must be between 1 and 100000", "window: must be one of", "threshold_pct"):
+        assert problem in bad.stderr, bad.stderr
+    both = _cli(server, "apply", str(declare("        allowed_action_kinds: [a.b]\n        denied_action_kinds: [c.d]\n")))
+    assert both.exit_code == 2 and "mutually exclusive" in both.stderr, both.stderr
