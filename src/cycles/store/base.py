@@ -438,6 +438,12 @@ class Store(abc.ABC):
     async def evidence_links(self, links: list[str]) -> list[str | None]:
         """The evidence id each link points at (None where none)."""
 
+    async def count_public(self, key: str, window_s: int) -> int | None:
+        """Count one request of an unauthenticated route under `key` (route and source address) in the current
+        wall-clock window of `window_s` seconds, shared by every server of the store; the count so far. None:
+        this store does not share such counts (each process counts its own: cycles.server.throttle)."""
+        return None
+
     @abc.abstractmethod
     async def pending_cascades(self) -> list[str]:
         """Tenants whose close cascade has not finished (a crash stopped it): resumed at startup."""
