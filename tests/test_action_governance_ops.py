@@ -20,7 +20,7 @@ from test_action_governance import USD, clocked, counters, events_of, policy, re
 CUSTOM = [{"kind": "custom.acme.mail.send", "risk_class": "external_side_effect"},
           {"kind": "custom.acme.mail.legacy", "risk_class": "external_side_effect", "deprecated": True,
            "replacement_kind": "custom.acme.mail.send"}]
-pytestmark = pytest.mark.xdist_group("governance-ops")  # one tuned server per store, not one per worker
+tuned_group = pytest.mark.xdist_group("governance-tuned")  # one tuned server per store, not one per worker
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
@@ -34,12 +34,18 @@ def tuned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def overview(server: Server) -> dict[str, Any]:
+    from cycles.conformance import specdocs
+
     with server.admin() as c:
         r = c.get("/v1/admin/overview")
     assert r.status_code == 200, r.text
-    return r.json()
+    body = r.json()
+    # the governance spec's AdminOverviewResponse (its objects forbid members they do not name)
+    assert specdocs.errors_against(specdocs.schema_ref(specdocs.ADMIN, "AdminOverviewResponse"), body) == []
+    return body
 
 
+@tuned_group
 def test_overview_counts_governance(tuned: Server) -> None:
     before = overview(tuned)
     shadow, denier, quota = new_tenant(tuned), new_tenant(tuned), new_tenant(tuned)
@@ -85,6 +91,7 @@ def test_overview_counts_governance(tuned: Server) -> None:
     assert overview(tuned)["quota_health"] == base  # a reset counter is no longer hot
 
 
+@tuned_group
 def test_observed_allowed_is_sampled_and_denials_are_not(tuned: Server) -> None:
     tenant = new_tenant(tuned)
     tenant.budget()
@@ -102,6 +109,7 @@ def test_observed_allowed_is_sampled_and_denials_are_not(tuned: Server) -> None:
     assert len(events_of(tuned, tenant, "reservation.observed_denied")) == 3
 
 
+@tuned_group
 def test_deprecated_kind_answers_carry_its_replacement(tuned: Server) -> None:
     tenant = new_tenant(tuned)
     tenant.budget()

@@ -358,7 +358,8 @@ def _policy(tenant: str, p: dict[str, Any], found: list[dict[str, Any]]) -> Chan
     if current.get("scope_pattern") != p["scope_pattern"]:
         return Change("policy", target, CONFLICT, note=f"scope_pattern {current.get('scope_pattern')} → "
                       f"{p['scope_pattern']}: the API cannot change a policy's scope pattern; give it a new name")
-    for mine, other in (("allowed_action_kinds", "denied_action_kinds"), ("denied_action_kinds", "allowed_action_kinds")):
+    lists = ("allowed_action_kinds", "denied_action_kinds")
+    for mine, other in (lists, lists[::-1]):
         if p.get(mine) and other not in p and current.get(other):
             return Change("policy", target, CONFLICT, note=f"the policy has {other} and a policy cannot have both "
                           f"lists; add `{other}: []` to the file to replace it with {mine}")
