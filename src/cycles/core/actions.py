@@ -71,7 +71,9 @@ class Registry:
                                  if k in ("kind", "risk_class", "description", "policy_key_spec", "mcp_tool_prefixes",
                                           "deprecated", "replacement_kind")}
         self.version = action_registry.VERSION
-        self.deprecated = {k: e for k, e in {**self.builtin, **self.custom}.items() if e.get("deprecated")}
+        # kinds whose answers carry X-Cycles-Deprecated-Kind (the spec gives every deprecated kind a replacement)
+        self.deprecated = {k: e for k, e in {**self.builtin, **self.custom}.items()
+                           if e.get("deprecated") and e.get("replacement_kind")}
 
     def get(self, kind: str) -> dict[str, Any] | None:
         return self.builtin.get(kind) or self.custom.get(kind)
@@ -85,11 +87,6 @@ class Registry:
     def risk_class(self, kind: str) -> str:
         entry = self.get(kind)
         return entry["risk_class"] if entry else DEFAULT_RISK
-
-    def replacement(self, kind: str) -> str | None:
-        """The replacement_kind of a deprecated kind (the X-Cycles-Deprecated-Kind header), else None."""
-        entry = self.deprecated.get(kind)
-        return entry["replacement_kind"] if entry else None
 
 
 def load_registry(env: dict[str, str] | None = None) -> Registry:

@@ -73,11 +73,9 @@ async def plan(store: Any, cmd: ReserveCommand, view: TenantView | None) -> bool
 def warn_deprecated(ctx: Ctx, kind: str) -> None:
     """X-Cycles-Deprecated-Kind: <replacement_kind> on the answers to a reservation or decision that uses a
     deprecated kind (the registry's DEPRECATION PROCESS; the kind itself is never rewritten)."""
-    reg = A.registry()
-    if reg.deprecated:
-        replacement = reg.replacement(kind)
-        if replacement is not None:
-            ctx.extra_headers["X-Cycles-Deprecated-Kind"] = replacement
+    deprecated = A.registry().deprecated
+    if deprecated and kind in deprecated:
+        ctx.extra_headers["X-Cycles-Deprecated-Kind"] = deprecated[kind]["replacement_kind"]
 
 
 def uses_extension(cmd: ReserveCommand, rules: bool) -> bool:
