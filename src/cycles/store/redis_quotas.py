@@ -8,10 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def _prefix(tenant: str) -> str:
-    return f"cy:{{{tenant}}}:"  # as store.redis.prefix
-
-
 class RedisQuotas:
     """Mixed into RedisStore, whose `r`, `_call` and `now_ms` it uses."""
 
@@ -20,8 +16,10 @@ class RedisQuotas:
     now_ms: Any
 
     async def hot_action_counters(self) -> list[dict[str, Any]]:
+        from .redis import TENANTS, prefix as _prefix  # the store's key layout (imported here: it imports this)
+
         now = await self.now_ms()
-        tenants = sorted(await self._call(lambda: self.r.smembers("cy:tenants")))
+        tenants = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
         if not tenants:
             return []
 
