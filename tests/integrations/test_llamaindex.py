@@ -8,26 +8,26 @@ llama-index-llms-openai declares `openai<3` while this project's OpenAI integrat
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import pytest
 
-pytest.importorskip("llama_index.llms.openai", reason="llama-index-llms-openai: installed by .ci/run (--no-deps)")
+if importlib.util.find_spec("llama_index.llms.openai") is None:
+    pytest.skip("llama-index-llms-openai: installed by .ci/run (--no-deps)", allow_module_level=True)
 
-from llama_index.core.agent.workflow import FunctionAgent  # noqa: E402
-from llama_index.core.llms import ChatMessage  # noqa: E402
-from llama_index.core.tools import FunctionTool  # noqa: E402
-from llama_index.llms.openai import OpenAI  # noqa: E402
+# LlamaIndex is imported by the tests themselves, not at collection: it takes seconds, in every xdist worker
 
 from fake_providers import usage_for  # noqa: E402
 from integ_helpers import ONE_STORE, make_async_client, price_of, reservations  # noqa: E402
 
 from cycles.client import BudgetExceededError  # noqa: E402
-from cycles.integrations.llamaindex import CyclesLLM  # noqa: E402
 
 pytestmark = ONE_STORE
 
 
-def openai_llm(fake) -> OpenAI:
+def openai_llm(fake):
+    from llama_index.llms.openai import OpenAI
+
     # stream_options: LlamaIndex's documented way to have streams report usage (dropped when not streaming)
     return OpenAI(model="gpt-4o-mini", api_base=fake.base_url + "/v1", api_key="sk-test", max_tokens=100,
                   max_retries=0, additional_kwargs={"stream_options": {"include_usage": True}})
@@ -44,6 +44,10 @@ def committed(tenant) -> list[int]:
 
 
 def test_chat_complete_and_stream_priced_from_usage(funded, cycles_client, fake):
+    from llama_index.core.llms import ChatMessage
+
+    from cycles.integrations.llamaindex import CyclesLLM
+
     llm = CyclesLLM(openai_llm(fake), cycles_client=cycles_client, workflow="rag")
     assert llm.chat([ChatMessage(role="user", content="What is a reservation?")]).message.content.startswith("Budgets")
     assert llm.complete("Define a budget.").text.startswith("Budgets")
@@ -58,6 +62,11 @@ def test_chat_complete_and_stream_priced_from_usage(funded, cycles_client, fake)
 
 
 def test_function_agent_priced(funded, config, fake):
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    from cycles.integrations.llamaindex import CyclesLLM
+
     def weather(city: str) -> str:
         """The weather in a city."""
         return f"Sunny in {city}"
@@ -79,6 +88,10 @@ def test_function_agent_priced(funded, config, fake):
 
 
 def test_denied_llm_is_not_called(tenant, cycles_client, fake):
+    from llama_index.core.llms import ChatMessage
+
+    from cycles.integrations.llamaindex import CyclesLLM
+
     tenant.budget(amount=10)
     llm = CyclesLLM(openai_llm(fake), cycles_client=cycles_client)
     with pytest.raises(BudgetExceededError):
@@ -87,6 +100,10 @@ def test_denied_llm_is_not_called(tenant, cycles_client, fake):
 
 
 def test_error_releases(funded, config, fake):
+    from llama_index.core.llms import ChatMessage
+
+    from cycles.integrations.llamaindex import CyclesLLM
+
     async def main():
         cl = make_async_client(config)
         llm = CyclesLLM(openai_llm(fake), cycles_client=cl)
