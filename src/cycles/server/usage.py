@@ -27,7 +27,7 @@ from . import access
 from .admin import _budget_scope
 from .events import event_wire
 from .http import Ctx, json_response
-from .params import bad, enum_param, int_param, iso, str_param, time_param
+from .params import bad, bool_param, enum_param, int_param, iso, str_param, time_param
 from .state import state_of
 
 MAX_SCAN = 50_000
@@ -80,7 +80,10 @@ class DenialResponse(msgspec.Struct, omit_defaults=True):
     by_scope: list[UsageGroup] = []
     by_agent: list[UsageGroup] = []
     by_tool: list[UsageGroup] = []
+    by_policy: list[UsageGroup] = []
+    by_kind: list[UsageGroup] = []
     tenant_id: str | None = None
+    observed: bool = False
     scanned: int = 0
     truncated: bool = False
 
@@ -189,29 +192,36 @@ async def _denials(request: Request, ctx: Ctx, tenant: str | None, scope_filter:
     q = request.query_params
     store = state_of(request).store
     from_ms, to_ms, bucket_s = _window(q, await store.now_ms())
+    # observed=true: the would-be denials of tenants in observe mode (reservation.observed_denied)
+    observed = bool_param(q, "observed") or False
+    wanted = "reservation.observed_denied" if observed else "reservation.denied"
     bucket_ms = bucket_s * 1000
     first = from_ms - from_ms % bucket_ms
     n = (to_ms - first) // bucket_ms + 1
     amount, reasons, scopes, agents, tools = [0] * n, _counter(), _counter(), _counter(), _counter()
+    policies, kinds = _counter(), _counter()
     scanned, after, truncated = 0, None, False
     while True:
         rows = await store.scan_events(AuditScan(tenant=tenant, from_ms=from_ms, to_ms=to_ms, descending=True,
                                                  after=after, limit=1000))
         for row in rows:
-            if row.get("event_type") != "reservation.denied":
+            if row.get("event_type") != wanted:
                 continue
             data = row.get("data") or {}
+            detail = data.get("deny_detail") or {}
             scope = data.get("scope") or row.get("scope") or ""
             if scope_filter and not S.within_filter(scope, scope_filter):
                 continue
             i = (int(row["timestamp_ms"]) - first) // bucket_ms
             if 0 <= i < n:
                 amount[i] += 1
-            reasons[data.get("reason_code") or "(none)"] += 1
+            reasons[data.get("reason_code") or detail.get("reason_code") or "(none)"] += 1
             scopes[scope] += 1
             subject, action = data.get("subject") or {}, data.get("action") or {}
             agents[subject.get("agent") or "(none)"] += 1
             tools[action.get("name") or action.get("kind") or "(none)"] += 1
+            kinds[action.get("kind") or "(none)"] += 1
+            policies[data.get("policy_id") or detail.get("blocked_by_policy") or "(none)"] += 1
         scanned += len(rows)
         if len(rows) < 1000:
             break
@@ -224,7 +234,7 @@ async def _denials(request: Request, ctx: Ctx, tenant: str | None, scope_filter:
         series=[UsagePoint(start=iso(first + i * bucket_ms), start_ms=first + i * bucket_ms, amount=amount[i],
                            count=amount[i]) for i in range(n)],
         by_reason=_top(reasons), by_scope=_top(scopes), by_agent=_top(agents), by_tool=_top(tools),
-        scanned=scanned, truncated=truncated))
+        by_policy=_top(policies), by_kind=_top(kinds), observed=observed, scanned=scanned, truncated=truncated))
 
 
 def _counter() -> dict[str, int]:
