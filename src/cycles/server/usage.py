@@ -2,7 +2,7 @@
 
 Nothing here is recorded on the hot path: spend over time is derived from what reserve/commit already
 write (each COMMITTED reservation keeps its scope path, subject, action, unit, committed amount and
-finalization time), and denials from the `reservation.denied` observations in the event log. So a
+finalization time; each post-only event of POST /v1/events its charged amount and time), and denials from the `reservation.denied` observations in the event log. So a
 tenant that never asks pays nothing on reserve/commit. Each query reads a bounded number of rows
 (MAX_SCAN); when the bound is hit the answer says `truncated: true` and covers the newest rows.
 """
@@ -10,7 +10,6 @@ tenant that never asks pays nothing on reserve/commit. Each query reads a bounde
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import defaultdict
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from ..core import scopes as S
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..store.base import AuditScan, ReservationQuery
+from ..store.base import AuditScan
 from . import access
 from .admin import _budget_scope
 from .events import event_wire
@@ -53,9 +52,10 @@ class UsageGroup(msgspec.Struct, omit_defaults=True):
 class UnitUsage(msgspec.Struct, omit_defaults=True):
     unit: str
     total: int
-    count: int
+    count: int  # reservations and post-only events counted
     series: list[UsagePoint]
     groups: list[UsageGroup] = []
+    events: int = 0  # of `count`: post-only accounting events (POST /v1/events)
 
 
 class UsageResponse(msgspec.Struct, omit_defaults=True):
@@ -131,9 +131,7 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
     prefix = _scope_prefix(q, tenant)
     unit = enum_param(q, "unit", m.UNITS)
     group_by = enum_param(q, "group_by", GROUPS)
-    query = ReservationQuery(tenant=tenant, status="COMMITTED", windows={"finalized_at_ms": (from_ms, to_ms)},
-                             sort_by="created_at_ms", sort_dir="desc", limit=MAX_SCAN)
-    page = await store.list_reservations(query)
+    page = await store.scan_spend(tenant, from_ms, to_ms, MAX_SCAN)
     bucket_ms = bucket_s * 1000
     first = from_ms - from_ms % bucket_ms
     n = (to_ms - first) // bucket_ms + 1
@@ -144,18 +142,18 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
         scope_path = rec["scope_path"]
         if not _within(scope_path, prefix) or (scope_filter and not S.within_filter(scope_path, scope_filter)):
             continue
-        amount = int(rec.get("committed") or 0)
+        amount = rec["amount"]
         u = per_unit.get(rec["unit"])
         if u is None:
-            u = per_unit[rec["unit"]] = {"amount": [0] * n, "count": [0] * n, "groups": defaultdict(lambda: [0, 0])}
-        i = (int(rec["finalized_at_ms"]) - first) // bucket_ms
+            u = per_unit[rec["unit"]] = {"amount": [0] * n, "count": [0] * n, "groups": defaultdict(lambda: [0, 0]),
+                                         "events": 0}
+        i = (rec["at_ms"] - first) // bucket_ms
         if 0 <= i < n:
             u["amount"][i] += amount
             u["count"][i] += 1
+            u["events"] += rec["source"] == "event"
         if group_by:
-            subject = json.loads(rec["subject"]) if isinstance(rec["subject"], str) else rec["subject"]
-            action = json.loads(rec["action"]) if isinstance(rec["action"], str) else rec["action"]
-            g = u["groups"][_group_key(rec, subject, action, group_by)]
+            g = u["groups"][_group_key(rec, rec["subject"], rec["action"], group_by)]
             g[0] += amount
             g[1] += 1
     units = []
@@ -165,7 +163,8 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
                              count=u["count"][i]) for i in range(n)]
         groups = sorted((UsageGroup(key=k, amount=v[0], count=v[1]) for k, v in u["groups"].items()),
                         key=lambda x: (-x.amount, x.key))[:TOP]
-        units.append(UnitUsage(unit=name, total=sum(u["amount"]), count=sum(u["count"]), series=series, groups=groups))
+        units.append(UnitUsage(unit=name, total=sum(u["amount"]), count=sum(u["count"]), series=series, groups=groups,
+                               events=u["events"]))
     return json_response(ctx, UsageResponse(
         tenant_id=tenant, from_=iso(from_ms), to=iso(to_ms), bucket_seconds=bucket_s, units=units, group_by=group_by,
         scope_prefix=prefix, scanned=len(page.items), truncated=page.has_more))

@@ -87,6 +87,7 @@ _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 MAX_LIST_CANDIDATES = 50_000
+SPEND_PAGE = 500  # reservation hashes read per round trip by scan_spend
 
 
 def prefix(tenant: str) -> str:
@@ -441,6 +442,48 @@ class RedisStore(RedisEvidence, Store):
                                         else (r[col], r["reservation_id"]) > after)]
         return Page(rows[:q.limit], len(rows) > q.limit)
 
+    async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
+        # Reservations: the creation index read newest first from to_ms in pages (a reservation is finalized
+        # after it is created), at most `limit` hashes, so a tenant with any number of reservations is
+        # answered in bounded time. Events: their own per-tenant time index (event.lua).
+        p = prefix(tenant)
+        items: list[dict[str, Any]] = []
+        scanned, top, skip, more = 0, float(to_ms), 0, False
+        while True:
+            batch = min(SPEND_PAGE, limit - scanned)
+            if batch <= 0:
+                more = bool(await self._call(lambda: self.r.zcount(p + "rz:created", "-inf", top)) > skip)
+                break
+            page = await self._call(lambda: self.r.zrevrangebyscore(p + "rz:created", top, "-inf", start=skip,
+                                                                    num=batch, withscores=True))
+            if not page:
+                break
+            hashes = await self._hashes([p + "r:" + rid for rid, _ in page])
+            for h in hashes:
+                if h.get("status") == "COMMITTED" and from_ms <= int(h.get("finalized_at_ms") or -1) <= to_ms:
+                    items.append(_spend("reservation", h, "committed", "finalized_at_ms"))
+            scanned += len(page)
+            low = page[-1][1]  # page on the score; ids of that same millisecond already read are skipped
+            skip = sum(1 for _, score in page if score == low) + (skip if low == top else 0)
+            top = low
+            if len(page) < batch:
+                break
+        ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0, num=limit + 1))
+        more = more or len(ids) > limit
+        for h in await self._hashes([p + "e:" + eid for eid in ids[:limit]]):
+            if h:
+                items.append(_spend("event", h, "charged", "created_at_ms"))
+        return Page(items, more)
+
+    async def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        async def fetch() -> list[dict[str, str]]:
+            pipe = self.r.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return await pipe.execute()
+
+        return await self._call(fetch) if keys else []
+
     async def balances(self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int,
                        after: tuple[str, str] | None) -> Page:
         members = await self._members(tenant, f"{after[0]}|{after[1]}" if after else None)
@@ -755,6 +798,12 @@ def _normalize(result: dict[str, Any]) -> dict[str, Any]:
         if isinstance(result.get(key), dict):
             result[key] = []
     return result
+
+
+def _spend(source: str, h: dict[str, str], amount: str, at: str) -> dict[str, Any]:
+    return {"source": source, "scope_path": h.get("scope_path", ""), "subject": _decode(h.get("subject") or "{}"),
+            "action": _decode(h.get("action") or "{}"), "unit": h.get("unit", ""), "amount": int(h.get(amount) or 0),
+            "at_ms": int(h.get(at) or 0)}
 
 
 def _reservation(h: dict[str, str]) -> dict[str, Any]:
