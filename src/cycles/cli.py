@@ -114,8 +114,8 @@ def serve(
         1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
         "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),
     timeout_keep_alive: float = typer.Option(
-        5.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
-        "request and between requests)."),
+        20.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
+        "request and between requests). Keep it above your clients' pool idle expiry (httpx: 5 s)."),
     timeout_header: float = typer.Option(
         10.0, envvar="CYCLES_TIMEOUT_HEADER", help="Seconds from a request's first byte to the end of its headers "
         "(408 and close after)."),
