@@ -126,8 +126,8 @@ PAGES = [  # (route, text that only appears once the page shows the seeded data,
     ("webhooks", "WEBHOOK", "webhooks"),
     ("webhook/WEBHOOK", "Delivery outcomes", "webhook-detail"),
     ("audit", "createWebhookSubscription", "audit"),
-    ("governance?tenant=acme-corp", "message.email.send", "governance"),
-    ("governance?tenant=beta-labs", "ACTION_KIND_DENIED", "governance-observe"),
+    ("governance?tenant=acme-corp", "reservation(s) would have been denied", "governance"),
+    ("governance?tenant=beta-labs", "3 reservation(s) would have been denied", "governance-observe"),
     ("evidence/EVIDENCE", "Authentic:", "evidence"),
 ]
 

@@ -19,26 +19,32 @@ def test_the_spend_chart_shows_the_spend_the_test_committed(work_tab: Tab, work:
     t.budget("", 1_000_000)
     commit(t, 80_000, 77_777, model="chart-model", workspace="eng", agent="charty")
     commit(t, 30_000, 22_223, model="other-model", workspace="eng", agent="helper")
+    with t.client() as c:  # a post-only accounting event is spend too
+        r = c.post("/v1/events", json={"idempotency_key": uuid.uuid4().hex, "subject": t.subject(workspace="eng", agent="poster"),
+                                       "action": {"kind": "llm.completion", "name": "batch-model"},
+                                       "actual": {"unit": USD, "amount": 5_000}})
+        assert r.status_code == 201, r.text
     page = work_tab.page
     work_tab.go(f"spend?tenant={t.tenant_id}&scope=tenant:{t.tenant_id}&unit={USD}&window=3600")
     card = page.locator(f".spend-unit[data-unit='{USD}']")
     card.wait_for()
-    assert card.get_attribute("data-total") == "100000"
+    assert card.get_attribute("data-total") == "105000"
+    assert "in 2 reservation(s) and 1 posted event(s)" in card.locator("h2").inner_text()
     # the line ends at the budget's spent level, which is what was committed
     values = [int(float(v)) for v in card.locator("circle.pt").evaluate_all("els => els.map(e => e.dataset.v)")]
-    assert values[-1] == 100_000 and values == sorted(values)
+    assert values[-1] == 105_000 and values == sorted(values)
     assert card.locator("line.limit").count() == 1  # the budget line
     top_agent = card.get_by_label("spend by agent").locator("li").nth(0).inner_text()
     assert "charty" in top_agent and "77,777" in top_agent
     tools = card.get_by_label("spend by action_name").inner_text()
-    assert "chart-model" in tools and "22,223" in tools
+    assert "chart-model" in tools and "22,223" in tools and "batch-model" in tools and "5,000" in tools
     assert "exhausted around" in page.locator("#exhaustion").inner_text()
     # the same numbers from the API the page reads (admin and tenant planes agree)
     with work.server.admin() as c:
         usage = c.get("/v1/admin/usage", params={"tenant_id": t.tenant_id, "group_by": "agent"}).json()
     with httpx.Client(base_url=work.server.base_url, headers={"X-Cycles-API-Key": t.key}) as c:
         mine = c.get("/v1/usage", params={"group_by": "agent"}).json()
-    assert usage["units"][0]["total"] == mine["units"][0]["total"] == 100_000
+    assert usage["units"][0]["total"] == mine["units"][0]["total"] == 105_000
 
 
 def test_live_updates_arrive_without_a_reload(work_tab: Tab, work: Work) -> None:

@@ -92,6 +92,24 @@ def test_operator_resets_a_quota_counter(work_tab: Tab, work: Work) -> None:
     assert any(tid in json.dumps(row) for row in logs)
 
 
+def test_operator_switches_a_tenant_to_observe_mode_and_back(work_tab: Tab, work: Work) -> None:
+    t = new_tenant(work.server)
+    page = work_tab.page
+
+    def mode() -> str:
+        with work.server.admin() as c:
+            return c.get(f"/v1/admin/tenants/{t.tenant_id}").json()["observe_mode"]
+
+    assert mode() == "ENFORCE"
+    work_tab.go(f"governance?tenant={t.tenant_id}")
+    page.get_by_role("button", name="Switch to OBSERVE").click()
+    dialog_button(work_tab, "Set OBSERVE")
+    eventually(lambda: mode() == "OBSERVE")
+    page.get_by_role("button", name="Switch to ENFORCE").click()
+    dialog_button(work_tab, "Set ENFORCE")
+    eventually(lambda: mode() == "ENFORCE")
+
+
 def test_policy_editor_sets_and_changes_the_four_action_rule_fields(work_tab: Tab, work: Work) -> None:
     t = new_tenant(work.server)
     tid = t.tenant_id
@@ -167,6 +185,7 @@ def test_evidence_viewer_verifies_a_real_envelope_and_fails_tampered_ones(admin_
     disposition, states = _verdict(admin_tab)
     assert disposition == "authentic" and set(states.values()) == {"pass"} and len(states) == 5, states
     assert "commit" in page.locator("dl.facts").inner_text()
+    assert "null" not in page.evaluate("() => [...document.getElementById('evidence-box').childNodes].filter(n => n.nodeType === 3).map(n => n.data).join('')")
     text = _envelope(dash.server.base_url, dash.evidence_id)
     env = json.loads(text)
 

@@ -178,7 +178,7 @@ async function show(box, envText, source) {
   const result = await verifyEnvelope(env, jwks || { keys: [] });
   const served = source === 'server' && typeof env === 'object' ? (() => { try { return canonical(env) === envText; } catch (e) { return false; } })() : null;
   const body = env && env.payload && env.payload[env.artifact_type];
-  box.replaceChildren(
+  box.replaceChildren(...[ // replaceChildren would write a null as the text "null"
     h('div', { class: `verdict ${result.ok ? 'ok' : 'bad'}`, id: 'verdict', role: 'status', dataset: { disposition: result.disposition } }, VERDICTS[result.disposition] || result.disposition),
     h('ol', { class: 'checks', id: 'checks' }, result.checks.map((c) => h('li', { class: c.state, dataset: { check: c.name, state: c.state } },
       h('span', { class: 'mark', 'aria-hidden': 'true' }, c.state === 'pass' ? '✓' : c.state === 'fail' ? '✗' : '–'),
@@ -191,7 +191,8 @@ async function show(box, envText, source) {
     body && body.request ? h('section', { class: 'card wide' }, h('h2', {}, 'Request as submitted'), h('pre', { class: 'json' }, JSON.stringify(body.request, null, 2))) : null,
     body && body.response ? h('section', { class: 'card wide' }, h('h2', {}, 'Answer as given'), h('pre', { class: 'json' }, JSON.stringify(body.response, null, 2))) : null,
     h('details', {}, h('summary', {}, 'The envelope'), h('pre', { class: 'json envelope', id: 'envelope-json' }, JSON.stringify(env, null, 2))),
-    jwks ? h('details', {}, h('summary', {}, 'The key set'), h('pre', { class: 'json' }, JSON.stringify(jwks, null, 2))) : null);
+    jwks ? h('details', {}, h('summary', {}, 'The key set'), h('pre', { class: 'json' }, JSON.stringify(jwks, null, 2))) : null,
+  ].filter(Boolean));
 }
 
 async function fromReservation(box, rid) {

@@ -47,16 +47,16 @@ function resetDialog(tenant, c) {
 async function quotaSection(box, tenant, params) {
   const includeZero = params.get('include_zero') === '1';
   const cols = [
-    { label: 'Scope', value: (c) => c.scope, width: 'minmax(200px, 2fr)' },
-    { label: 'Action kind', value: (c) => (c.action_kind === RISK ? `risk: ${c.risk_class}` : c.action_kind), width: 'minmax(160px, 1.4fr)' },
-    { label: 'Window', value: (c) => `${c.window} ${c.window_key || ''}`.trim(), width: 'minmax(150px, 1.2fr)' },
-    { label: 'Used', value: (c) => c.used, class: 'num', width: '80px' },
-    { label: 'Limit', value: (c) => c.limit, class: 'num', width: '80px' },
-    { label: 'Headroom', value: (c) => c.used / Math.max(1, c.limit), width: '150px',
+    { label: 'Scope', value: (c) => c.scope, width: 'minmax(180px, 2fr)' },
+    { label: 'Action kind', value: (c) => (c.action_kind === RISK ? `risk: ${c.risk_class}` : c.action_kind), width: 'minmax(150px, 1.3fr)' },
+    { label: 'Window', value: (c) => `${c.window} ${c.window_key || ''}`.trim(), width: 'minmax(140px, 1.2fr)' },
+    { label: 'Used', value: (c) => c.used, class: 'num', width: '60px' },
+    { label: 'Limit', value: (c) => c.limit, class: 'num', width: '60px' },
+    { label: 'Headroom', value: (c) => c.used / Math.max(1, c.limit), width: '130px',
       render: (c) => h('span', { class: 'util' }, bar(c.used / Math.max(1, c.limit)), `${c.remaining ?? c.limit - c.used} left`) },
-    { label: 'Policy', value: (c) => c.policy_id || '', class: 'mono' },
-    { label: 'Last counted', value: (c) => c.last_incremented_at || '', render: (c) => (c.last_incremented_at ? fmt.ago(c.last_incremented_at) : '—') },
-    { label: 'Actions', value: () => '', export: () => '', width: '110px', render: (c) => (canResetQuotas() && c.used > 0
+    { label: 'Policy', value: (c) => c.policy_id || '', class: 'mono', width: '90px' },
+    { label: 'Last counted', width: '100px', value: (c) => c.last_incremented_at || '', render: (c) => (c.last_incremented_at ? fmt.ago(c.last_incremented_at) : '—') },
+    { label: 'Actions', value: () => '', export: () => '', width: '80px', render: (c) => (canResetQuotas() && c.used > 0
       ? h('button', { type: 'button', class: 'small warn', 'aria-label': `Reset ${c.scope} ${c.action_kind === RISK ? c.risk_class : c.action_kind} ${c.window_key || ''}`.trim(),
         onclick: () => resetDialog(tenant, c).then((ok) => ok && load()) }, 'Reset') : '') },
   ];

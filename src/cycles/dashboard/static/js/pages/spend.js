@@ -49,7 +49,7 @@ export async function spendPanel(box, { tenant, scope, unit, window = '86400' })
         hbars(gu ? gu.groups.map((x) => ({ key: x.key, value: x.amount })) : [], { label: `spend by ${GROUPS[i][0]}` }));
     });
     content.push(h('section', { class: 'card wide spend-unit', dataset: { unit: u.unit, total: u.total } },
-      h('h2', {}, `${fmt.unit(u.unit)}: ${fmt.int(u.total)} committed in ${u.count} reservation(s)`),
+      h('h2', {}, `${fmt.unit(u.unit)}: ${fmt.int(u.total)} committed in ${u.count - (u.events || 0)} reservation(s)${u.events ? ` and ${u.events} posted event(s)` : ''}`),
       budget && budget.unit === u.unit ? h('p', { class: 'muted' }, `Budget ${budget.scope}: allocated ${fmt.int(limit)}, remaining ${fmt.int(budget.remaining.amount)}. `,
         h('strong', { id: 'exhaustion' }, exhaustion ? `At this window's rate it is exhausted around ${fmt.time(exhaustion)}.` : 'No exhaustion projected at the current rate.')) : null,
       lineChart(points, { limit, projection, label: `spend over time in ${u.unit}` }),
