@@ -2,8 +2,9 @@
 
 Nothing here is recorded on the hot path: spend over time is derived from what reserve/commit already
 write (each COMMITTED reservation keeps its scope path, subject, action, unit, committed amount and
-finalization time; each post-only event of POST /v1/events its charged amount and time), and denials from the `reservation.denied` observations in the event log. So a
-tenant that never asks pays nothing on reserve/commit. Each query reads a bounded number of rows
+finalization time; each post-only event of POST /v1/events its charged amount and time), and denials
+from the `reservation.denied` observations in the event log. So a tenant that never asks pays nothing
+on reserve/commit. Each query reads a bounded number of rows
 (MAX_SCAN); when the bound is hit the answer says `truncated: true` and covers the newest rows.
 """
 

@@ -468,7 +468,8 @@ class RedisStore(RedisEvidence, Store):
             top = low
             if len(page) < batch:
                 break
-        ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0, num=limit + 1))
+        ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0,
+                                                               num=limit + 1))
         more = more or len(ids) > limit
         for h in await self._hashes([p + "e:" + eid for eid in ids[:limit]]):
             if h:
