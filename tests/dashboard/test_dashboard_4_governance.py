@@ -8,6 +8,7 @@ import hashlib
 import json
 import sqlite3
 import uuid
+from pathlib import Path
 
 import httpx
 
@@ -110,7 +111,7 @@ def test_operator_switches_a_tenant_to_observe_mode_and_back(work_tab: Tab, work
     eventually(lambda: mode() == "ENFORCE")
 
 
-def test_policy_editor_sets_and_changes_the_four_action_rule_fields(work_tab: Tab, work: Work) -> None:
+def test_policy_editor_sets_and_changes_the_four_action_rule_fields(work_tab: Tab, work: Work, shots: Path) -> None:
     t = new_tenant(work.server)
     tid = t.tenant_id
     page = work_tab.page
@@ -132,6 +133,8 @@ def test_policy_editor_sets_and_changes_the_four_action_rule_fields(work_tab: Ta
     row = dlg.locator(".quota-row").nth(1)
     row.get_by_label("Risk class").select_option("high_risk")
     row.get_by_label("Max calls").fill("2")
+    dlg.locator(".kind-grid").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "policy-editor-light.png"))
     dialog_button(work_tab, "Create policy")
     page.get_by_role("dialog").wait_for(state="detached")
 
