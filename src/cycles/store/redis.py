@@ -87,7 +87,8 @@ _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 MAX_LIST_CANDIDATES = 50_000
-SPEND_PAGE = 500  # reservation hashes read per round trip by scan_spend
+SPEND_PAGE = 1000  # reservation hashes read per round trip by scan_spend
+_SPEND_FIELDS = ("scope_path", "subject", "action", "unit")
 
 
 def prefix(tenant: str) -> str:
@@ -458,8 +459,8 @@ class RedisStore(RedisEvidence, Store):
                                                                     num=batch, withscores=True))
             if not page:
                 break
-            hashes = await self._hashes([p + "r:" + rid for rid, _ in page])
-            for h in hashes:
+            for h in await self._fields([p + "r:" + rid for rid, _ in page], _SPEND_FIELDS + ("status", "committed",
+                                                                                              "finalized_at_ms")):
                 if h.get("status") == "COMMITTED" and from_ms <= int(h.get("finalized_at_ms") or -1) <= to_ms:
                     items.append(_spend("reservation", h, "committed", "finalized_at_ms"))
             scanned += len(page)
@@ -471,19 +472,21 @@ class RedisStore(RedisEvidence, Store):
         ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0,
                                                                num=limit + 1))
         more = more or len(ids) > limit
-        for h in await self._hashes([p + "e:" + eid for eid in ids[:limit]]):
-            if h:
+        for h in await self._fields([p + "e:" + eid for eid in ids[:limit]], _SPEND_FIELDS + ("charged", "created_at_ms")):
+            if h.get("created_at_ms"):
                 items.append(_spend("event", h, "charged", "created_at_ms"))
         return Page(items, more)
 
-    async def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
-        async def fetch() -> list[dict[str, str]]:
+    async def _fields(self, keys: list[str], fields: tuple[str, ...]) -> list[dict[str, str]]:
+        """The named fields of each hash (only what is needed: a reservation hash holds much more)."""
+        async def fetch() -> list[list[str | None]]:
             pipe = self.r.pipeline(transaction=False)
             for key in keys:
-                pipe.hgetall(key)
+                pipe.hmget(key, fields)
             return await pipe.execute()
 
-        return await self._call(fetch) if keys else []
+        rows = await self._call(fetch) if keys else []
+        return [{f: v for f, v in zip(fields, row) if v is not None} for row in rows]
 
     async def balances(self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int,
                        after: tuple[str, str] | None) -> Page:
