@@ -58,7 +58,7 @@ IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
 TENANTS = "cy:tenants"
 _TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
-            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin")
+            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin", "spend")
 AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
 EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
 KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
@@ -88,7 +88,6 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 MAX_LIST_CANDIDATES = 50_000
 SPEND_PAGE = 1000  # reservation hashes read per round trip by scan_spend
-_SPEND_FIELDS = ("scope_path", "subject", "action", "unit")
 
 
 def prefix(tenant: str) -> str:
@@ -444,35 +443,34 @@ class RedisStore(RedisEvidence, Store):
         return Page(rows[:q.limit], len(rows) > q.limit)
 
     async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
-        # Reservations: the creation index read newest first from to_ms in pages (a reservation is finalized
-        # after it is created), at most `limit` hashes, so a tenant with any number of reservations is
-        # answered in bounded time. Events: their own per-tenant time index (event.lua).
+        # Reservations: the creation index read newest first from to_ms (a reservation is finalized after it
+        # is created) by a read-only script, SPEND_PAGE entries a call, filtered inside Redis, at most `limit`
+        # entries, so a tenant with any number of reservations is answered in bounded time. Events: their
+        # own per-tenant time index (event.lua).
         p = prefix(tenant)
         items: list[dict[str, Any]] = []
-        scanned, top, skip, more = 0, float(to_ms), 0, False
+        scanned, top, skip, more = 0, str(to_ms), 0, False
         while True:
             batch = min(SPEND_PAGE, limit - scanned)
             if batch <= 0:
                 more = bool(await self._call(lambda: self.r.zcount(p + "rz:created", "-inf", top)) > skip)
                 break
-            page = await self._call(lambda: self.r.zrevrangebyscore(p + "rz:created", top, "-inf", start=skip,
-                                                                    num=batch, withscores=True))
-            if not page:
+            out = await self._script("spend", tenant, [top, skip, batch, from_ms, to_ms], journal=False)
+            for scope_path, subject, action, unit, committed, finalized in out["rows"] or ():
+                items.append({"source": "reservation", "scope_path": scope_path, "subject": _decode(subject),
+                              "action": _decode(action), "unit": unit, "amount": int(committed),
+                              "at_ms": int(finalized)})
+            scanned += out["n"]
+            if out["n"] < batch:
                 break
-            for h in await self._fields([p + "r:" + rid for rid, _ in page], _SPEND_FIELDS + ("status", "committed",
-                                                                                              "finalized_at_ms")):
-                if h.get("status") == "COMMITTED" and from_ms <= int(h.get("finalized_at_ms") or -1) <= to_ms:
-                    items.append(_spend("reservation", h, "committed", "finalized_at_ms"))
-            scanned += len(page)
-            low = page[-1][1]  # page on the score; ids of that same millisecond already read are skipped
-            skip = sum(1 for _, score in page if score == low) + (skip if low == top else 0)
-            top = low
-            if len(page) < batch:
-                break
+            # page on the score; the entries of that same millisecond already read are skipped
+            skip = out["at_low"] + (skip if float(out["low"]) == float(top) else 0)
+            top = out["low"]
         ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0,
                                                                num=limit + 1))
         more = more or len(ids) > limit
-        for h in await self._fields([p + "e:" + eid for eid in ids[:limit]], _SPEND_FIELDS + ("charged", "created_at_ms")):
+        fields = ("scope_path", "subject", "action", "unit", "charged", "created_at_ms")
+        for h in await self._fields([p + "e:" + eid for eid in ids[:limit]], fields):
             if h.get("created_at_ms"):
                 items.append(_spend("event", h, "charged", "created_at_ms"))
         return Page(items, more)
