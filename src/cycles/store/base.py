@@ -317,6 +317,14 @@ class Store(abc.ABC):
     async def list_reservations(self, query: ReservationQuery) -> Page: ...
 
     @abc.abstractmethod
+    async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
+        """What was charged to the tenant's budgets in [from_ms, to_ms] (for usage over time, off the hot
+        path): COMMITTED reservations by finalization time and post-only events (POST /v1/events) by creation
+        time, each {source: "reservation" | "event", scope_path, subject, action, unit, amount (charged),
+        at_ms}. Reads a bounded number of rows, about `limit` of each source, newest first; has_more when
+        that bound cut the answer short."""
+
+    @abc.abstractmethod
     async def balances(
         self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int, after: tuple[str, str] | None
     ) -> Page: ...

@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
     overage_policy TEXT NOT NULL, metadata TEXT, created_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant_id, created_at_ms);
 """.replace("RESERVATION_COLUMNS", RESERVATION_COLUMNS).replace("RESERVATION_INDEXES", RESERVATION_INDEXES)
 
 # Counters for the overview, kept by triggers in the same transaction as every change they count.
