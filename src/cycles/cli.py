@@ -162,6 +162,13 @@ def serve(
 
     from .server.keystrength import warning_text, weak_reasons
 
+    from .core import actions as action_rules
+
+    try:  # the operator's action-governance settings: a mistake stops the start, not every reservation
+        action_rules.check_env()
+    except action_rules.ActionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(startup.EXIT_CONFIG) from None
     store_url = _store_with_secret_key(store, data_dir)
     from .evidence_cli import ensure_keys
 
