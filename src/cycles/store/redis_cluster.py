@@ -62,6 +62,7 @@ class RedisClusterStore(RedisStore):
         # the cluster client fails a call beyond max_connections to a node at once instead of waiting for a
         # connection (as the single-primary store's blocking pool does): calls beyond it wait here
         self._slots = asyncio.Semaphore(max_connections)
+        self._homes: set[str] = set()  # tenants this process added to cy:journals
         # MOVED / ASK are followed and the slot map refreshed; a connection error (a primary that died) is
         # retried against the refreshed map, which names the promoted replica once the cluster failed over
         return RedisCluster(
@@ -113,6 +114,11 @@ class RedisClusterStore(RedisStore):
         request = next((e for e in rows if e.get("journal", "audit") in ("audit", "context")), None)
         if request is not None and not any(request is m for m in mine):
             mine.append({**request, "journal": "context"})  # what the script's own events take from the request
+        if tenant and tenant not in self._homes and any(e.get("journal") != "context" for e in mine):
+            # the cross-tenant scans walk cy:tenants and cy:journals: a home of rows outside the first
+            # (the analyzers' __system__, an operator's documents) joins the second before its first row
+            await self._call(lambda: self.r.sadd(JOURNALS, tenant))
+            self._homes.add(tenant)
         if name == "audit" and args[:1] == ["append"] and not tenant:
             out: Any = {}
         else:
@@ -125,6 +131,9 @@ class RedisClusterStore(RedisStore):
         for e in others:
             if e.get("journal") != "context":
                 groups.setdefault(str(e.get("tenant_id")), []).append(e)
+        for group in groups.values():
+            if request is not None and not any(request is e for e in group):
+                group.insert(0, {**request, "journal": "context"})  # the request ids its events take
         if groups:
             answer = out if isinstance(out, dict) else {}
             await self._call(lambda: self.r.sadd(JOURNALS, *groups))
