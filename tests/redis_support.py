@@ -129,6 +129,24 @@ class RedisClusterNodes:
             time.sleep(0.1)
         raise RuntimeError("the Redis Cluster did not become ok")
 
+    def wait_failover(self, dead_port: int, timeout_s: float = 30) -> None:
+        """Until a live node maps every slot the dead primary served to another node (its promoted replica)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for n in self.nodes:
+                if n.port == dead_port or n.proc is None or n.proc.poll() is not None:
+                    continue
+                try:
+                    slots = redis.Redis(port=n.port, socket_connect_timeout=0.5).cluster("SLOTS")
+                except redis.RedisError:
+                    continue
+                if slots and all(int(s[2][1]) != dead_port for s in slots):
+                    self.wait_ok(timeout_s=max(1.0, deadline - time.monotonic()))
+                    return
+                break
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not fail over")
+
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from redis import exceptions as rex
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -59,6 +59,11 @@ class RedisClusterStore(RedisStore):
 
     def _connect(self, url: str, connect_timeout_s: float, socket_timeout_s: float, max_connections: int) -> Any:
         parsed = urlparse(url)
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        # ?sync_replicas=N: a write is answered only once N replicas of its shard have it (WAIT), so a
+        # failover loses no acknowledged write (docs/redis.md "Failover")
+        self._sync_replicas = int(query.get("sync_replicas", "0"))
+        self._sync_timeout_ms = int(query.get("sync_timeout_ms", "1000"))
         # the cluster client fails a call beyond max_connections to a node at once instead of waiting for a
         # connection (as the single-primary store's blocking pool does): calls beyond it wait here
         self._slots = asyncio.Semaphore(max_connections)
@@ -125,6 +130,8 @@ class RedisClusterStore(RedisStore):
             if not tenant and route is None:
                 route = {"setting": lambda: "cy:setting:" + str(args[0])}[name]()
             out = await super()._script(name, tenant, args, journal=False, entries=mine, route=route)
+            if self._sync_replicas:
+                await self._replicated(route or prefix(tenant) + "tenant")
         if pending:
             pending.clear()
         groups: dict[str, list[dict[str, Any]]] = {}
@@ -140,7 +147,31 @@ class RedisClusterStore(RedisStore):
             for owner, group in groups.items():
                 await super()._script("audit", owner, ["append", _encode(answer).decode()], journal=False,
                                       entries=group)
+                if self._sync_replicas:
+                    await self._replicated(prefix(owner) + "tenant")
         return out
+
+    async def _replicated(self, key: str) -> None:
+        """Wait until the shard's replicas have what this process wrote to `key`'s slot. WAIT counts the
+        writes of its own connection, so a marker write goes first on the same connection: replication is
+        in order, so a replica that has the marker has the script's writes before it."""
+        marker = key[:key.index("}") + 1] + ":sync" if "{" in key else "{" + key + "}:sync"  # key's slot
+
+        async def run() -> int:
+            node = self.r.get_node_from_key(marker)
+            cmds = [PipelineCommand(0, "INCR", marker),
+                    PipelineCommand(1, "WAIT", self._sync_replicas, self._sync_timeout_ms)]
+            await node.execute_pipeline(cmds)
+            for cmd in cmds:
+                if isinstance(cmd.result, Exception):
+                    raise cmd.result
+            return int(cmds[1].result)
+
+        acked = await self._call(run)
+        if acked < self._sync_replicas:
+            # the write is on the primary but not yet on enough replicas: a retry with the same
+            # idempotency key replays it (and waits again)
+            raise StoreUnavailable(f"only {acked} of {self._sync_replicas} replicas acknowledged the write")
 
     # ---- registries written before the records they name ----
 
