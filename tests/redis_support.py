@@ -43,7 +43,8 @@ class RedisServer:
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         args += self.extra
-        self.proc = subprocess.Popen(args, stdout=open(self.directory / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=open(self.directory / "redis.log", "ab"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent if self.extra else None)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -66,6 +67,17 @@ class RedisServer:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _die_with_parent() -> None:
+    """A cluster node ends with the test process that started it, even one killed without teardown."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _cluster_port() -> int:

@@ -239,16 +239,18 @@ class RedisStore(RedisEvidence, Store):
         keys = [route] if route else [p + "tenant"] if tenant else []
         clock = self._test_clock() if self._test_clock else 0
         script, argv = self.scripts[name], [p, tenant, self.retention_ms, clock, *args, jarg]
-        if self.channel is not None:
-            raw = await self._call(lambda: self.channel.evalsha(script.sha, script.script, keys, argv))
-        else:
-            raw = await self._call(lambda: script(keys=keys, args=argv))
+        raw = await self._eval(script, keys, argv)
         out = raw if isinstance(raw, int) else _decode(raw)
         if isinstance(out, dict) and "err" in out:
             raise _script_error(out)
         if pending:
             pending.clear()
         return out
+
+    async def _eval(self, script: Any, keys: list[str], argv: list[Any]) -> Any:
+        if self.channel is not None:
+            return await self._call(lambda: self.channel.evalsha(script.sha, script.script, keys, argv))
+        return await self._call(lambda: script(keys=keys, args=argv))
 
     @staticmethod
     def _outcome(out: dict[str, Any]) -> Outcome:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
 from .base import AuditScan, pending_journal
+from .redis_wire import ScriptChannel
 from .redis import PURGE_BATCH, TENANTS, RedisStore, _decode, _encode, prefix
 
 JOURNALS = "cy:journals"  # tenants (and __admin__ / __unauth__) that have journal rows, beside cy:tenants
@@ -68,13 +70,57 @@ class RedisClusterStore(RedisStore):
         # connection (as the single-primary store's blocking pool does): calls beyond it wait here
         self._slots = asyncio.Semaphore(max_connections)
         self._homes: set[str] = set()  # tenants this process added to cy:journals
+        self._channels: dict[str, ScriptChannel] = {}  # per primary (host:port): the scripts' fast path
+        self._stale_map, self._map_lock = False, asyncio.Lock()
+        self._user, self._password = parsed.username, parsed.password
+        self._timeouts = (connect_timeout_s, socket_timeout_s)
         # MOVED / ASK are followed and the slot map refreshed; a connection error (a primary that died) is
         # retried against the refreshed map, which names the promoted replica once the cluster failed over
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in cluster_nodes(url)], decode_responses=True,
             socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
             max_connections=max_connections, username=parsed.username or None, password=parsed.password or None,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))  # scripts: see _eval
+
+    async def _eval(self, script: Any, keys: list[str], argv: list[Any]) -> Any:
+        """EVALSHA on a pipelined channel to the primary of the key's slot (redis_wire: the single-primary
+        store's fast path, one per primary), by the client's slot map. A redirect (the slot moved: MOVED,
+        ASK) means the script did not run: it runs through redis-py, which follows the redirect and
+        refreshes the map. A connection error fails the call (503; the client's retry with its
+        idempotency key replays or runs it) and refreshes the map first on the next call, so calls go to
+        the promoted replica once the cluster has failed over."""
+        channel = await self._channel(key_slot(keys[0].encode()))
+        try:
+            return await self._call(lambda: channel.evalsha(script.sha, script.script, keys, argv))
+        except StoreUnavailable:
+            self._stale_map = True
+            raise
+        except rex.ResponseError as exc:
+            if not str(exc).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")):
+                raise
+            self._stale_map = True
+        return await self._call(lambda: script(keys=keys, args=argv))
+
+    async def _channel(self, slot: int) -> ScriptChannel:
+        manager = self.r.nodes_manager
+        if self._stale_map or not manager.slots_cache:
+            async with self._map_lock:
+                if self._stale_map or not manager.slots_cache:
+                    await self._call(manager.initialize)
+                    self._stale_map = False
+        node = manager.get_node_from_slot(slot)
+        channel = self._channels.get(node.name)
+        if channel is None:
+            auth = f"{quote(self._user or '')}:{quote(self._password)}@" if self._password else ""
+            channel = self._channels[node.name] = ScriptChannel(
+                f"redis://{auth}{node.host}:{node.port}/0", connect_timeout_s=self._timeouts[0],
+                socket_timeout_s=self._timeouts[1])
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        await super().close()
 
     async def _call(self, op: Any) -> Any:
         try:
