@@ -121,7 +121,25 @@ class RedisClusterNodes:
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
         self.wait_ok()
+        self.wait_replicas()
         return self
+
+    def wait_replicas(self, timeout_s: float = 30) -> None:
+        """Until every primary has its replicas online (their first sync done), so WAIT can count them."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = 0
+            for n in self.nodes:
+                info = redis.Redis(port=n.port, socket_connect_timeout=0.5).info("replication")
+                if info.get("role") != "master":
+                    continue
+                online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                          and v.get("state") == "online"]
+                ready += len(online) >= self.replicas
+            if ready == self.primaries:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster's replicas did not come online")
 
     def wait_ok(self, timeout_s: float = 30) -> None:
         """Until every primary node reports the cluster ok with all slots served."""
