@@ -155,6 +155,36 @@ def scenarios(fake_url: str, sync_cl: Any, async_cl: Any, loop: asyncio.Abstract
     msg = [UserMessage(content="hi", source="user")]
     out.append(("autogen CyclesChatCompletionClient", lambda: loop.run_until_complete(ag_plain.create(msg)),
                 lambda: loop.run_until_complete(ag.create(msg))))
+
+    import importlib.util
+
+    # installed by .ci/run without their dependencies (tests/integrations/requirements-nodeps.txt)
+    if importlib.util.find_spec("llama_index.llms.openai") is not None:
+        from llama_index.core.llms import ChatMessage
+        from llama_index.llms.openai import OpenAI as LIOpenAI
+
+        from cycles.integrations.llamaindex import CyclesLLM
+
+        def li_llm() -> Any:
+            return LIOpenAI(model="gpt-4o-mini", api_base=fake_url + "/v1", api_key="sk", max_tokens=50, max_retries=0)
+
+        li_plain, li = li_llm(), CyclesLLM(li_llm(), cycles_client=sync_cl)
+        li_msgs = [ChatMessage(role="user", content=MESSAGES[0]["content"])]
+        out.append(("llamaindex CyclesLLM (OpenAI LLM, chat)", lambda: li_plain.chat(li_msgs),
+                    lambda: li.chat(li_msgs)))
+    if importlib.util.find_spec("crewai") is not None:
+        os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+        from crewai import LLM
+
+        from cycles.integrations.crewai import CyclesLLM as CrewCyclesLLM
+
+        def crew_llm() -> Any:
+            return LLM(model="gpt-4o-mini", base_url=fake_url + "/v1", api_key="sk", max_tokens=50, max_retries=0)
+
+        cr_plain, cr = crew_llm(), CrewCyclesLLM(crew_llm(), cycles_client=sync_cl)
+        out.append(("crewai CyclesLLM (CrewAI LLM, call)", lambda: cr_plain.call(MESSAGES[0]["content"]),
+                    lambda: cr.call(MESSAGES[0]["content"])))
     return out
 
 
@@ -198,6 +228,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json")
+    ap.add_argument("--only", help="run only the integrations whose name contains this text")
     args = ap.parse_args()
     os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
     from fake_providers import FakeProviderServer
@@ -218,6 +249,8 @@ def main() -> None:
             async_cl = AsyncCyclesClient(cfg, http_client=httpx.AsyncClient(event_hooks={"request": [counter.aio]}))
             results = []
             for name, plain, guarded in scenarios(fake.state.base_url, sync_cl, async_cl, loop):
+                if args.only and args.only not in name and not name.startswith("@cycles"):
+                    continue
                 timed(plain, args.warmup)
                 timed(guarded, args.warmup)
                 p = timed(plain, args.calls)

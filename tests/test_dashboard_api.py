@@ -146,3 +146,65 @@ def test_introspect_of_a_read_only_operator_key_offers_no_action(server: Server)
     caps = who["capabilities"]
     assert all(caps[k] for k in caps if k.startswith("view_"))
     assert not any(caps[k] for k in caps if k.startswith("manage_"))
+
+
+def test_usage_counts_post_only_events(server: Server) -> None:
+    t = new_tenant(server, permissions=["reservations:create", "reservations:commit", "reservations:list"])
+    t.budget("", 1_000_000)
+    _commit(t, 500, 300, workspace="eng", agent="alpha")
+    with t.client() as c:
+        r = c.post("/v1/events", json={"idempotency_key": uuid.uuid4().hex, "subject": t.subject(workspace="eng", agent="poster"),
+                                       "action": {"kind": "llm.completion", "name": "batch-job"},
+                                       "actual": {"unit": USD, "amount": 4321}})
+        assert r.status_code == 201, r.text
+        mine = c.get("/v1/usage", params={"group_by": "agent"}).json()
+    [u] = mine["units"]
+    assert u["total"] == 300 + 4321 and u["count"] == 2 and u["events"] == 1
+    assert {g["key"]: g["amount"] for g in u["groups"]} == {"alpha": 300, "poster": 4321}
+    assert sum(p["amount"] for p in u["series"]) == u["total"]
+
+
+def test_usage_reads_a_bounded_number_of_rows_whatever_the_tenant_holds(server: Server, monkeypatch: Any) -> None:
+    """Usage never lists the tenant's reservations (the Redis listing refuses past its cap with 400): the
+    store pages through its time index and stops at the bound. The cap and the page size are made small
+    here, in-process, to run the same code with a tenant of 23 reservations instead of 50,000."""
+    import asyncio
+
+    from cycles.protocol.errors import ProtocolError
+    from cycles.store import open_store, redis as redis_store
+    from cycles.store.base import ReservationQuery
+
+    t = new_tenant(server, permissions=["reservations:create", "reservations:commit", "reservations:list"])
+    t.budget("", 1_000_000)
+    for i in range(20):
+        _commit(t, 100, i + 1, agent=f"a{i % 3}")
+    with t.client() as c:  # not spend: open, released
+        for _ in range(3):
+            rid = c.post("/v1/reservations", json=reserve_body(t, 50)).json()["reservation_id"]
+        c.post(f"/v1/reservations/{rid}/release", json={"idempotency_key": uuid.uuid4().hex})
+    monkeypatch.setattr(redis_store, "MAX_LIST_CANDIDATES", 5)
+    monkeypatch.setattr(redis_store, "SPEND_PAGE", 4)
+
+    async def scan() -> tuple[Any, Any, bool]:
+        store = open_store(server.store_url)
+        try:
+            now = await store.now_ms()
+            full = await store.scan_spend(t.tenant_id, now - 3_600_000, now, 1000)
+            cut = await store.scan_spend(t.tenant_id, now - 3_600_000, now, 10)
+            try:
+                await store.list_reservations(ReservationQuery(tenant=t.tenant_id, status="COMMITTED", limit=1000))
+                refused = False
+            except ProtocolError:
+                refused = True
+            return full, cut, refused
+        finally:
+            await store.close()
+
+    full, cut, refused = asyncio.run(scan())
+    assert refused == server.store_url.startswith("redis")  # the listing's cap, which usage no longer meets
+    assert not full.has_more and len(full.items) == 20
+    assert sum(r["amount"] for r in full.items) == sum(range(1, 21)) and {r["source"] for r in full.items} == {"reservation"}
+    assert cut.has_more and 0 < len(cut.items) <= 10
+    with server.admin() as c:  # and through the API, with the server's own (real) bounds
+        body = c.get("/v1/admin/usage", params={"tenant_id": t.tenant_id}).json()
+    assert body["units"][0]["total"] == 210 and body["units"][0]["count"] == 20 and not body.get("truncated")

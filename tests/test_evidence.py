@@ -303,6 +303,27 @@ def test_public_routes_are_rate_limited(ev_server: tuple[Server, Path]) -> None:
     assert httpx.get(server.base_url + "/v1/.well-known/cycles-jwks.json").status_code == 200  # others unaffected
 
 
+def test_public_limit_is_one_per_redis_store_and_per_process_on_sqlite(ev_server: tuple[Server, Path],
+                                                                      store_kind: str, tmp_path: Path) -> None:
+    server, ring = ev_server
+    env = {"CYCLES_EVIDENCE": "1", "CYCLES_EVIDENCE_PUBLIC_PER_MINUTE": str(PUBLIC_PER_MINUTE)}
+    if store_kind == "redis":
+        env["CYCLES_EVIDENCE_KEYS_FILE"] = str(ring)
+    second = start_server(server.store_url, tmp_path, extra_env=env)
+    try:
+        if time.time() % 60 > 55:  # the shared window is the wall-clock minute: do not straddle two
+            time.sleep(60 - time.time() % 60 + 0.1)
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as c:
+            codes = [c.get(f"{srv.base_url}/v1/evidence/{'0' * 64}").status_code
+                     for _ in range(PUBLIC_PER_MINUTE // 2) for srv in (server, second)]
+            assert set(codes) == {404}
+            over = [c.get(f"{srv.base_url}/v1/evidence/{'0' * 64}").status_code for srv in (server, second)]
+    finally:
+        second.stop()
+    # Redis: both servers count against one allowance; the embedded store: each process has its own
+    assert over == ([429, 429] if store_kind == "redis" else [404, 404])
+
+
 def test_off_by_default(server: Server, tenant: Tenant) -> None:
     tenant.budget(amount=1000)
     with tenant.client() as c:

@@ -140,6 +140,23 @@ def test_idle_half_sent_and_slow_connections_are_closed(limited: tuple[str, int]
         assert c.get("/actuator/health").status_code == 200
 
 
+def test_default_idle_timeout_outlives_client_pools(tmp_path: Path) -> None:
+    """httpx (the published SDK's client) and Node's fetch drop pooled connections after 5 s idle; a server that
+    closed at the same 5 s raced them, and a request sent on a connection being closed failed."""
+    proc, base, _ = _serve(tmp_path, "--data-dir", str(tmp_path / "data"))
+    try:
+        s = _conn(int(base.rsplit(":", 1)[1]), timeout=10)
+        request = b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n\r\n"
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(6)  # past a 5 s pool expiry: the client may still pick this connection just before it
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 "), "the server closed a connection idle for 6 s"
+        s.close()
+    finally:
+        _stop(proc)
+
+
 def test_connection_cap_evicts_idle_then_refuses(limited: tuple[str, int]) -> None:
     base, port = limited
     idle = [_conn(port) for _ in range(30)]  # over the cap of 20: idle ones give way to newer ones

@@ -114,8 +114,8 @@ def serve(
         1000, envvar="CYCLES_MAX_CONNECTIONS", help="Open connections per worker; at the cap an idle connection "
         "is closed for a new one, else the new one gets 503. Lowered to fit the file descriptor limit."),
     timeout_keep_alive: float = typer.Option(
-        5.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
-        "request and between requests)."),
+        20.0, envvar="CYCLES_TIMEOUT_KEEP_ALIVE", help="Seconds a connection may stay idle (before its first "
+        "request and between requests). Keep it above your clients' pool idle expiry (httpx: 5 s)."),
     timeout_header: float = typer.Option(
         10.0, envvar="CYCLES_TIMEOUT_HEADER", help="Seconds from a request's first byte to the end of its headers "
         "(408 and close after)."),
@@ -162,6 +162,13 @@ def serve(
 
     from .server.keystrength import warning_text, weak_reasons
 
+    from .core import actions as action_rules
+
+    try:  # the operator's action-governance settings: a mistake stops the start, not every reservation
+        action_rules.check_env()
+    except action_rules.ActionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(startup.EXIT_CONFIG) from None
     store_url = _store_with_secret_key(store, data_dir)
     from .evidence_cli import ensure_keys
 

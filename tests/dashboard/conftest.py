@@ -18,6 +18,7 @@ from support import ADMIN_KEY, USD, Server, Tenant, new_tenant, reserve_body, st
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EVIDENCE = {"CYCLES_EVIDENCE": "1"}  # signed envelopes, for the evidence viewer
 DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
 
 if not os.path.exists(CHROMIUM):
@@ -106,13 +107,39 @@ class Data:
             r = c.post("/v1/admin/policies", json={"tenant_id": "acme-corp", "name": "agent-rate", "scope_pattern": "agent:*",
                                                    "rate_limits": {"max_reservations_per_minute": 600}})
             assert r.status_code == 201, r.text
+            # action governance: quotas on acme's eng agents (counted by two emails below); beta in observe
+            # mode with shell commands denied, so its would-be denials are recorded and nothing refused
+            r = c.post("/v1/admin/policies", json={
+                "tenant_id": "acme-corp", "name": "outbound-quotas", "scope_pattern": "tenant:acme-corp/workspace:eng/agent:*",
+                "priority": 5, "action_quotas": [{"action_kind": "message.email.send", "max_calls": 20, "window": "per_hour_tumbling"}],
+                "risk_class_quotas": [{"risk_class": "external_side_effect", "max_calls": 50, "window": "per_day_tumbling"}]})
+            assert r.status_code == 201, r.text
+            r = c.post("/v1/admin/policies", json={"tenant_id": "beta-labs", "name": "no-exec", "scope_pattern": "tenant:beta-labs",
+                                                   "denied_action_kinds": ["code.exec"]})
+            assert r.status_code == 201, r.text
+            assert c.patch("/v1/admin/tenants/beta-labs", json={"observe_mode": "OBSERVE"}).status_code == 200
+        with a.client() as c:
+            for _ in range(2):
+                r = c.post("/v1/reservations", json=reserve_body(a, 100, subject=a.subject(workspace="eng", agent="mailer"),
+                                                                 action={"kind": "message.email.send", "name": "smtp"}))
+                assert r.status_code == 200, r.text
+                rid = r.json()["reservation_id"]
+                r = c.post(f"/v1/reservations/{rid}/commit", json={"idempotency_key": uuid.uuid4().hex,
+                                                                   "actual": {"unit": USD, "amount": 90}})
+                assert r.status_code == 200, r.text
+            self.evidence_id = r.json()["cycles_evidence"]["evidence_id"]  # the last commit's envelope
+        with b.client() as c:
+            for agent in ("scout", "scout", "coder"):
+                r = c.post("/v1/reservations", json=reserve_body(b, 500, subject=b.subject(workspace="research", agent=agent),
+                                                                 action={"kind": "code.exec", "name": "bash"}))
+                assert r.status_code == 200 and r.json()["decision"] == "DENY", r.text
         self.receiver_url = receiver_url
 
 
 @pytest.fixture(scope="session")
 def dash(tmp_path_factory: pytest.TempPathFactory, receiver: str) -> Iterator[Data]:
     tmp = tmp_path_factory.mktemp("dashboard")
-    server = start_server(f"sqlite:///{tmp}/cycles.db", tmp, sweep_interval_ms=200)
+    server = start_server(f"sqlite:///{tmp}/cycles.db", tmp, sweep_interval_ms=200, extra_env=EVIDENCE)
     try:
         yield Data(server, receiver)
     finally:
@@ -134,7 +161,7 @@ class Work:
 @pytest.fixture(scope="session")
 def work(tmp_path_factory: pytest.TempPathFactory, receiver: str) -> Iterator[Work]:
     tmp = tmp_path_factory.mktemp("dashboard-work")
-    server = start_server(f"sqlite:///{tmp}/cycles.db", tmp, sweep_interval_ms=200)
+    server = start_server(f"sqlite:///{tmp}/cycles.db", tmp, sweep_interval_ms=200, extra_env=EVIDENCE)
     try:
         yield Work(server, receiver)
     finally:

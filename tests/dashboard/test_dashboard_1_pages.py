@@ -126,6 +126,9 @@ PAGES = [  # (route, text that only appears once the page shows the seeded data,
     ("webhooks", "WEBHOOK", "webhooks"),
     ("webhook/WEBHOOK", "Delivery outcomes", "webhook-detail"),
     ("audit", "createWebhookSubscription", "audit"),
+    ("governance?tenant=acme-corp", "reservation(s) would have been denied", "governance"),
+    ("governance?tenant=beta-labs", "3 reservation(s) would have been denied", "governance-observe"),
+    ("evidence/EVIDENCE", "Authentic:", "evidence"),
 ]
 
 
@@ -138,7 +141,8 @@ def test_every_page_renders_its_data_in_light_and_dark(tab: Tab, dash: Data, sho
             page.locator("#theme-toggle").click()
             assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
         for route, text, name in PAGES:
-            route, text = route.replace("WEBHOOK", dash.webhook), text.replace("WEBHOOK", dash.webhook)
+            route = route.replace("WEBHOOK", dash.webhook).replace("EVIDENCE", dash.evidence_id)
+            text = text.replace("WEBHOOK", dash.webhook)
             tab.go(route)
             page.get_by_text(text).first.wait_for()
             page.wait_for_function("() => !document.querySelector('#view .load-state') || "

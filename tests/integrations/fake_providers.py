@@ -182,9 +182,10 @@ def make_app(state: FakeProvider) -> Starlette:
             events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                 "delta": {"type": "text_delta", "text": t}}) for t in TEXT]
         events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        # message_delta's usage is cumulative and, as the API sends it now, repeats the input and cache counts
         events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop,
                                                                             "stop_sequence": None},
-                                         "usage": {"output_tokens": u["output"]}}))
+                                         "usage": usage}))
         events.append(("message_stop", {"type": "message_stop"}))
         return _sse(events, 2 if "FAIL MIDSTREAM" in _text(body) else None)
 

@@ -4,6 +4,7 @@ ANTHROPIC_BASE_URL pointing at the fake provider), then what it should have rese
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def env(funded, fake, monkeypatch, tmp_path):
     for k, v in {"CYCLES_BASE_URL": funded.server.base_url, "CYCLES_API_KEY": funded.key,
                  "CYCLES_TENANT": funded.tenant_id, "CYCLES_JOURNAL_DIR": str(tmp_path / "journal"),
                  "OPENAI_BASE_URL": fake.base_url + "/v1", "OPENAI_API_KEY": "sk-test",
+                 "OPENAI_API_BASE": fake.base_url + "/v1",  # LlamaIndex's OpenAI LLM reads this one
+                 "CREWAI_DISABLE_TELEMETRY": "true", "OTEL_SDK_DISABLED": "true", "CREWAI_TRACING_ENABLED": "false",
                  "ANTHROPIC_BASE_URL": fake.base_url, "ANTHROPIC_API_KEY": "sk-ant-test",
                  "OPENAI_AGENTS_DISABLE_TRACING": "1", "OPENAI_MAX_RETRIES": "0"}.items():
         monkeypatch.setenv(k, v)
@@ -56,7 +59,12 @@ def committed(tenant) -> list[tuple[str, str, int]]:
 def test_every_integration_has_a_block() -> None:
     have = {t for t, blocks in sections().items() if any(lang == "python" for lang, _ in blocks)}
     assert {"OpenAI", "Anthropic", "LangChain and LangGraph", "OpenAI Agents SDK", "Pydantic AI", "AutoGen",
-            "Web frameworks", "Pricing (`cycles.pricing`)"} <= have
+            "LlamaIndex", "CrewAI", "Web frameworks", "Pricing (`cycles.pricing`)"} <= have
+
+
+def _needs(module: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module}: installed by .ci/run (--no-deps)")
 
 
 @ONE_STORE
@@ -67,6 +75,8 @@ def test_every_integration_has_a_block() -> None:
     ("OpenAI Agents SDK", ["openai:gpt-4.1-mini"]),
     ("Pydantic AI", ["openai:gpt-4o-mini"]),
     ("AutoGen", ["openai:gpt-4o-mini"]),
+    pytest.param("LlamaIndex", ["openai:gpt-4o-mini"], marks=_needs("llama_index.llms.openai")),
+    pytest.param("CrewAI", ["openai:gpt-4o-mini"], marks=_needs("crewai")),
 ])
 def test_block_runs_and_commits_priced_calls(title, names, env, fake, capsys) -> None:
     [code] = python_blocks(title)

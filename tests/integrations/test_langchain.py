@@ -119,3 +119,62 @@ def test_langgraph_node_becomes_the_agent_scope(funded, cycles_client):
     subjects = sorted((r["subject"]["agent"], r["committed"]["amount"]) for r in reservations(funded))
     assert subjects == [("researcher", EXPECTED), ("writer", EXPECTED)]
     assert all(r["subject"]["workflow"] == "report" for r in reservations(funded))
+
+
+# ---------------------------------------------------------------- an instrumented client inside a handled model
+
+
+def _chat_openai(fake, sync_cycles=None, async_cycles=None):
+    from langchain_openai import ChatOpenAI
+    from openai import AsyncOpenAI, OpenAI
+
+    from cycles.integrations.openai import instrument
+
+    kw = {"base_url": fake.base_url + "/v1", "api_key": "sk-test", "max_retries": 0}
+    sync = instrument(OpenAI(**kw), cycles_client=sync_cycles) if sync_cycles else OpenAI(**kw)
+    aio = instrument(AsyncOpenAI(**kw), cycles_client=async_cycles) if async_cycles else AsyncOpenAI(**kw)
+    model = ChatOpenAI(model="gpt-4o-mini", max_tokens=50, api_key="sk-test", base_url=fake.base_url + "/v1",
+                       client=sync.chat.completions, root_client=sync, async_client=aio.chat.completions,
+                       root_async_client=aio)
+    return model, sync
+
+
+def _fake_price(body: dict) -> int:
+    from fake_providers import usage_for
+
+    u = usage_for(body)
+    return price_of({"input_tokens": u["prompt"], "cache_read_tokens": u["cached"], "output_tokens": u["output"]},
+                    "gpt-4o-mini-2024-07-18", "openai")
+
+
+def test_instrumented_client_inside_a_handled_model_is_counted_once(funded, cycles_client, fake):
+    model, client = _chat_openai(fake, sync_cycles=cycles_client)
+    model.invoke("alone")  # no handler: the instrumented client guards the call itself (priced from usage)
+    handler = CyclesCallbackHandler(cycles_client=cycles_client, workflow="handled")
+    model.invoke("with the handler", config={"callbacks": [handler]})
+    client.chat.completions.create(model="gpt-4o-mini", max_tokens=20,  # after the run: guarded again
+                                   messages=[{"role": "user", "content": "direct"}])
+    assert fake.count() == 3
+    res = sorted(reservations(funded), key=lambda r: r["subject"].get("workflow") or "")
+    assert len(res) == 3, res  # one per provider call: the handled one was not reserved twice
+    assert [r["subject"].get("workflow") for r in res] == [None, None, "handled"]
+    assert sorted(r["committed"]["amount"] for r in res) == sorted(_fake_price(r.body) for r in fake.requests)
+
+
+def test_instrumented_async_client_inside_a_handled_model_is_counted_once(funded, config, cycles_client, fake):
+    from integ_helpers import make_async_client
+
+    async def main():
+        cl = make_async_client(config)
+        model, _ = _chat_openai(fake, async_cycles=cl)
+        handler = CyclesCallbackHandler(cycles_client=cycles_client, workflow="handled")
+        await model.ainvoke("with the handler", config={"callbacks": [handler]})
+        await model.ainvoke("alone")
+        await cl.aclose()
+
+    asyncio.run(main())
+    assert fake.count() == 2
+    res = reservations(funded)
+    assert len(res) == 2, res
+    assert sorted(r["subject"].get("workflow") or "-" for r in res) == ["-", "handled"]
+    assert sorted(r["committed"]["amount"] for r in res) == sorted(_fake_price(r.body) for r in fake.requests)

@@ -114,3 +114,30 @@ def test_denied_request_never_reaches_the_model(tenant, config):
     assert calls == []
 
 
+
+
+def test_instrumented_client_under_cycles_model_is_counted_once(funded, config, fake):
+    from openai import AsyncOpenAI
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    from fake_providers import usage_for
+    from cycles.integrations.openai import instrument
+
+    async def main():
+        cl = make_async_client(config)
+        client = instrument(AsyncOpenAI(base_url=fake.base_url + "/v1", api_key="sk-test", max_retries=0),
+                            cycles_client=cl)
+        model = OpenAIChatModel("gpt-4o-mini", provider=OpenAIProvider(openai_client=client))
+        await Agent(CyclesModel(model, cycles_client=cl, workflow="wrapped")).run("hi")
+        await Agent(model).run("alone")  # the instrumented client on its own still guards its call
+        await cl.aclose()
+
+    asyncio.run(main())
+    assert fake.count() == 2
+    res = reservations(funded)
+    assert sorted(r["subject"].get("workflow") or "-" for r in res) == ["-", "wrapped"]
+    u = [usage_for(r.body) for r in fake.requests]
+    assert sorted(r["committed"]["amount"] for r in res) == sorted(
+        price_of({"input_tokens": x["prompt"], "cache_read_tokens": x["cached"], "output_tokens": x["output"]},
+                 "gpt-4o-mini-2024-07-18", "openai") for x in u)

@@ -18,6 +18,7 @@ import typer
 import yaml
 
 from ..core import scopes
+from ..core.actions import RISK_CLASSES, WINDOWS
 from . import render
 from .client import AdminClient, ApiError
 
@@ -61,6 +62,14 @@ def _str(max_length: int = 256, pattern: re.Pattern[str] | None = None, hint: st
             problems.append(f"{path}: must be at most {max_length} characters")
         elif pattern is not None and not pattern.fullmatch(v):
             problems.append(f"{path}: {hint}")
+        return v
+    return check
+
+
+def _ratio(lo: float, hi: float) -> Check:
+    def check(v: Any, path: str, problems: list[str]) -> Any:
+        if type(v) not in (int, float) or not lo <= v <= hi:
+            problems.append(f"{path}: must be a number from {lo} to {hi}")
         return v
     return check
 
@@ -110,6 +119,15 @@ def _join(path: str, key: Any) -> str:
 
 _AMOUNT = _int()
 _OVERAGE = _enum(*OVERAGE)
+# v0.1.26 action governance (cycles-action-kinds ActionQuota, RiskClassQuota)
+_KIND = _str(64)
+_QUOTA_COMMON = {"max_calls": _int(1, 100_000), "window": _enum(*WINDOWS),
+                 "per_run_counter_ttl_ms": _int(60_000, 604_800_000), "threshold_pct": _ratio(0.01, 0.99)}
+ACTION_QUOTA = _obj({"action_kind": _KIND, **_QUOTA_COMMON, "host_allowlist": _list(_str(253)),
+                     "recipient_domain_allowlist": _list(_str(253)), "resource_type_allowlist": _list(_str(128))},
+                    required=("action_kind", "max_calls", "window"))
+RISK_CLASS_QUOTA = _obj({"risk_class": _enum(*RISK_CLASSES), **_QUOTA_COMMON},
+                        required=("risk_class", "max_calls", "window"))
 BUDGET = _obj({"scope": _str(1024), "unit": _enum(*UNITS), "allocated": _AMOUNT, "overdraft_limit": _AMOUNT,
                "commit_overage_policy": _OVERAGE}, required=("scope", "unit", "allocated"))
 POLICY = _obj({
@@ -121,13 +139,16 @@ POLICY = _obj({
     "reservation_ttl_override": _obj({"default_ttl_ms": _int(*TTL_MS), "max_ttl_ms": _int(*TTL_MS),
                                       "max_extensions": _int()}),
     "status": _enum("ACTIVE", "DISABLED"),
+    "allowed_action_kinds": _list(_KIND), "denied_action_kinds": _list(_KIND),
+    "action_quotas": _list(ACTION_QUOTA), "risk_class_quotas": _list(RISK_CLASS_QUOTA),
 }, required=("name", "scope_pattern"))
 TENANT_SETTINGS = ("name", "default_commit_overage_policy", "default_reservation_ttl_ms", "max_reservation_ttl_ms",
-                   "max_reservation_extensions", "metadata")
+                   "max_reservation_extensions", "metadata", "observe_mode")
 TENANT = _obj({
     "tenant_id": _str(64, TENANT_ID, "must be 3-64 characters of a-z, 0-9 and -"), "name": _str(256),
     "default_commit_overage_policy": _OVERAGE, "default_reservation_ttl_ms": _int(*TTL_MS),
     "max_reservation_ttl_ms": _int(*TTL_MS), "max_reservation_extensions": _int(), "metadata": _str_map,
+    "observe_mode": _enum("ENFORCE", "OBSERVE", "DISABLED"),
     "budgets": _list(BUDGET), "policies": _list(POLICY),
 }, required=("tenant_id", "name"))
 ROOT = _obj({"tenants": _list(TENANT)}, required=("tenants",))
@@ -160,6 +181,9 @@ def _cross_check(tenants: list[dict[str, Any]], problems: list[str]) -> None:
             seen_budgets.setdefault(ident, j)
         seen_policies: dict[str, int] = {}
         for j, p in enumerate(t.get("policies", [])):
+            if p.get("allowed_action_kinds") and p.get("denied_action_kinds"):
+                problems.append(f"{here}.policies[{j}]: allowed_action_kinds and denied_action_kinds are mutually "
+                                "exclusive: keep one of them")
             if p["name"] in seen_policies:
                 problems.append(f"{here}.policies[{j}].name: {p['name']} is already declared at "
                                 f"{here}.policies[{seen_policies[p['name']]}]")
@@ -315,7 +339,8 @@ def _budget(spec: Spec, tenant: str, b: dict[str, Any], ledger: dict[str, Any] |
 
 
 POLICY_FIELDS = ("description", "priority", "caps", "rate_limits", "commit_overage_policy",
-                 "reservation_ttl_override", "status")
+                 "reservation_ttl_override", "status", "allowed_action_kinds", "denied_action_kinds", "action_quotas",
+                 "risk_class_quotas")
 
 
 def _policy(tenant: str, p: dict[str, Any], found: list[dict[str, Any]]) -> Change:
@@ -333,6 +358,11 @@ def _policy(tenant: str, p: dict[str, Any], found: list[dict[str, Any]]) -> Chan
     if current.get("scope_pattern") != p["scope_pattern"]:
         return Change("policy", target, CONFLICT, note=f"scope_pattern {current.get('scope_pattern')} → "
                       f"{p['scope_pattern']}: the API cannot change a policy's scope pattern; give it a new name")
+    lists = ("allowed_action_kinds", "denied_action_kinds")
+    for mine, other in (lists, lists[::-1]):
+        if p.get(mine) and other not in p and current.get(other):
+            return Change("policy", target, CONFLICT, note=f"the policy has {other} and a policy cannot have both "
+                          f"lists; add `{other}: []` to the file to replace it with {mine}")
     diff = [(k, current.get(k), p[k]) for k in POLICY_FIELDS if k in p and not _same(current.get(k), p[k])]
     if not diff:
         return Change("policy", target, SAME)

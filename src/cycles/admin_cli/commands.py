@@ -15,6 +15,8 @@ from typing import Annotated, Any, Callable, Iterator, List, Literal, Optional
 import typer
 
 from . import render
+from .governance import (AllowKinds, Clear, DenyKinds, KindQuotas, ObserveMode, RiskQuotas, quotas_app,
+                         rule_fields)
 from .client import DEFAULT_URL, AdminClient, Connection, connect
 from .failures import failures, usage
 
@@ -49,13 +51,15 @@ app = typer.Typer(help="Operate a Cycles server: tenants, API keys, budgets, pol
 tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant API keys.", no_args_is_help=True)
 budgets_app = typer.Typer(help="Budget ledgers and funding.", no_args_is_help=True)
-policies_app = typer.Typer(help="Policies (caps and rate limits by scope pattern).", no_args_is_help=True)
+policies_app = typer.Typer(help="Policies (caps, rate limits, action-kind lists and quotas by scope pattern).",
+                           no_args_is_help=True)
 reservations_app = typer.Typer(help="Reservations (list, force release).", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(policies_app, name="policies")
 app.add_typer(reservations_app, name="reservations")
+app.add_typer(quotas_app, name="quotas")
 
 
 @app.callback()
@@ -128,9 +132,10 @@ def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
 def tenants_list(ctx: typer.Context,
                  status: Annotated[Optional[Literal["ACTIVE", "SUSPENDED", "CLOSED"]], typer.Option()] = None,
                  search: Annotated[Optional[str], typer.Option(help="Substring of the id or name.")] = None,
+                 observe_mode: ObserveMode = None,
                  limit: Limit = None, cursor: Cursor = None, all_pages: All = False, as_json: Json = False) -> None:
     """List tenants."""
-    params = {"status": status, "search": search, "limit": limit, "cursor": cursor}
+    params = {"status": status, "search": search, "observe_mode": observe_mode, "limit": limit, "cursor": cursor}
     run(ctx, as_json, lambda c: c.page("/v1/admin/tenants", params, "tenants", all_pages), render.tenants)
 
 
@@ -141,9 +146,10 @@ def tenants_get(ctx: typer.Context, tenant_id: str, as_json: Json = False) -> No
 
 
 def _tenant_settings(overage: str | None, default_ttl: int | None, max_ttl: int | None, max_ext: int | None,
-                     metadata: list[str] | None) -> dict[str, Any]:
+                     metadata: list[str] | None, observe_mode: str | None = None) -> dict[str, Any]:
     return {"default_commit_overage_policy": overage, "default_reservation_ttl_ms": default_ttl,
-            "max_reservation_ttl_ms": max_ttl, "max_reservation_extensions": max_ext, "metadata": _metadata(metadata)}
+            "max_reservation_ttl_ms": max_ttl, "max_reservation_extensions": max_ext, "metadata": _metadata(metadata),
+            "observe_mode": observe_mode}
 
 
 TenantOverage = Annotated[Optional[OveragePolicy], typer.Option(
@@ -158,10 +164,11 @@ Metadata = Annotated[Optional[List[str]], typer.Option("--metadata", help="KEY=V
 def tenants_create(ctx: typer.Context, tenant_id: str,
                    name: Annotated[str, typer.Option(help="Display name.")],
                    overage: TenantOverage = None, default_ttl: DefaultTtl = None, max_ttl: MaxTtl = None,
-                   max_ext: MaxExt = None, metadata: Metadata = None, as_json: Json = False) -> None:
+                   max_ext: MaxExt = None, metadata: Metadata = None, observe_mode: ObserveMode = None,
+                   as_json: Json = False) -> None:
     """Create a tenant (a no-op if it already exists with the same name)."""
     body = _compact({"tenant_id": tenant_id, "name": name,
-                     **_tenant_settings(overage, default_ttl, max_ttl, max_ext, metadata)})
+                     **_tenant_settings(overage, default_ttl, max_ttl, max_ext, metadata, observe_mode)})
     created = []
 
     def call(c: AdminClient) -> Any:
@@ -189,10 +196,11 @@ def tenants_update(ctx: typer.Context, tenant_id: str,
                    name: Annotated[Optional[str], typer.Option(help="Display name.")] = None,
                    status: Annotated[Optional[Literal["ACTIVE", "SUSPENDED"]], typer.Option()] = None,
                    overage: TenantOverage = None, default_ttl: DefaultTtl = None, max_ttl: MaxTtl = None,
-                   max_ext: MaxExt = None, metadata: Metadata = None, as_json: Json = False) -> None:
-    """Change a tenant's name, status or defaults (closing has its own command: tenants close)."""
+                   max_ext: MaxExt = None, metadata: Metadata = None, observe_mode: ObserveMode = None,
+                   as_json: Json = False) -> None:
+    """Change a tenant's name, status, defaults or observe mode (closing has its own command: tenants close)."""
     body = _compact({"name": name, "status": status,
-                     **_tenant_settings(overage, default_ttl, max_ttl, max_ext, metadata)})
+                     **_tenant_settings(overage, default_ttl, max_ttl, max_ext, metadata, observe_mode)})
     if not body:
         usage("nothing to update: give at least one option")
     _patch_tenant(ctx, tenant_id, body, as_json, "Updated")
@@ -405,9 +413,14 @@ def _policy_body(from_json: Path | None, current: dict[str, Any] | None, fields:
 @policies_app.command("list")
 def policies_list(ctx: typer.Context, tenant: Tenant, status: PolicyStatus = None,
                   scope_pattern: Annotated[Optional[str], typer.Option()] = None,
+                  has_action_quotas: Annotated[bool, typer.Option("--has-action-quotas")] = False,
+                  references_action_kind: Annotated[Optional[str], typer.Option(
+                      "--references-action-kind", metavar="KIND", help="Quotas or lists naming this kind.")] = None,
                   limit: Limit = None, cursor: Cursor = None, all_pages: All = False, as_json: Json = False) -> None:
     """List a tenant's policies."""
-    params = {"tenant_id": tenant, "status": status, "scope_pattern": scope_pattern, "limit": limit, "cursor": cursor}
+    params = {"tenant_id": tenant, "status": status, "scope_pattern": scope_pattern, "limit": limit, "cursor": cursor,
+              "has_action_quotas": "true" if has_action_quotas else None,
+              "references_action_kind": references_action_kind}
     run(ctx, as_json, lambda c: c.page("/v1/admin/policies", params, "policies", all_pages), render.policies)
 
 
@@ -426,10 +439,13 @@ def policies_create(ctx: typer.Context, tenant: OptTenant = None,
                     priority: Priority = None, max_tokens: MaxTokens = None,
                     tool_allowlist: Tools = None, tool_denylist: Tools = None,
                     max_reservations_per_minute: PerMinute = None, max_commits_per_minute: PerMinute = None,
-                    overage: Overage = None, from_json: FromJson = None, as_json: Json = False) -> None:
+                    overage: Overage = None, allow_kind: AllowKinds = None, deny_kind: DenyKinds = None,
+                    action_quota: KindQuotas = None, risk_class_quota: RiskQuotas = None,
+                    from_json: FromJson = None, as_json: Json = False) -> None:
     """Create a policy for a tenant's scopes."""
     fields = {"tenant_id": tenant, "name": name, "scope_pattern": scope_pattern, "description": description,
-              "priority": priority, "commit_overage_policy": overage}
+              "priority": priority, "commit_overage_policy": overage,
+              **rule_fields(allow_kind, deny_kind, action_quota, risk_class_quota, None)}
     caps = {"max_tokens": max_tokens, "tool_allowlist": tool_allowlist, "tool_denylist": tool_denylist}
     limits = {"max_reservations_per_minute": max_reservations_per_minute,
               "max_commits_per_minute": max_commits_per_minute}
@@ -447,11 +463,13 @@ def policies_update(ctx: typer.Context, policy_id: str,
                     priority: Priority = None, max_tokens: MaxTokens = None,
                     tool_allowlist: Tools = None, tool_denylist: Tools = None,
                     max_reservations_per_minute: PerMinute = None, max_commits_per_minute: PerMinute = None,
-                    overage: Overage = None, status: PolicyStatus = None, from_json: FromJson = None,
-                    as_json: Json = False) -> None:
-    """Change a policy. Cap and rate-limit options keep the policy's other caps and limits."""
+                    overage: Overage = None, status: PolicyStatus = None, allow_kind: AllowKinds = None,
+                    deny_kind: DenyKinds = None, action_quota: KindQuotas = None, risk_class_quota: RiskQuotas = None,
+                    clear: Clear = None, from_json: FromJson = None, as_json: Json = False) -> None:
+    """Change a policy. Cap and rate-limit options keep the policy's other caps and limits; the action-kind
+    list and quota options replace the list they name."""
     fields = {"name": name, "description": description, "priority": priority, "commit_overage_policy": overage,
-              "status": status}
+              "status": status, **rule_fields(allow_kind, deny_kind, action_quota, risk_class_quota, clear)}
     caps = {"max_tokens": max_tokens, "tool_allowlist": tool_allowlist, "tool_denylist": tool_denylist}
     limits = {"max_reservations_per_minute": max_reservations_per_minute,
               "max_commits_per_minute": max_commits_per_minute}

@@ -217,6 +217,21 @@ def overview(o: dict[str, Any]) -> None:
               ([e.get("timestamp"), e.get("tenant_id"), e.get("scope"), e.get("event_id"),
                 (e.get("data") or {}).get("reason_code") if isinstance(e.get("data"), dict) else None]
                for e in o.get(name) or []))
+    reasons = o.get("recent_denials_by_reason")
+    if isinstance(reasons, dict):
+        table("Denials by reason", ["Reason", "Count"], sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+              numeric=["Count"])
+    health = o.get("quota_health")
+    if isinstance(health, dict):
+        typer.echo(f"Action quotas: {num(health.get('counters_above_80pct'))} counter(s) at 80 % or more, "
+                   f"{num(health.get('counters_at_limit'))} at their limit")
+        table("Fullest quota counters", ["Scope", "Action kind", "Window", "Used", "Limit"],
+              ([c.get("scope"), c.get("action_kind"), c.get("window"), c.get("used"), c.get("limit")]
+               for c in health.get("top_offenders") or []), numeric=["Used", "Limit"])
+    access = o.get("access_control_stats")
+    if isinstance(access, dict):
+        typer.echo(f"Policies with an action-kind allow list: {num(access.get('policies_with_allow_list'))}; "
+                   f"with a deny list: {num(access.get('policies_with_deny_list'))}")
     table("Failing webhooks", ["Subscription", "URL", "Failures", "Last failure"],
           ([w.get("subscription_id"), w.get("url"), w.get("consecutive_failures"), w.get("last_failure_at")]
            for w in o.get("failing_webhooks") or []), numeric=["Failures"], whole=("Subscription", "URL"))

@@ -38,6 +38,7 @@ WINDOW_SPEC = {
 }
 RULE_FIELDS = ("action_quotas", "risk_class_quotas", "allowed_action_kinds", "denied_action_kinds")
 CUSTOM_KINDS_ENV = "CYCLES_CUSTOM_ACTION_KINDS"
+SAMPLE_RATE_ENV = "CYCLES_OBSERVE_ALLOW_SAMPLE_RATE"
 
 
 class ActionError(ValueError):
@@ -57,9 +58,22 @@ class Registry:
                 raise ActionError(f"custom action kind {kind!r} must look like custom.<org>.<operation>")
             if risk not in RISK_CLASSES:
                 raise ActionError(f"custom action kind {kind}: risk_class must be one of {', '.join(RISK_CLASSES)}")
+            # deprecated / replacement_kind: the registry's ActionKind fields, so an operator can retire a custom
+            # kind the way the spec retires built-in ones (reservations still pass, with X-Cycles-Deprecated-Kind)
+            if "deprecated" in decl and not isinstance(decl["deprecated"], bool):
+                raise ActionError(f"custom action kind {kind}: deprecated must be true or false")
+            repl = decl.get("replacement_kind")
+            if decl.get("deprecated") and not (isinstance(repl, str) and 0 < len(repl) <= 64 and repl.isascii()
+                                               and repl.isprintable()):
+                raise ActionError(f"custom action kind {kind}: a deprecated kind needs a replacement_kind "
+                                  "(an action kind of at most 64 ASCII characters)")
             self.custom[kind] = {k: v for k, v in decl.items()
-                                 if k in ("kind", "risk_class", "description", "policy_key_spec", "mcp_tool_prefixes")}
+                                 if k in ("kind", "risk_class", "description", "policy_key_spec", "mcp_tool_prefixes",
+                                          "deprecated", "replacement_kind")}
         self.version = action_registry.VERSION
+        # kinds whose answers carry X-Cycles-Deprecated-Kind (the spec gives every deprecated kind a replacement)
+        self.deprecated = {k: e for k, e in {**self.builtin, **self.custom}.items()
+                           if e.get("deprecated") and e.get("replacement_kind")}
 
     def get(self, kind: str) -> dict[str, Any] | None:
         return self.builtin.get(kind) or self.custom.get(kind)
@@ -91,6 +105,45 @@ def load_registry(env: dict[str, str] | None = None) -> Registry:
     if not isinstance(decls, list) or not all(isinstance(d, dict) for d in decls):
         raise ActionError(f"{CUSTOM_KINDS_ENV} must be a JSON list of objects")
     return Registry(decls)
+
+
+def load_sample_rate(env: dict[str, str] | None = None) -> float:
+    """The share of observe-mode ALLOWs that emit reservation.observed_allowed (the spec's
+    observe_allow_sample_rate): in (0, 1], 1 by default."""
+    raw = (env if env is not None else os.environ).get(SAMPLE_RATE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        rate = float(raw)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate <= 1:
+        raise ActionError(f"{SAMPLE_RATE_ENV} must be a number greater than 0 and at most 1 (got {raw!r})")
+    return rate
+
+
+class Sampler:
+    """Which observe-mode ALLOWs emit an event: exactly `rate` of them, evenly spread (an accumulator, so a
+    test or an operator sees the stated share and not a random one)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._acc = 0.0
+
+    def take(self) -> bool:
+        if self.rate >= 1:
+            return True
+        self._acc += self.rate
+        if self._acc >= 1 - 1e-9:
+            self._acc -= 1
+            return True
+        return False
+
+
+def check_env(env: dict[str, str] | None = None) -> None:
+    """Validate the action-governance settings (at `cycles serve` start)."""
+    load_registry(env)
+    load_sample_rate(env)
 
 
 _REGISTRY: Registry | None = None

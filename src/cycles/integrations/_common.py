@@ -32,6 +32,56 @@ def request_subject() -> dict[str, Any]:
     return dict(_request_subject.get() or {})
 
 
+class OuterGuard:
+    """Marks a context in which an integration has reserved the LLM call now running (a LangChain handler's
+    chat model run, a framework model wrapper's request). A provider client instrumented by this package,
+    called inside it, passes through instead of reserving and charging the same call a second time.
+    `open` goes False when the outer call settles, wherever that happens (LangChain may end a run in
+    another context), so a stale marker never lets a later call through unguarded."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = True
+
+
+_outer_guard: contextvars.ContextVar[OuterGuard | None] = contextvars.ContextVar("cycles_outer_guard", default=None)
+
+
+def outer_guarded() -> bool:
+    """True inside a call an integration already reserved (instrumented clients then pass through)."""
+    g = _outer_guard.get()
+    return g is not None and g.open
+
+
+def open_outer_guard() -> OuterGuard:
+    """Mark the current context (until `close_outer_guard`)."""
+    g = OuterGuard()
+    _outer_guard.set(g)
+    return g
+
+
+def close_outer_guard(g: OuterGuard | None) -> None:
+    if g is None:
+        return
+    g.open = False
+    if _outer_guard.get() is g:
+        _outer_guard.set(None)
+
+
+class outer_guard:
+    """`with outer_guard():` around a wrapped model's call (same context start to end)."""
+
+    def __enter__(self) -> OuterGuard:
+        self._g = OuterGuard()
+        self._token = _outer_guard.set(self._g)
+        return self._g
+
+    def __exit__(self, *exc: Any) -> None:
+        self._g.open = False
+        _outer_guard.reset(self._token)
+
+
 @dataclass
 class LLMRequest:
     """One provider call as the integration sees it before sending it."""
@@ -399,7 +449,7 @@ def is_marked(fn: Any) -> bool:
     return hasattr(fn, "__cycles_original__")
 
 
-__all__ = ["request_subject", "Options", "LLMRequest", "Call", "Priced", "Accumulator", "SyncStreamProxy", "AsyncStreamProxy",
+__all__ = ["request_subject", "outer_guarded", "outer_guard", "open_outer_guard", "close_outer_guard", "Options", "LLMRequest", "Call", "Priced", "Accumulator", "SyncStreamProxy", "AsyncStreamProxy",
            "guard_sync", "guard_async", "extract_usage", "build_spec", "llm_estimate", "price_usage", "mark",
            "is_marked", "input_tokens"]
 

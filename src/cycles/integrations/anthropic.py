@@ -10,7 +10,8 @@ from typing import Any
 
 from ..pricing import prompt_token_bound
 from ._common import (Accumulator, AsyncStreamProxy, Call, LLMRequest, Options, Priced, SyncStreamProxy,
-                      _is_async, extract_usage, guard_async, guard_sync, input_tokens, is_marked, mark)
+                      _is_async, extract_usage, guard_async, guard_sync, input_tokens, is_marked, mark,
+                      outer_guarded)
 
 PROVIDER = "anthropic"
 
@@ -124,6 +125,8 @@ def _wrap_create(original: Any, opts: Options, provider: str, is_async: bool) ->
 
     if is_async:
         async def create_async(*args: Any, **kwargs: Any) -> Any:
+            if outer_guarded():  # a framework integration already reserved this call
+                return await original(*args, **kwargs)
             call = Call.prepare(opts, messages_request(opts, provider, kwargs), want_async=True)
             stream = kwargs.get("stream") is True
 
@@ -138,6 +141,8 @@ def _wrap_create(original: Any, opts: Options, provider: str, is_async: bool) ->
         return mark(create_async, original)
 
     def create(*args: Any, **kwargs: Any) -> Any:
+        if outer_guarded():
+            return original(*args, **kwargs)
         call = Call.prepare(opts, messages_request(opts, provider, kwargs), want_async=False)
         stream = kwargs.get("stream") is True
 
@@ -153,7 +158,9 @@ def _wrap_create(original: Any, opts: Options, provider: str, is_async: bool) ->
 
 
 def _wrap_stream(original: Any, opts: Options, provider: str, is_async: bool) -> Any:
-    def stream(*args: Any, **kwargs: Any) -> _StreamManager:
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        if outer_guarded():
+            return original(*args, **kwargs)
         call = Call.prepare(opts, messages_request(opts, provider, kwargs), want_async=is_async)
         return _StreamManager(lambda: original(*args, **kwargs), call)
 

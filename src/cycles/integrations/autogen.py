@@ -19,7 +19,7 @@ from autogen_core.models import ChatCompletionClient, CreateResult
 from ..client.lifecycle import check_amount
 from ..pricing import prompt_token_bound
 from ..pricing.usage import Usage
-from ._common import Call, LLMRequest, Options, Priced
+from ._common import Call, LLMRequest, Options, Priced, outer_guard
 
 
 def usage_of(result: Any) -> Usage | None:
@@ -65,9 +65,10 @@ class CyclesChatCompletionClient(ChatCompletionClient):
         call = self._call(messages, tools, extra_create_args)
         await call.guard.enter()  # DENY raises here: the wrapped client is not called
         try:
-            result = await self.inner.create(messages, tools=tools, tool_choice=tool_choice, json_output=json_output,
-                                             extra_create_args=extra_create_args,
-                                             cancellation_token=cancellation_token)
+            with outer_guard():  # an instrumented provider client inside passes through
+                result = await self.inner.create(messages, tools=tools, tool_choice=tool_choice,
+                                                 json_output=json_output, extra_create_args=extra_create_args,
+                                                 cancellation_token=cancellation_token)
         except BaseException:
             await call.guard.release("model_request_failed")
             raise

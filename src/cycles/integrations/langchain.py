@@ -10,7 +10,12 @@ the price of the message's `usage_metadata` (cache reads/writes priced as such);
 A tool start reserves its per-tool estimate (action kind `tool.call`), its end commits it.
 Inside LangGraph the node name (`langgraph_node`) becomes the `agent` scope (`node_scope="workflow"` to
 use that level instead, None to ignore it) unless the option sets that level.
-The handler is synchronous and thread-safe; LangChain runs it in a worker thread under `ainvoke`.
+The handler is synchronous and thread-safe. A chat model run marks its context as reserved, so a provider
+client instrumented with `cycles.integrations.openai` / `.anthropic` inside the model (e.g.
+`ChatOpenAI(root_client=instrument(OpenAI()), ...)`) passes through instead of charging the call twice.
+For that mark to reach the model under `ainvoke`, the handler runs inline (LangChain's `run_inline`): its
+reserve and commit are made on the event loop's thread. `run_inline=False` moves them to LangChain's worker
+threads, where the mark cannot reach the model: then do not also instrument the model's client.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..client.lifecycle import check_amount
 from ..client.guard import SyncGuard
 from ..pricing import prompt_token_bound
 from ..pricing.usage import Usage
-from ._common import Call, LLMRequest, Options, build_spec
+from ._common import Call, LLMRequest, Options, build_spec, close_outer_guard, open_outer_guard
 
 _PROVIDERS = {"openai": "openai", "azure": "azure", "azure_openai": "azure", "anthropic": "anthropic",
               "google_genai": "google", "google_vertexai": "google", "groq": "groq", "mistralai": "mistral",
@@ -57,8 +62,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
 
     def __init__(self, *, provider: str | None = None, model: str | None = None,
                  tool_estimates: dict[str, int] | None = None, default_tool_estimate: int = 0,
-                 node_scope: str | None = "agent", **options: Any) -> None:
+                 node_scope: str | None = "agent", run_inline: bool = True, **options: Any) -> None:
         super().__init__()
+        self.run_inline = run_inline
         self.opts, _ = Options.of(options)
         self.provider = provider
         self.model = model
@@ -68,6 +74,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
             raise ValueError("node_scope must be None or a subject level below tenant")
         self.node_scope = node_scope
         self._calls: dict[UUID, Call] = {}
+        self._marks: dict[UUID, Any] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -78,6 +85,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
 
     def _take(self, run_id: UUID) -> Call | None:
         with self._lock:
+            close_outer_guard(self._marks.pop(run_id, None))
             return self._calls.pop(run_id, None)
 
     def _start(self, run_id: UUID, call: Call) -> None:
@@ -101,6 +109,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if self.opts.token_counter is not None:
             req.input_tokens = check_amount(self.opts.token_counter(req), "token_counter result")
         self._start(run_id, Call.prepare(self.opts, req, want_async=False, subject_overrides=self._scope_from(md)))
+        mark = open_outer_guard()  # this context's model call is reserved: instrumented clients pass through
+        with self._lock:
+            self._marks[run_id] = mark
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
         self.on_chat_model_start(serialized, [[p] for p in prompts], run_id=run_id, **kwargs)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..pricing import prompt_token_bound
 from ._common import (Accumulator, AsyncStreamProxy, Call, LLMRequest, Options, SyncStreamProxy, extract_usage,
-                      _is_async, guard_async, guard_sync, input_tokens, is_marked, mark)
+                      _is_async, guard_async, guard_sync, input_tokens, is_marked, mark, outer_guarded)
 
 _IGNORED_TIERS = {None, "auto", "default"}
 
@@ -132,11 +132,15 @@ def _wrap(original: Any, opts: Options, provider: str, kind: str, is_async: bool
         return ResponsesAccumulator() if kind == "responses" else ChatAccumulator(hide)
 
     def priced(call: Call, result: Any) -> Any:
+        if hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
+            result = result.parse()  # `with_raw_response` (LangChain's ChatOpenAI uses it): price what it parses to
         return call.priced(_usage(result, flavor), getattr(result, "model", None),
                            _tier(getattr(result, "service_tier", None)) or None)
 
     if is_async:
         async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+            if outer_guarded():  # a framework integration already reserved this call
+                return await original(*args, **kwargs)
             call, stream, hide = prepare(kwargs)
 
             async def settle(result: Any) -> Any:
@@ -150,6 +154,8 @@ def _wrap(original: Any, opts: Options, provider: str, kind: str, is_async: bool
         return mark(guarded_async, original)
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        if outer_guarded():
+            return original(*args, **kwargs)
         call, stream, hide = prepare(kwargs)
 
         def settle(result: Any) -> Any:

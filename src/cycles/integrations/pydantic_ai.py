@@ -21,7 +21,7 @@ from pydantic_ai.models.wrapper import WrapperModel
 from ..client.lifecycle import check_amount
 from ..pricing import prompt_token_bound
 from ..pricing.usage import Usage
-from ._common import Call, LLMRequest, Options
+from ._common import Call, LLMRequest, Options, outer_guard
 
 _SYSTEMS = {"google-gla": "google", "google-vertex": "google", "bedrock": "aws", "mistral": "mistral",
             "grok": "x-ai", "xai": "x-ai", "azure": "azure"}
@@ -65,7 +65,8 @@ class CyclesModel(WrapperModel):
         call = self._call(messages, model_settings, model_request_parameters)
         await call.guard.enter()  # DENY raises here: the wrapped model is not called
         try:
-            response = await self.wrapped.request(messages, model_settings, model_request_parameters)
+            with outer_guard():  # an instrumented provider client inside passes through
+                response = await self.wrapped.request(messages, model_settings, model_request_parameters)
         except BaseException:
             await call.guard.release("model_request_failed")
             raise

@@ -201,6 +201,27 @@ class TenantCounts(Wire):
     active: int
     suspended: int
     closed: int
+    in_observe_mode: int | None = None  # v0.1.26 governance extension
+
+
+class QuotaOffender(Wire):
+    scope: str
+    action_kind: str
+    used: int
+    limit: int
+    window: str | None = None
+    utilization_pct: float | None = None
+
+
+class QuotaHealth(Wire):
+    counters_above_80pct: int
+    counters_at_limit: int
+    top_offenders: list[QuotaOffender]
+
+
+class AccessControlStats(Wire):
+    policies_with_allow_list: int
+    policies_with_deny_list: int
 
 
 class BudgetCounts(Wire):
@@ -252,6 +273,10 @@ class AdminOverviewResponse(Wire):
     event_counts: EventCounts
     recent_denials: list[dict[str, Any]]
     recent_expiries: list[dict[str, Any]]
+    # v0.1.26 governance extension (ADMIN OVERVIEW AND LIST FILTERS)
+    recent_denials_by_reason: dict[str, int] | None = None
+    quota_health: QuotaHealth | None = None
+    access_control_stats: AccessControlStats | None = None
 
 
 class EventActor(Wire):

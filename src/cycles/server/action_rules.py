@@ -22,6 +22,17 @@ from .http import Ctx
 from .params import bad
 
 _MAX_PLANS = 4096
+_SAMPLER: A.Sampler | None = None
+
+
+def _sampler() -> A.Sampler:
+    """observed_allowed events are sampled (CYCLES_OBSERVE_ALLOW_SAMPLE_RATE, checked at start); observed
+    denials never are."""
+    global _SAMPLER
+    if _SAMPLER is None:
+        _SAMPLER = A.Sampler(A.load_sample_rate())
+    return _SAMPLER
+
 
 async def plan(store: Any, cmd: ReserveCommand, view: TenantView | None) -> bool:
     """Put the action rules that govern `cmd` on it; returns whether the tenant's policies carry any."""
@@ -57,6 +68,14 @@ async def plan(store: Any, cmd: ReserveCommand, view: TenantView | None) -> bool
     except A.ActionError as exc:
         raise bad(str(exc)) from None
     return True
+
+
+def warn_deprecated(ctx: Ctx, kind: str) -> None:
+    """X-Cycles-Deprecated-Kind: <replacement_kind> on the answers to a reservation or decision that uses a
+    deprecated kind (the registry's DEPRECATION PROCESS; the kind itself is never rewritten)."""
+    deprecated = A.registry().deprecated
+    if deprecated and kind in deprecated:
+        ctx.extra_headers["X-Cycles-Deprecated-Kind"] = deprecated[kind]["replacement_kind"]
 
 
 def uses_extension(cmd: ReserveCommand, rules: bool) -> bool:
@@ -117,9 +136,14 @@ def observed(ctx: Ctx, cmd: ReserveCommand, decision: str, reason: str | None, d
         events.emit(ctx, "reservation.observed_denied", cmd.tenant, scope=cmd.scope_path, data=data,
                     correlation_id=f"observed:{corr}", observation=True)
         return
+    sampler = _sampler()
+    if not sampler.take():
+        return
     data["decision"] = decision
     if caps:
         data["caps_applied"] = caps
+    if sampler.rate < 1:
+        data["sample_rate"] = sampler.rate
     run_id = (cmd.subject.get("dimensions") or {}).get("run_id")
     corr = f"observed:{_hash(cmd.tenant, cmd.scope_path, run_id)}" if run_id else None
     events.emit(ctx, "reservation.observed_allowed", cmd.tenant, scope=cmd.scope_path, data=data,

@@ -19,11 +19,12 @@ from .admin import query_tenant
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, str_param
 from .state import state_of
-from .throttle import WindowCounter
+from .throttle import PublicLimit
 
-# The registry is unauthenticated: per source address, at most this many answers a minute (304s are free).
+# The registry is unauthenticated: per source address, at most this many answers a minute (304s are free),
+# shared by every server of a Redis store.
 PUBLIC_PER_MINUTE = int(os.environ.get("CYCLES_ACTION_KINDS_PER_MINUTE", "60"))
-_public = WindowCounter(PUBLIC_PER_MINUTE)
+_public = PublicLimit("action-kinds", PUBLIC_PER_MINUTE)
 
 
 def _etag() -> str:
@@ -32,13 +33,13 @@ def _etag() -> str:
     return f'"{digest}"'
 
 
-def _cached_or_throttled(request: Request, ctx: Ctx, etag: str) -> Response | None:
+async def _cached_or_throttled(request: Request, ctx: Ctx, etag: str) -> Response | None:
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag, "X-Request-Id": ctx.request_id,
                                                   "X-Cycles-Trace-Id": ctx.trace_id})
     source = request.client.host if request.client else "-"
-    if _public.count(source) > _public.limit:
-        retry = _public.retry_after_s()
+    retry = await _public.retry_after(state_of(request).store, source)
+    if retry is not None:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"Too many registry requests; retry in {retry} s", status=429,
                             headers={"Retry-After": str(retry)})
     return None
@@ -61,7 +62,7 @@ async def list_action_kinds(request: Request, ctx: Ctx) -> Response:
     after = cursor.get("k") if cursor else None
     if after is not None and not isinstance(after, str):
         raise bad("cursor is not a cursor this server issued")
-    cached = _cached_or_throttled(request, ctx, etag)
+    cached = await _cached_or_throttled(request, ctx, etag)
     if cached is not None:
         return cached
     kinds = [k for k in A.registry().builtin.values()
@@ -78,7 +79,7 @@ async def list_action_kinds(request: Request, ctx: Ctx) -> Response:
 async def get_action_kind(request: Request, ctx: Ctx) -> Response:
     etag = _etag()
     kind = request.path_params["kind"]
-    cached = _cached_or_throttled(request, ctx, etag)
+    cached = await _cached_or_throttled(request, ctx, etag)
     if cached is not None:
         return cached
     entry = A.registry().builtin.get(kind) if len(kind) <= 64 else None

@@ -29,7 +29,9 @@ FD_RESERVE_MIN = 64  # descriptors kept for the store, the webhook sender, logs 
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 1000  # per worker process
-    timeout_keep_alive: float = 5.0  # idle: before the first request and between requests
+    # idle, before the first request and between requests; above the 5 s pool expiry of httpx (the published
+    # SDKs' client) and undici, so a client never picks a pooled connection the server is closing
+    timeout_keep_alive: float = 20.0
     timeout_header: float = 10.0  # from a request's first byte to the end of its headers
     timeout_body: float = 30.0  # from the end of the headers to the end of the body
     max_header_bytes: int = 32 * 1024  # request line and headers

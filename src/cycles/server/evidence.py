@@ -32,7 +32,7 @@ from ..store.base import Outcome, Store
 from .evidence_keys import KeyRing
 from .http import Ctx, error_body, json_response, raw_json_response
 from .state import state_of
-from .throttle import WindowCounter
+from .throttle import PublicLimit
 
 log = logging.getLogger("cycles.server")
 
@@ -48,7 +48,8 @@ JWKS_CACHE = {"Cache-Control": "public, max-age=300"}
 
 class Evidence:
     """The server's evidence settings: whether it emits, its identity (server_id), its keys, and the
-    throttle of the public routes (per source address and minute, per process)."""
+    throttle of the public routes (per source address and minute: shared by every server of a Redis store,
+    per process on the embedded store; throttle.PublicLimit)."""
 
     def __init__(self, ring: KeyRing | None, server_id: str, *, emit: bool, public_per_minute: int = 600) -> None:
         if emit and ring is None:
@@ -56,7 +57,7 @@ class Evidence:
         self.ring = ring
         self.server_id = server_id
         self.emit = emit
-        self.throttle = WindowCounter(public_per_minute)
+        self.throttle = PublicLimit("evidence", public_per_minute)
         self._dids: dict[str, str] = {}
         self._warned = 0.0
 
@@ -156,10 +157,10 @@ async def reservation_evidence(ev: Evidence, store: Store, rids: list[str]) -> l
 # ---- the public routes ----
 
 
-def _throttle(request: Request, ev: Evidence) -> None:
+async def _throttle(request: Request, ev: Evidence) -> None:
     source = request.client.host if request.client else "?"
-    if ev.throttle.count(source) > ev.throttle.limit:
-        wait = ev.throttle.retry_after_s()
+    wait = await ev.throttle.retry_after(state_of(request).store, source)
+    if wait is not None:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "Too many evidence requests from this address; retry later",
                             headers={"Retry-After": str(wait), "X-RateLimit-Reset": str(int(time.time()) + wait)})
 
@@ -168,7 +169,7 @@ async def get_evidence(request: Request, ctx: Ctx) -> Response:
     """Public: the envelope exactly as emitted. The id is a sha256 capability; nothing but the envelope
     (which the caller's receipt already binds to) is revealed, and an unknown id answers one fixed 404."""
     st = state_of(request)
-    _throttle(request, st.evidence)
+    await _throttle(request, st.evidence)
     evidence_id = request.path_params["evidence_id"]
     if not _EVIDENCE_ID.match(evidence_id):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "evidence_id must be 64 lowercase hex characters")
@@ -181,7 +182,7 @@ async def get_evidence(request: Request, ctx: Ctx) -> Response:
 async def get_jwks(request: Request, ctx: Ctx) -> Response:
     st = state_of(request)
     ev: Evidence = st.evidence
-    _throttle(request, ev)
+    await _throttle(request, ev)
     if ev.ring is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, "This server does not publish a CyclesEvidence JWK Set")
     ctx.extra_headers.update(JWKS_CACHE)

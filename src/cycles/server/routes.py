@@ -66,6 +66,9 @@ _USAGE_FILTERS = _WINDOW + (
     ("scope_prefix", "string:1024", "Only spend at this scope or below it (tenant:<id>/...)"), ("unit", m.UNITS, ""),
     ("group_by", usage.GROUPS, ""),
 )
+_DENIALS = _WINDOW + (
+    ("observed", "boolean", "true: observe mode's would-be denials (reservation.observed_denied) instead"),
+)
 _SUBJECT_FILTERS = tuple((lvl, "string:128", "At least one level is required" if lvl == "tenant" else "")
                          for lvl in LEVELS)
 
@@ -293,9 +296,9 @@ OPS: tuple[Op, ...] = (
        usage.tenant_usage, None, {200: usage.UsageResponse}, ("ApiKeyAuth",), _USAGE_FILTERS),
     Op("GET", "/v1/admin/denials", "getAdminDenials", "Denied reservations over time, by reason, scope, agent, tool",
        "Dashboard", usage.admin_denials, None, {200: usage.DenialResponse}, ("AdminKeyAuth",),
-       (("tenant_id", "string:64", "Optional; all tenants without it"),) + _WINDOW),
+       (("tenant_id", "string:64", "Optional; all tenants without it"),) + _DENIALS),
     Op("GET", "/v1/denials", "getTenantDenials", "The authenticated tenant's denials over time", "Dashboard",
-       usage.tenant_denials, None, {200: usage.DenialResponse}, ("ApiKeyAuth",), _WINDOW),
+       usage.tenant_denials, None, {200: usage.DenialResponse}, ("ApiKeyAuth",), _DENIALS),
     Op("GET", "/v1/admin/event-stream", "streamEvents",
        "Live governance events as server-sent events (text/event-stream; resumes from Last-Event-ID)", "Events",
        usage.admin_event_stream, None, {200: None}, ("AdminKeyAuth",),

@@ -150,6 +150,7 @@ async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Res
     dry_run = endpoint == "reserve" and req.dry_run
     st = state_of(request)
     emit = st.evidence is not None and st.evidence.emit
+    action_rules.warn_deprecated(ctx, req.action.kind)
 
     async def act(principal: Principal, gen: int | None) -> tuple[ReserveCommand, Any, bool]:
         cmd = ReserveCommand(

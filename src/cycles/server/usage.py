@@ -2,15 +2,15 @@
 
 Nothing here is recorded on the hot path: spend over time is derived from what reserve/commit already
 write (each COMMITTED reservation keeps its scope path, subject, action, unit, committed amount and
-finalization time), and denials from the `reservation.denied` observations in the event log. So a
-tenant that never asks pays nothing on reserve/commit. Each query reads a bounded number of rows
+finalization time; each post-only event of POST /v1/events its charged amount and time), and denials
+from the `reservation.denied` observations in the event log. So a tenant that never asks pays nothing
+on reserve/commit. Each query reads a bounded number of rows
 (MAX_SCAN); when the bound is hit the answer says `truncated: true` and covers the newest rows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import defaultdict
 from typing import Any
@@ -22,12 +22,12 @@ from starlette.responses import Response, StreamingResponse
 from ..core import scopes as S
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..store.base import AuditScan, ReservationQuery
+from ..store.base import AuditScan
 from . import access
 from .admin import _budget_scope
 from .events import event_wire
 from .http import Ctx, json_response
-from .params import bad, enum_param, int_param, iso, str_param, time_param
+from .params import bad, bool_param, enum_param, int_param, iso, str_param, time_param
 from .state import state_of
 
 MAX_SCAN = 50_000
@@ -53,9 +53,10 @@ class UsageGroup(msgspec.Struct, omit_defaults=True):
 class UnitUsage(msgspec.Struct, omit_defaults=True):
     unit: str
     total: int
-    count: int
+    count: int  # reservations and post-only events counted
     series: list[UsagePoint]
     groups: list[UsageGroup] = []
+    events: int = 0  # of `count`: post-only accounting events (POST /v1/events)
 
 
 class UsageResponse(msgspec.Struct, omit_defaults=True):
@@ -80,7 +81,10 @@ class DenialResponse(msgspec.Struct, omit_defaults=True):
     by_scope: list[UsageGroup] = []
     by_agent: list[UsageGroup] = []
     by_tool: list[UsageGroup] = []
+    by_policy: list[UsageGroup] = []
+    by_kind: list[UsageGroup] = []
     tenant_id: str | None = None
+    observed: bool = False
     scanned: int = 0
     truncated: bool = False
 
@@ -128,9 +132,7 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
     prefix = _scope_prefix(q, tenant)
     unit = enum_param(q, "unit", m.UNITS)
     group_by = enum_param(q, "group_by", GROUPS)
-    query = ReservationQuery(tenant=tenant, status="COMMITTED", windows={"finalized_at_ms": (from_ms, to_ms)},
-                             sort_by="created_at_ms", sort_dir="desc", limit=MAX_SCAN)
-    page = await store.list_reservations(query)
+    page = await store.scan_spend(tenant, from_ms, to_ms, MAX_SCAN)
     bucket_ms = bucket_s * 1000
     first = from_ms - from_ms % bucket_ms
     n = (to_ms - first) // bucket_ms + 1
@@ -141,18 +143,18 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
         scope_path = rec["scope_path"]
         if not _within(scope_path, prefix) or (scope_filter and not S.within_filter(scope_path, scope_filter)):
             continue
-        amount = int(rec.get("committed") or 0)
+        amount = rec["amount"]
         u = per_unit.get(rec["unit"])
         if u is None:
-            u = per_unit[rec["unit"]] = {"amount": [0] * n, "count": [0] * n, "groups": defaultdict(lambda: [0, 0])}
-        i = (int(rec["finalized_at_ms"]) - first) // bucket_ms
+            u = per_unit[rec["unit"]] = {"amount": [0] * n, "count": [0] * n, "groups": defaultdict(lambda: [0, 0]),
+                                         "events": 0}
+        i = (rec["at_ms"] - first) // bucket_ms
         if 0 <= i < n:
             u["amount"][i] += amount
             u["count"][i] += 1
+            u["events"] += rec["source"] == "event"
         if group_by:
-            subject = json.loads(rec["subject"]) if isinstance(rec["subject"], str) else rec["subject"]
-            action = json.loads(rec["action"]) if isinstance(rec["action"], str) else rec["action"]
-            g = u["groups"][_group_key(rec, subject, action, group_by)]
+            g = u["groups"][_group_key(rec, rec["subject"], rec["action"], group_by)]
             g[0] += amount
             g[1] += 1
     units = []
@@ -162,7 +164,8 @@ async def _usage(request: Request, ctx: Ctx, tenant: str, scope_filter: tuple[st
                              count=u["count"][i]) for i in range(n)]
         groups = sorted((UsageGroup(key=k, amount=v[0], count=v[1]) for k, v in u["groups"].items()),
                         key=lambda x: (-x.amount, x.key))[:TOP]
-        units.append(UnitUsage(unit=name, total=sum(u["amount"]), count=sum(u["count"]), series=series, groups=groups))
+        units.append(UnitUsage(unit=name, total=sum(u["amount"]), count=sum(u["count"]), series=series, groups=groups,
+                               events=u["events"]))
     return json_response(ctx, UsageResponse(
         tenant_id=tenant, from_=iso(from_ms), to=iso(to_ms), bucket_seconds=bucket_s, units=units, group_by=group_by,
         scope_prefix=prefix, scanned=len(page.items), truncated=page.has_more))
@@ -189,29 +192,36 @@ async def _denials(request: Request, ctx: Ctx, tenant: str | None, scope_filter:
     q = request.query_params
     store = state_of(request).store
     from_ms, to_ms, bucket_s = _window(q, await store.now_ms())
+    # observed=true: the would-be denials of tenants in observe mode (reservation.observed_denied)
+    observed = bool_param(q, "observed") or False
+    wanted = "reservation.observed_denied" if observed else "reservation.denied"
     bucket_ms = bucket_s * 1000
     first = from_ms - from_ms % bucket_ms
     n = (to_ms - first) // bucket_ms + 1
     amount, reasons, scopes, agents, tools = [0] * n, _counter(), _counter(), _counter(), _counter()
+    policies, kinds = _counter(), _counter()
     scanned, after, truncated = 0, None, False
     while True:
         rows = await store.scan_events(AuditScan(tenant=tenant, from_ms=from_ms, to_ms=to_ms, descending=True,
                                                  after=after, limit=1000))
         for row in rows:
-            if row.get("event_type") != "reservation.denied":
+            if row.get("event_type") != wanted:
                 continue
             data = row.get("data") or {}
+            detail = data.get("deny_detail") or {}
             scope = data.get("scope") or row.get("scope") or ""
             if scope_filter and not S.within_filter(scope, scope_filter):
                 continue
             i = (int(row["timestamp_ms"]) - first) // bucket_ms
             if 0 <= i < n:
                 amount[i] += 1
-            reasons[data.get("reason_code") or "(none)"] += 1
+            reasons[data.get("reason_code") or detail.get("reason_code") or "(none)"] += 1
             scopes[scope] += 1
             subject, action = data.get("subject") or {}, data.get("action") or {}
             agents[subject.get("agent") or "(none)"] += 1
             tools[action.get("name") or action.get("kind") or "(none)"] += 1
+            kinds[action.get("kind") or "(none)"] += 1
+            policies[data.get("policy_id") or detail.get("blocked_by_policy") or "(none)"] += 1
         scanned += len(rows)
         if len(rows) < 1000:
             break
@@ -224,7 +234,7 @@ async def _denials(request: Request, ctx: Ctx, tenant: str | None, scope_filter:
         series=[UsagePoint(start=iso(first + i * bucket_ms), start_ms=first + i * bucket_ms, amount=amount[i],
                            count=amount[i]) for i in range(n)],
         by_reason=_top(reasons), by_scope=_top(scopes), by_agent=_top(agents), by_tool=_top(tools),
-        scanned=scanned, truncated=truncated))
+        by_policy=_top(policies), by_kind=_top(kinds), observed=observed, scanned=scanned, truncated=truncated))
 
 
 def _counter() -> dict[str, int]:

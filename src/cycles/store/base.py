@@ -292,14 +292,37 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def reset_action_counter(self, tenant: str, key: str) -> dict[str, Any]:
-        """Set one live counter to 0 (its window end kept): the counter with used 0 and previous_used;
-        404 NOT_FOUND when no live counter has that key."""
+        """Set one live counter to 0 (the spec's reset: a calendar window keeps its end, a per_run counter's
+        TTL is refreshed from now): the counter with used 0 and previous_used; 404 NOT_FOUND when no live
+        counter has that key."""
+
+    @abc.abstractmethod
+    async def hot_action_counters(self) -> list[dict[str, Any]]:
+        """Every tenant's live counters at 80 % or more of their limit (the overview's quota health), read
+        from an index of those counters only: {tenant_id, counter, used, limit}."""
+
+    async def governance_counts(self) -> dict[str, int]:
+        """Tenants with an observe_mode other than ENFORCE, policies with an allow list, with a deny list.
+        (A read of the tenant and policy records; the admin plane's objects, not the runtime's.)"""
+        observe = sum((t.get("observe_mode") or "ENFORCE") != "ENFORCE" for t in await self.list_tenants())
+        policies = await self.list_docs("policy", None)
+        return {"in_observe_mode": observe,
+                "policies_with_allow_list": sum(bool(p.get("allowed_action_kinds")) for p in policies),
+                "policies_with_deny_list": sum(bool(p.get("denied_action_kinds")) for p in policies)}
 
     @abc.abstractmethod
     async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
     async def list_reservations(self, query: ReservationQuery) -> Page: ...
+
+    @abc.abstractmethod
+    async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
+        """What was charged to the tenant's budgets in [from_ms, to_ms] (for usage over time, off the hot
+        path): COMMITTED reservations by finalization time and post-only events (POST /v1/events) by creation
+        time, each {source: "reservation" | "event", scope_path, subject, action, unit, amount (charged),
+        at_ms}. Reads a bounded number of rows, about `limit` of each source, newest first; has_more when
+        that bound cut the answer short."""
 
     @abc.abstractmethod
     async def balances(
@@ -422,6 +445,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def evidence_links(self, links: list[str]) -> list[str | None]:
         """The evidence id each link points at (None where none)."""
+
+    async def count_public(self, key: str, window_s: int) -> int | None:
+        """Count one request of an unauthenticated route under `key` (route and source address) in the current
+        wall-clock window of `window_s` seconds, shared by every server of the store; the count so far. None:
+        this store does not share such counts (each process counts its own: cycles.server.throttle)."""
+        return None
 
     @abc.abstractmethod
     async def pending_cascades(self) -> list[str]:

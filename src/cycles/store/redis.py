@@ -36,6 +36,7 @@ from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
 from .redis_evidence import RedisEvidence
+from .redis_quotas import RedisQuotas
 from .redis_wire import ScriptChannel, supports
 from .base import (
     AuditScan,
@@ -58,7 +59,7 @@ IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
 TENANTS = "cy:tenants"
 _TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
-            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin")
+            "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin", "spend")
 AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
 EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
 KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
@@ -89,6 +90,7 @@ _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 MAX_LIST_CANDIDATES = 50_000
+SPEND_PAGE = 1000  # reservation hashes read per round trip by scan_spend
 
 
 def prefix(tenant: str) -> str:
@@ -186,9 +188,13 @@ def _script_error(out: dict[str, Any]) -> Exception:
                          status=out.get("status"))
 
 
+<<<<<<< HEAD
 class RedisStore(RedisEvidence, Store):
     cluster = False  # RedisClusterStore (redis_cluster.py) keeps every script in one tenant's slot
 
+=======
+class RedisStore(RedisEvidence, RedisQuotas, Store):
+>>>>>>> main
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
                  socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
                  max_connections: int = 100) -> None:
@@ -450,6 +456,50 @@ class RedisStore(RedisEvidence, Store):
             rows = [r for r in rows if ((r[col], r["reservation_id"]) < after if reverse
                                         else (r[col], r["reservation_id"]) > after)]
         return Page(rows[:q.limit], len(rows) > q.limit)
+
+    async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
+        # Reservations: the creation index read newest first from to_ms (a reservation is finalized after it
+        # is created) by a read-only script, SPEND_PAGE entries a call, filtered inside Redis, at most `limit`
+        # entries, so a tenant with any number of reservations is answered in bounded time. Events: their
+        # own per-tenant time index (event.lua).
+        p = prefix(tenant)
+        items: list[dict[str, Any]] = []
+        scanned, top, skip, more = 0, str(to_ms), 0, False
+        while True:
+            batch = min(SPEND_PAGE, limit - scanned)
+            if batch <= 0:
+                more = bool(await self._call(lambda: self.r.zcount(p + "rz:created", "-inf", top)) > skip)
+                break
+            out = await self._script("spend", tenant, [top, skip, batch, from_ms, to_ms], journal=False)
+            for scope_path, subject, action, unit, committed, finalized in out["rows"] or ():
+                items.append({"source": "reservation", "scope_path": scope_path, "subject": _decode(subject),
+                              "action": _decode(action), "unit": unit, "amount": int(committed),
+                              "at_ms": int(finalized)})
+            scanned += out["n"]
+            if out["n"] < batch:
+                break
+            # page on the score; the entries of that same millisecond already read are skipped
+            skip = out["at_low"] + (skip if float(out["low"]) == float(top) else 0)
+            top = out["low"]
+        ids = await self._call(lambda: self.r.zrevrangebyscore(p + "ez:created", to_ms, from_ms, start=0,
+                                                               num=limit + 1))
+        more = more or len(ids) > limit
+        fields = ("scope_path", "subject", "action", "unit", "charged", "created_at_ms")
+        for h in await self._fields([p + "e:" + eid for eid in ids[:limit]], fields):
+            if h.get("created_at_ms"):
+                items.append(_spend("event", h, "charged", "created_at_ms"))
+        return Page(items, more)
+
+    async def _fields(self, keys: list[str], fields: tuple[str, ...]) -> list[dict[str, str]]:
+        """The named fields of each hash (only what is needed: a reservation hash holds much more)."""
+        async def fetch() -> list[list[str | None]]:
+            pipe = self.r.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, fields)
+            return await pipe.execute()
+
+        rows = await self._call(fetch) if keys else []
+        return [{f: v for f, v in zip(fields, row) if v is not None} for row in rows]
 
     async def balances(self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int,
                        after: tuple[str, str] | None) -> Page:
@@ -780,6 +830,12 @@ def _normalize(result: dict[str, Any]) -> dict[str, Any]:
         if isinstance(result.get(key), dict):
             result[key] = []
     return result
+
+
+def _spend(source: str, h: dict[str, str], amount: str, at: str) -> dict[str, Any]:
+    return {"source": source, "scope_path": h.get("scope_path", ""), "subject": _decode(h.get("subject") or "{}"),
+            "action": _decode(h.get("action") or "{}"), "unit": h.get("unit", ""), "amount": int(h.get(amount) or 0),
+            "at_ms": int(h.get(at) or 0)}
 
 
 def _reservation(h: dict[str, str]) -> dict[str, Any]:

@@ -1,9 +1,13 @@
 """CyclesEvidence on the Redis store: envelopes at `cy:ev:<evidence_id>` and links at `cy:evl:<link>`
 (global keys: an envelope is fetched by its content id alone), written by one script (lua/evidence.lua).
-Neither expires: evidence is kept for audit as long as the store is."""
+Neither expires: evidence is kept for audit as long as the store is.
+
+The public routes' throttle counts at `cy:pub:<route>:<source>:<window>` (one key per source and minute,
+written by INCR alone, so any node of a cluster may hold it; it expires after two windows)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -28,3 +32,14 @@ class RedisEvidence:
         if not links:
             return []
         return list(await self._call(lambda: self.r.mget([self._evidence_prefix + "evl:" + link for link in links])))
+
+    async def count_public(self, key: str, window_s: int) -> int | None:
+        name = f"cy:pub:{key}:{int(time.time()) // window_s}"
+
+        async def hit() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.incr(name)
+            pipe.expire(name, 2 * window_s)
+            return await pipe.execute()
+
+        return int((await self._call(hit))[0])

@@ -578,10 +578,12 @@ end
 
 -- ---- action quotas (v0.1.26; cycles.core.actions and store/sqlite/quotas.py hold the same rules) ----
 -- A counter is the hash P..'aq:'..<key>|<window key> {used, exp (end of its window instance, ms), last, lim,
--- pol}; the sorted set P..'aqi' indexes the keys by window end for the admin view. Windows end by `exp`,
--- not by the key's TTL (that is stale-key cleanup).
+-- pol, ttl (per_run: the key TTL a reset refreshes)}; the sorted set P..'aqi' indexes the keys by window end for
+-- the admin view, P..'aqh' those that reached 80 % of their limit (the overview's quota health reads only
+-- these). Windows end by `exp`, not by the key's TTL (that is stale-key cleanup).
 local function k_quota(key) return P .. 'aq:' .. key end
 local function k_quotas() return P .. 'aqi' end
+local function k_quotas_hot() return P .. 'aqh' end
 
 -- UTC calendar bucket of a time (fmt 1 minute, 2 hour, 3 day): days to civil date (H. Hinnant's algorithm)
 local function utc_bucket(ms, fmt)
@@ -660,11 +662,16 @@ local function quota_count(quotas, rows, now)
     local v = q[8].quota_violation
     local kq = k_quota(key)
     redis.call('HSET', kq, 'used', string.format('%d', used + 1), 'exp', string.format('%d', fin),
-      'last', string.format('%d', now), 'lim', string.format('%d', q[5]), 'pol', v.policy_id or '')
+      'last', string.format('%d', now), 'lim', string.format('%d', q[5]), 'pol', v.policy_id or '',
+      'ttl', string.format('%d', q[6]))
     redis.call('PEXPIRE', kq, tonumber(q[6]))
     -- the index is ordered by window end; ended windows leave it here, so it stays as small as the live counters
     redis.call('ZADD', k_quotas(), fin, key)
     redis.call('ZREMRANGEBYSCORE', k_quotas(), '-inf', string.format('%d', now))
+    if (used + 1) * 5 >= tonumber(q[5]) * 4 then
+      redis.call('ZADD', k_quotas_hot(), fin, key)
+      redis.call('ZREMRANGEBYSCORE', k_quotas_hot(), '-inf', string.format('%d', now))
+    end
     local t = tonumber(q[7])
     if used < t and t <= used + 1 then
       local label = v.action_kind

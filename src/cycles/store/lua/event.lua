@@ -30,6 +30,7 @@ local eid = ARGV[12]
 redis.call('HSET', P .. 'e:' .. eid, 'event_id', eid, 'tenant_id', tenant_id, 'scope_path', scope_path,
   'subject', ARGV[13], 'action', ARGV[14], 'unit', unit, 'actual', S(amount), 'charged', S(charged),
   'overage_policy', policy, 'extra', ARGV[15], 'created_at_ms', string.format('%d', now))
+redis.call('ZADD', P .. 'ez:created', now, eid)  -- the tenant's events by time (usage over time reads it)
 local js = cjson.encode({event_id = eid, unit = unit, actual = S(amount), charged = S(charged),
                          balances = balance_records(ls)})
 remember('event', key, payload_hash, js, nil, retention)

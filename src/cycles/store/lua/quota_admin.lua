@@ -17,9 +17,19 @@ if ARGV[5] == 'list' then
   return cjson.encode({counters = out})
 end
 local key = ARGV[6]
-local h = redis.call('HMGET', k_quota(key), 'used', 'exp', 'last', 'lim', 'pol')
+local kq = k_quota(key)
+local h = redis.call('HMGET', kq, 'used', 'exp', 'last', 'lim', 'pol', 'ttl')
 if not h[1] or tonumber(h[2]) <= now then return fail('NOT_FOUND', 'No live action quota counter ' .. key) end
-redis.call('HSET', k_quota(key), 'used', '0')
+redis.call('HSET', kq, 'used', '0')
+redis.call('ZREM', k_quotas_hot(), key)
+-- the spec's reset: a calendar window keeps its end (and its key TTL); a per_run counter's TTL starts again
+if string.match(key, '^[^|]*|[^|]*|([^|]*)|') == 'per_run' then
+  local ttl = tonumber(h[6]) or 86400000
+  h[2] = string.format('%d', now + ttl)
+  redis.call('HSET', kq, 'exp', h[2])
+  redis.call('PEXPIRE', kq, ttl)
+  redis.call('ZADD', k_quotas(), h[2], key)
+end
 local rec = state(key, h)
 rec.previous_used = rec.used
 rec.used = 0

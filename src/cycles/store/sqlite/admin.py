@@ -9,6 +9,7 @@ from typing import Any
 from ...core import ledger as L
 from ...protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..base import pending_journal
+from . import quotas as Q
 from .common import _RES_COLS, _decode, _dumps, _guard_tenant_open, _reservation, _tenant_state
 from .core import _Core, _cascade_event
 from .runtime import _scope_ledgers, _write_ledgers
@@ -181,14 +182,15 @@ class _Admin(_Core):
             record = _tenant_state(conn, tenant)
             if record is None or record["status"] != "CLOSED":
                 return True
-            rows = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE tenant_id=? AND status='ACTIVE' LIMIT ?",
-                                (tenant, batch)).fetchall()
+            rows = conn.execute(f"SELECT {_RES_COLS}, quota_runs FROM reservations WHERE tenant_id=? AND "
+                                "status='ACTIVE' LIMIT ?", (tenant, batch)).fetchall()
             corr = f"tenant_close_cascade:{tenant}:{record.get('closed_at', '')}"
             released: dict[tuple[str, str], int] = {}
             for r in rows:
                 res = _reservation(r)
                 ledgers = _scope_ledgers(conn, tenant, _decode(res["budgeted_scopes"]), res["unit"])
                 _write_ledgers(conn, tenant, L.unhold(ledgers, res["amount"]), now)
+                Q.uncount(conn, tenant, r[-1])  # per_run quota counts come back, as on release
                 conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE reservation_id=?",
                              (now, res["reservation_id"]))
                 for led in ledgers:

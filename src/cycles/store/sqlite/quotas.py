@@ -59,11 +59,11 @@ def count(conn: sqlite3.Connection, tenant: str, quotas: Sequence[Quota], rows: 
     """Step 5: one more on every counter; returns the per_run keys (to count down on release / expiry)."""
     runs = []
     conn.executemany(
-        "INSERT INTO action_counters (tenant_id, counter, used, expires_at_ms, last_ms, lim, policy_id) "
-        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (tenant_id, counter) DO UPDATE SET used=excluded.used, "
+        "INSERT INTO action_counters (tenant_id, counter, used, expires_at_ms, last_ms, lim, policy_id, ttl_ms) "
+        "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, counter) DO UPDATE SET used=excluded.used, "
         "expires_at_ms=excluded.expires_at_ms, last_ms=excluded.last_ms, lim=excluded.lim, "
-        "policy_id=excluded.policy_id",
-        [(tenant, key, used + 1, end, now, q[4], q[7]["quota_violation"].get("policy_id"))
+        "policy_id=excluded.policy_id, ttl_ms=excluded.ttl_ms",
+        [(tenant, key, used + 1, end, now, q[4], q[7]["quota_violation"].get("policy_id"), None if q[1] else q[5])
          for q, (key, _bucket, end, used) in zip(quotas, rows)])
     for q, (key, bucket, end, used) in zip(quotas, rows):
         violation = q[7]["quota_violation"]
@@ -102,13 +102,23 @@ def list_counters(conn: sqlite3.Connection, tenant: str, now: int) -> list[dict[
 
 
 def reset_counter(conn: sqlite3.Connection, tenant: str, key: str, now: int) -> dict[str, Any]:
-    row = conn.execute("SELECT used, expires_at_ms, last_ms, lim, policy_id FROM action_counters "
+    """The spec's reset: used 0; a calendar window keeps its end, a per_run counter's TTL starts again now."""
+    row = conn.execute("SELECT used, expires_at_ms, last_ms, lim, policy_id, ttl_ms FROM action_counters "
                        "WHERE tenant_id=? AND counter=? AND expires_at_ms > ?", (tenant, key, now)).fetchone()
     if row is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"No live action quota counter {key}")
-    conn.execute("UPDATE action_counters SET used=0 WHERE tenant_id=? AND counter=?", (tenant, key))
-    return {"counter": key, "previous_used": row[0], "used": 0, "expires_at_ms": row[1], "last_ms": row[2],
+    expires = row[1]
+    if A.split_key(key)[3] == "per_run":
+        expires = now + (row[5] or A.DEFAULT_RUN_TTL_MS)
+    conn.execute("UPDATE action_counters SET used=0, expires_at_ms=? WHERE tenant_id=? AND counter=?",
+                 (expires, tenant, key))
+    return {"counter": key, "previous_used": row[0], "used": 0, "expires_at_ms": expires, "last_ms": row[2],
             "limit": row[3], "policy_id": row[4]}
+
+
+# the same condition as the partial index action_counters_hot, so only the rows it holds are read
+# (no ORDER BY: with one the planner may prefer the primary key and scan every row)
+HOT = "SELECT tenant_id, counter, used, lim FROM action_counters WHERE used * 5 >= lim * 4 AND expires_at_ms > ?"
 
 
 def purge(conn: sqlite3.Connection, now: int) -> int:
@@ -126,5 +136,19 @@ class _Quotas(_Core):
         out = await self._awrite(lambda conn, now: Outcome(reset_counter(conn, tenant, key, now), now_ms=now))
         return out.result
 
+    async def hot_action_counters(self) -> list[dict[str, Any]]:
+        now = await self.now_ms()
+        return [{"tenant_id": r[0], "counter": r[1], "used": r[2], "limit": r[3]} for r in self._read(HOT, (now,))]
 
-__all__ = ["check", "count", "denial", "list_counters", "observed", "purge", "reset_counter", "uncount"]
+    async def governance_counts(self) -> dict[str, int]:
+        observe = self._read("SELECT count(*) FROM tenants "
+                             "WHERE coalesce(json_extract(record, '$.observe_mode'), 'ENFORCE') != 'ENFORCE'")[0][0]
+        allow, deny = self._read(
+            "SELECT coalesce(sum(coalesce(json_array_length(record, '$.allowed_action_kinds'), 0) > 0), 0), "
+            "coalesce(sum(coalesce(json_array_length(record, '$.denied_action_kinds'), 0) > 0), 0) "
+            "FROM docs WHERE kind = 'policy'")[0]
+        return {"in_observe_mode": observe, "policies_with_allow_list": allow, "policies_with_deny_list": deny}
+
+
+__all__ = ["check", "count", "denial", "list_counters", "observed", "purge", "reset_counter",
+           "uncount"]

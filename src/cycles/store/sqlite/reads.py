@@ -3,6 +3,7 @@ count of active reservations."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..base import Page, ReservationQuery
@@ -47,6 +48,19 @@ class _Reads(_Core):
         )
         return Page([_reservation(r) for r in rows[:q.limit]], len(rows) > q.limit)
 
+    async def scan_spend(self, tenant: str, from_ms: int, to_ms: int, limit: int) -> Page:
+        reservations = self._read(
+            "SELECT scope_path, subject, action, unit, committed, finalized_at_ms FROM reservations "
+            "WHERE tenant_id=? AND status='COMMITTED' AND finalized_at_ms BETWEEN ? AND ? "
+            "ORDER BY created_at_ms DESC LIMIT ?", (tenant, from_ms, to_ms, limit + 1))
+        events = self._read(
+            "SELECT scope_path, subject, action, unit, charged, created_at_ms FROM events "
+            "WHERE tenant_id=? AND created_at_ms BETWEEN ? AND ? ORDER BY created_at_ms DESC LIMIT ?",
+            (tenant, from_ms, to_ms, limit + 1))
+        items = [_spend(source, row) for source, rows in (("reservation", reservations), ("event", events))
+                 for row in rows[:limit]]
+        return Page(items, len(reservations) > limit or len(events) > limit)
+
     async def balances(self, tenant: str, wanted: dict[str, str], include_children: bool, limit: int,
                        after: tuple[str, str] | None) -> Page:
         from ...core.scopes import matches_filter
@@ -85,3 +99,9 @@ _SORT_COLUMNS = {
     "created_at_ms": "created_at_ms",
     "expires_at_ms": "expires_at_ms",
 }
+
+
+def _spend(source: str, row: Any) -> dict[str, Any]:
+    scope_path, subject, action, unit, amount, at_ms = row
+    return {"source": source, "scope_path": scope_path, "subject": json.loads(subject), "action": json.loads(action),
+            "unit": unit, "amount": int(amount or 0), "at_ms": int(at_ms)}

@@ -76,7 +76,7 @@ CREATE INDEX IF NOT EXISTS gov_events_time ON gov_events (timestamp_ms, event_id
 CREATE INDEX IF NOT EXISTS gov_events_tenant_time ON gov_events (tenant_id, timestamp_ms, event_id);
 CREATE TABLE IF NOT EXISTS action_counters (
     tenant_id TEXT NOT NULL, counter TEXT NOT NULL, used INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
-    last_ms INTEGER, lim INTEGER, policy_id TEXT, PRIMARY KEY (tenant_id, counter)
+    last_ms INTEGER, lim INTEGER, policy_id TEXT, ttl_ms INTEGER, PRIMARY KEY (tenant_id, counter)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gens (tenant_id TEXT PRIMARY KEY, gen INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
     action TEXT NOT NULL, unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL,
     overage_policy TEXT NOT NULL, metadata TEXT, created_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant_id, created_at_ms);
 """.replace("RESERVATION_COLUMNS", RESERVATION_COLUMNS).replace("RESERVATION_INDEXES", RESERVATION_INDEXES)
 
 # Counters for the overview, kept by triggers in the same transaction as every change they count.
@@ -146,6 +147,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
     if "quota_runs" not in cols:  # per_run action quota keys a reservation counted (v0.1.26)
         conn.execute("ALTER TABLE reservations ADD COLUMN quota_runs TEXT")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(action_counters)")}
+    if "ttl_ms" not in cols:  # a per_run counter's TTL, refreshed by a reset
+        conn.execute("ALTER TABLE action_counters ADD COLUMN ttl_ms INTEGER")
+    # the overview's quota health reads only the counters at 80 % or more of their limit
+    conn.execute("CREATE INDEX IF NOT EXISTS action_counters_hot ON action_counters (expires_at_ms) "
+                 "WHERE used * 5 >= lim * 4")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(docs)")}
     if "due_ms" not in cols:
         conn.execute("ALTER TABLE docs ADD COLUMN due_ms INTEGER")

@@ -36,7 +36,8 @@ export function lineChart(points, opts = {}) {
   const t0 = points[0].t;
   const t1 = Math.max(points[points.length - 1].t, opts.projection ? opts.projection.t : 0);
   // at least 4 so the 5 grid lines fall on whole numbers (counts, small amounts)
-  const vmax = Math.max(4, niceMax(Math.max(...points.map((p) => p.v), opts.limit || 0, opts.projection ? opts.projection.v : 0)));
+  let vmax = Math.max(4, niceMax(Math.max(...points.map((p) => p.v), opts.limit || 0, opts.projection ? opts.projection.v : 0)));
+  if (vmax < 20) vmax = Math.ceil(vmax / 4) * 4; // small counts: whole-number grid lines (not 1.25, 2.5)
   const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - R);
   const y = (v) => H - B - (v / vmax) * (H - T - B);
   for (let i = 0; i <= 4; i++) {

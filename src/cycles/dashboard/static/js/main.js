@@ -40,7 +40,11 @@ export function setParams(params) {
 }
 
 function visiblePages() {
-  return PAGES.filter((p) => !p.hidden && (!p.cap || session.can(p.cap)) && (!p.adminOnly || session.isAdmin));
+  return PAGES.filter((p) => !p.hidden && allowed(p));
+}
+
+function allowed(p) {
+  return (!p.cap || session.can(p.cap)) && (!p.show || p.show()) && (!p.adminOnly || session.isAdmin);
 }
 
 // ---- login ----
@@ -132,7 +136,7 @@ async function renderRoute() {
   if (current && current.cleanup) current.cleanup();
   const r = route();
   const pages = visiblePages();
-  let page = PAGES.find((p) => p.name === r.page && (!p.cap || session.can(p.cap)) && (!p.adminOnly || session.isAdmin));
+  let page = PAGES.find((p) => p.name === r.page && allowed(p));
   if (!page) page = pages[0];
   if (!page) { clear(main, h('p', {}, 'This key may not see any page.')); return; }
   document.querySelectorAll('nav a').forEach((a) => a.toggleAttribute('aria-current', a.dataset.page === (page.parent || page.name)));
@@ -167,7 +171,7 @@ function start() {
 // ---- command palette (Ctrl+K / ⌘K) ----
 function commands() {
   const list = visiblePages().map((p) => ({ label: `Go to ${p.title}`, run: () => go(p.name) }));
-  for (const p of PAGES) if (p.commands && (!p.cap || session.can(p.cap)) && (!p.adminOnly || session.isAdmin)) list.push(...p.commands());
+  for (const p of PAGES) if (p.commands && allowed(p)) list.push(...p.commands());
   list.push({ label: 'Toggle dark mode', run: () => applyTheme(document.documentElement.dataset.theme === 'dark' ? 'light' : 'dark') });
   list.push({ label: 'Sign out', run: () => { logout(); renderLogin('Signed out.'); } });
   return list;

@@ -4,8 +4,10 @@ import * as budgets from './budgets.js';
 import * as lists from './lists.js';
 import * as webhooks from './webhooks.js';
 import * as spend from './spend.js';
+import * as governance from './governance.js';
+import * as evidence from './evidence.js';
 
-// cap: the /v1/auth/introspect capability that shows the page
+// cap: the /v1/auth/introspect capability that shows the page; show(): a finer test where no single flag fits
 export const PAGES = [
   { name: 'overview', title: 'Overview', cap: 'view_overview', render: overview.render },
   { name: 'spend', title: 'Spend', cap: 'view_reservations', render: spend.render },
@@ -16,6 +18,8 @@ export const PAGES = [
   { name: 'reservations', title: 'Reservations', cap: 'view_reservations', render: lists.reservations },
   { name: 'events', title: 'Events', cap: 'view_events', render: lists.events },
   { name: 'denials', title: 'Denials', cap: 'view_events', render: spend.renderDenials },
+  { name: 'governance', title: 'Governance', show: governance.canViewGovernance, render: governance.render },
+  { name: 'evidence', title: 'Evidence', render: evidence.render },
   { name: 'keys', title: 'API keys', cap: 'view_api_keys', render: lists.keys, commands: lists.keyCommands },
   { name: 'webhooks', title: 'Webhooks', cap: 'view_webhooks', render: webhooks.render, commands: webhooks.commands },
   { name: 'webhook', title: 'Webhook', cap: 'view_webhooks', render: webhooks.renderDetail, hidden: true, parent: 'webhooks' },

@@ -37,8 +37,10 @@ export function reservations(main, r) {
       { label: 'Committed', value: (x) => amountOf(x.committed), render: (x) => (x.committed ? fmt.int(amountOf(x.committed)) : '—'), class: 'num' },
       { label: 'Created', value: (x) => x.created_at_ms, render: (x) => fmt.time(x.created_at_ms) },
       { label: 'Expires', value: (x) => x.expires_at_ms, render: (x) => (x.status === 'ACTIVE' ? fmt.ago(x.expires_at_ms) : '—') },
-      { label: 'Actions', value: () => '', export: () => '', width: '150px', render: (x) => (x.status === 'ACTIVE' && canRelease
-        ? h('button', { type: 'button', class: 'small warn', 'aria-label': `Force-release ${x.reservation_id}`, onclick: () => forceRelease(x).then((ok) => ok && page.refresh()) }, 'Force release') : '') },
+      { label: 'Actions', value: () => '', export: () => '', width: '200px', render: (x) => h('span', { class: 'row-actions' },
+        x.status === 'ACTIVE' && canRelease
+          ? h('button', { type: 'button', class: 'small warn', 'aria-label': `Force-release ${x.reservation_id}`, onclick: () => forceRelease(x).then((ok) => ok && page.refresh()) }, 'Force release') : null,
+        h('a', { class: 'small-link', href: `#/evidence?reservation=${encodeURIComponent(x.reservation_id)}`, 'aria-label': `Evidence of ${x.reservation_id}` }, 'Evidence')) },
     ],
     key: (x) => x.reservation_id,
     load: async (v, onPage) => {

@@ -4,7 +4,7 @@ import { lineChart, hbars } from '../chart.js';
 import { go, live } from '../main.js';
 import { UNITS } from './budgets.js';
 
-const WINDOWS = [['3600', 'last hour'], ['21600', 'last 6 hours'], ['86400', 'last 24 hours'], ['604800', 'last 7 days'], ['2592000', 'last 30 days']];
+export const WINDOWS = [['3600', 'last hour'], ['21600', 'last 6 hours'], ['86400', 'last 24 hours'], ['604800', 'last 7 days'], ['2592000', 'last 30 days']];
 const GROUPS = [['agent', 'Agent'], ['workflow', 'Workflow'], ['action_kind', 'Action kind'], ['action_name', 'Action name (model/tool)']];
 
 function usagePath() { return session.isAdmin ? '/v1/admin/usage' : '/v1/usage'; }
@@ -49,7 +49,7 @@ export async function spendPanel(box, { tenant, scope, unit, window = '86400' })
         hbars(gu ? gu.groups.map((x) => ({ key: x.key, value: x.amount })) : [], { label: `spend by ${GROUPS[i][0]}` }));
     });
     content.push(h('section', { class: 'card wide spend-unit', dataset: { unit: u.unit, total: u.total } },
-      h('h2', {}, `${fmt.unit(u.unit)}: ${fmt.int(u.total)} committed in ${u.count} reservation(s)`),
+      h('h2', {}, `${fmt.unit(u.unit)}: ${fmt.int(u.total)} committed in ${u.count - (u.events || 0)} reservation(s)${u.events ? ` and ${u.events} posted event(s)` : ''}`),
       budget && budget.unit === u.unit ? h('p', { class: 'muted' }, `Budget ${budget.scope}: allocated ${fmt.int(limit)}, remaining ${fmt.int(budget.remaining.amount)}. `,
         h('strong', { id: 'exhaustion' }, exhaustion ? `At this window's rate it is exhausted around ${fmt.time(exhaustion)}.` : 'No exhaustion projected at the current rate.')) : null,
       lineChart(points, { limit, projection, label: `spend over time in ${u.unit}` }),
@@ -110,15 +110,15 @@ export async function renderDenials(main, r) {
     const d = await get(session.isAdmin ? '/v1/admin/denials' : '/v1/denials', { tenant_id: session.isAdmin && tenant ? tenant : undefined,
       from: new Date(Date.now() - Number(window) * 1000).toISOString() });
     let acc = 0;
-    const pts = d.series.map((x) => ({ t: x.start_ms, v: x.count }));
+    const pts = (d.series || []).map((x) => ({ t: x.start_ms, v: x.count }));
     box.replaceChildren(
       h('p', { id: 'denial-total' }, `${fmt.int(d.total)} denied reservation(s) in the window.`),
       h('section', { class: 'card wide' }, h('h2', {}, 'Denials per bucket'), lineChart(pts, { label: 'denials over time' })),
       h('div', { class: 'cards' },
-        h('section', { class: 'card' }, h('h3', {}, 'By reason'), hbars(d.by_reason.map((x) => ({ key: x.key, value: x.count })), { label: 'denials by reason' })),
-        h('section', { class: 'card' }, h('h3', {}, 'Top blocked agents'), hbars(d.by_agent.map((x) => ({ key: x.key, value: x.count })), { label: 'denials by agent' })),
-        h('section', { class: 'card' }, h('h3', {}, 'Top blocked tools/models'), hbars(d.by_tool.map((x) => ({ key: x.key, value: x.count })), { label: 'denials by tool' })),
-        h('section', { class: 'card' }, h('h3', {}, 'By scope'), simpleTable(['Scope', 'Denials'], d.by_scope.map((x) => [x.key, String(x.count)])))));
+        h('section', { class: 'card' }, h('h3', {}, 'By reason'), hbars((d.by_reason || []).map((x) => ({ key: x.key, value: x.count })), { label: 'denials by reason' })),
+        h('section', { class: 'card' }, h('h3', {}, 'Top blocked agents'), hbars((d.by_agent || []).map((x) => ({ key: x.key, value: x.count })), { label: 'denials by agent' })),
+        h('section', { class: 'card' }, h('h3', {}, 'Top blocked tools/models'), hbars((d.by_tool || []).map((x) => ({ key: x.key, value: x.count })), { label: 'denials by tool' })),
+        h('section', { class: 'card' }, h('h3', {}, 'By scope'), simpleTable(['Scope', 'Denials'], (d.by_scope || []).map((x) => [x.key, String(x.count)])))));
     void acc;
   } catch (e) { box.replaceChildren(errorBox(e)); }
 }

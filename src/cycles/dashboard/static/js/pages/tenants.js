@@ -5,6 +5,7 @@ import { budgetColumns, createBudgetDialog } from './budgets.js';
 import { keyColumns, createKeyDialog } from './lists.js';
 import { spendPanel } from './spend.js';
 import { go } from '../main.js';
+import { actionRulesEditor, rulesSummary } from './governance.js';
 
 export async function setTenantStatus(t, status) {
   const verb = status === 'SUSPENDED' ? 'Suspend' : 'Reactivate';
@@ -119,32 +120,39 @@ export async function renderDetail(main, r) {
     } else if (tab === 'policies') {
       const { rows } = await getAll('/v1/admin/policies', { tenant_id: id }, 'policies');
       panel.append(h('div', { class: 'page-actions' }, h('button', { type: 'button', onclick: () => policyDialog(id).then((x) => x && reload()) }, 'Create policy')),
-        simpleTable(['Name', 'Pattern', 'Priority', 'Status', 'Caps / limits', ''], rows.map((p) => [p.name || p.policy_id, h('code', {}, p.scope_pattern), String(p.priority ?? 0), badge(p.status),
+        simpleTable(['Name', 'Pattern', 'Priority', 'Status', 'Caps / limits', 'Action rules', ''], rows.map((p) => [p.name || p.policy_id, h('code', {}, p.scope_pattern), String(p.priority ?? 0), badge(p.status),
           JSON.stringify({ caps: p.caps, rate_limits: p.rate_limits, overage: p.commit_overage_policy }, (k, v) => (v === undefined ? undefined : v)),
-          h('button', { type: 'button', class: 'small', onclick: () => policyDialog(id, p).then((x) => x && reload()) }, 'Edit')])));
+          h('span', { class: 'rules' }, rulesSummary(p)),
+          h('button', { type: 'button', class: 'small', 'aria-label': `Edit policy ${p.name || p.policy_id}`, onclick: () => policyDialog(id, p).then((x) => x && reload()) }, 'Edit')])));
     } else {
       await spendPanel(panel, { tenant: id });
     }
   } catch (e) { panel.append(errorBox(e)); }
 }
 
-export function policyDialog(tenantId, p) {
+export async function policyDialog(tenantId, p) {
+  const rules = await actionRulesEditor(p);
   return formDialog(p ? `Edit policy ${p.name || p.policy_id}` : 'Create policy', [
     { name: 'name', label: 'Name', value: p ? p.name : '', required: true },
-    { name: 'scope_pattern', label: 'Scope pattern (e.g. agent:* or tenant:acme/*)', value: p ? p.scope_pattern : `tenant:${tenantId}/*`, required: true },
+    // a policy's pattern is fixed once created (PATCH does not take it): shown, not editable
+    p ? { type: 'custom', build: () => h('p', {}, 'Scope pattern: ', h('code', {}, p.scope_pattern)) }
+      : { name: 'scope_pattern', label: 'Scope pattern (e.g. agent:* or tenant:acme/*)', value: `tenant:${tenantId}/*`, required: true },
     { name: 'priority', label: 'Priority', type: 'number', min: 0, step: 1, value: p ? p.priority ?? 0 : 0 },
     { name: 'status', label: 'Status', type: 'select', options: ['ACTIVE', 'DISABLED'], value: p ? p.status : 'ACTIVE' },
     { name: 'rate', label: 'Reservations per minute (optional)', type: 'number', min: 1, step: 1,
       value: p && p.rate_limits ? p.rate_limits.max_reservations_per_minute ?? '' : '' },
     { name: 'caps', label: 'Caps as JSON (optional, e.g. {"max_tokens": 4096})', type: 'textarea', value: p && p.caps ? JSON.stringify(p.caps) : '' },
+    { type: 'custom', build: () => rules.el },
   ], p ? 'Save policy' : 'Create policy', async (v) => {
-    const body = { name: v.name, scope_pattern: v.scope_pattern, priority: Number(v.priority || 0) };
+    const body = { name: v.name, priority: Number(v.priority || 0) };
+    if (!p) body.scope_pattern = v.scope_pattern;
     if (v.rate) body.rate_limits = { max_reservations_per_minute: Number(v.rate) };
     if (v.caps.trim()) { try { body.caps = JSON.parse(v.caps); } catch (e) { throw new Error('Caps must be JSON.'); } }
+    rules.apply(body);
     if (p) { body.status = v.status; return patch(`/v1/admin/policies/${encodeURIComponent(p.policy_id)}`, body); }
     if (session.isAdmin) body.tenant_id = tenantId;
     return post('/v1/admin/policies', body);
-  });
+  }, { wide: true });
 }
 
 export function commands() {
