@@ -5,9 +5,10 @@ does the idempotency check, the tenant guard, the scope lookups, the checks and 
 from Redis (`TIME` inside the script), so servers with skewed clocks agree on expiry.
 
 Key layout (docs/redis.md): every key of a tenant carries the hash tag `{<tenant>}`. Reservation ids
-embed the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its keys. The
-admin plane (audit log, API key and document indexes) adds global keys that scripts write together
-with tenant keys, so the store needs one Redis primary (not Redis Cluster).
+embed the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its keys. On one
+primary the admin plane (audit log, API key and document indexes) adds global keys that scripts write
+together with tenant keys; on Redis Cluster (redis_cluster.RedisClusterStore, the same scripts compiled
+with CLUSTER true) those live in each tenant's slot instead.
 
 Journal: every script call carries the request's pending journal entries (base.pending_journal) as its
 last argument; the loader wraps each script so that, when the script did not answer an error, the
@@ -188,13 +189,9 @@ def _script_error(out: dict[str, Any]) -> Exception:
                          status=out.get("status"))
 
 
-<<<<<<< HEAD
-class RedisStore(RedisEvidence, Store):
+class RedisStore(RedisEvidence, RedisQuotas, Store):
     cluster = False  # RedisClusterStore (redis_cluster.py) keeps every script in one tenant's slot
 
-=======
-class RedisStore(RedisEvidence, RedisQuotas, Store):
->>>>>>> main
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
                  socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
                  max_connections: int = 100) -> None:
