@@ -264,7 +264,8 @@ class RedisClusterStore(RedisStore):
         raws = await self._mget([prefix(t) + "apikey:" + kp for (_, _, t), kp in zip(rows, prefixes) if kp])
         return [_decode(raw) for raw in raws if raw]
 
-    async def update_api_key(self, key_id: str, changes: dict[str, Any], *, guard_tenant: bool = True) -> dict[str, Any]:
+    async def update_api_key(self, key_id: str, changes: dict[str, Any], *,
+                             guard_tenant: bool = True) -> dict[str, Any]:
         tenant = await self._key_tenant(key_id)
         if not tenant:
             raise _key_error(key_id)
