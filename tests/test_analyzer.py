@@ -135,6 +135,14 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
         from cycles.store.sqlite import SQLiteStore
 
         store: Store = SQLiteStore(str(tmp_path / "analyzer.db"), synchronous="OFF", clock=clock)
+    elif request.param == "redis-cluster":
+        from redis_support import flush_cluster
+
+        from cycles.store.redis_cluster import RedisClusterStore
+
+        url = request.getfixturevalue("redis_cluster_url")
+        flush_cluster(url)
+        store = RedisClusterStore(url, clock=clock)
     else:
         import redis as redis_py
 

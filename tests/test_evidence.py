@@ -94,7 +94,7 @@ def ev_server(store_kind: str, tmp_path_factory: pytest.TempPathFactory,
     env = {"CYCLES_EVIDENCE": "1", "CYCLES_EVIDENCE_PUBLIC_PER_MINUTE": str(PUBLIC_PER_MINUTE),
            "CYCLES_ERROR_TRACE_ID": "auto"}
     ring = tmp / "evidence-keys.json"
-    if store_kind == "redis":
+    if store_kind in ("redis", "redis-cluster"):
         create_file(str(ring))
         env["CYCLES_EVIDENCE_KEYS_FILE"] = str(ring)
     srv = start_server(store_url(store_kind, tmp, request), tmp, extra_env=env)

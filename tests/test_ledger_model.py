@@ -82,7 +82,24 @@ def _redis(directory: str, clock: Callable[[], int]) -> Store:
     return RedisStore(url, clock=clock)
 
 
-STORE_FACTORIES: dict[str, Callable[[str, Callable[[], int]], Store]] = {"sqlite": _sqlite, "redis": _redis}
+def _redis_cluster(directory: str, clock: Callable[[], int]) -> Store:
+    """A RedisClusterStore on a private Redis Cluster (3 primaries + 3 replicas), flushed for every machine."""
+    import atexit
+    from pathlib import Path
+
+    from cycles.store.redis_cluster import RedisClusterStore
+    from redis_support import RedisClusterNodes, flush_cluster
+
+    if "cluster" not in _REDIS:
+        rc = RedisClusterNodes(Path(tempfile.mkdtemp(prefix="cycles-model-cluster-"))).start()
+        atexit.register(rc.stop)
+        _REDIS["cluster"] = rc
+    flush_cluster(_REDIS["cluster"].url)
+    return RedisClusterStore(_REDIS["cluster"].url, clock=clock)
+
+
+STORE_FACTORIES: dict[str, Callable[[str, Callable[[], int]], Store]] = {
+    "sqlite": _sqlite, "redis": _redis, "redis-cluster": _redis_cluster}
 
 
 def open_store(kind: str, directory: str, clock: Callable[[], int]) -> Store:

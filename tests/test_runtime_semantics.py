@@ -220,6 +220,18 @@ def force_overdraft_limit(server: Server, tenant: Tenant, suffix: str, limit: in
             r.hset(key, "overdraft_limit", str(limit))
         finally:
             r.close()
+    elif url.scheme == "redis-cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        from cycles.store.redis_cluster import cluster_nodes
+
+        rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster_nodes(server.store_url)])
+        try:
+            key = f"cy:{{{tenant.tenant_id}}}:b:{scope}|{unit}"
+            assert rc.exists(key) == 1
+            rc.hset(key, "overdraft_limit", str(limit))
+        finally:
+            rc.close()
     else:
         pytest.skip(f"no direct access to a {url.scheme} store to lower overdraft_limit")
 

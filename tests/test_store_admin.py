@@ -103,6 +103,14 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
         url = request.getfixturevalue("redis_db")
         redis_py.Redis.from_url(url).flushdb()
         store = RedisStore(url, clock=clock)
+    elif kind == "redis-cluster":
+        from redis_support import flush_cluster
+
+        from cycles.store.redis_cluster import RedisClusterStore
+
+        url = request.getfixturevalue("redis_cluster_url")
+        flush_cluster(url)
+        store = RedisClusterStore(url, clock=clock)
     else:
         raise NotImplementedError(f"store kind {kind!r} has no factory in {__file__}")
     e = Env(kind, store, clock, loop)
@@ -709,6 +717,14 @@ def _open_env(kind: str, request: pytest.FixtureRequest, path: Path, clock: Cloc
         url = request.getfixturevalue("redis_db")
         redis_py.Redis.from_url(url).flushdb()
         return Env(kind, RedisStore(url, clock=clock), clock, loop)
+    if kind == "redis-cluster":
+        from redis_support import flush_cluster
+
+        from cycles.store.redis_cluster import RedisClusterStore
+
+        url = request.getfixturevalue("redis_cluster_url")
+        flush_cluster(url)
+        return Env(kind, RedisClusterStore(url, clock=clock), clock, loop)
     raise NotImplementedError(f"store kind {kind!r} has no factory in {__file__}")
 
 

@@ -141,6 +141,10 @@ class Env:
             from cycles.store.sqlite import SQLiteStore
 
             return SQLiteStore(self.url[len("sqlite:///"):])
+        if self.kind == "redis-cluster":
+            from cycles.store.redis_cluster import RedisClusterStore
+
+            return RedisClusterStore(self.url)
         from cycles.store.redis import RedisStore
 
         return RedisStore(self.url)
@@ -155,6 +159,12 @@ def _redis_url(request: pytest.FixtureRequest) -> str:
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
     if request.param == "sqlite":
         return Env("sqlite", f"sqlite:///{tmp_path / 'hooks.db'}")
+    if request.param == "redis-cluster":
+        from redis_support import flush_cluster
+
+        url = request.getfixturevalue("redis_cluster_url")
+        flush_cluster(url)
+        return Env("redis-cluster", url)
     url = _redis_url(request)
     import redis as redis_py
 

@@ -26,7 +26,8 @@ KEY_ENV = "CYCLES_WEBHOOK_SECRET_KEY"
 PLAINTEXT_ENV = "CYCLES_WEBHOOK_ALLOW_PLAINTEXT"
 MAKE_KEY = ("export CYCLES_WEBHOOK_SECRET_KEY=$(python3 -c "
             "'import base64,os; print(base64.b64encode(os.urandom(32)).decode())')")
-STORE_FORMS = "sqlite:///absolute/path.db, sqlite:relative/path.db or redis://host:6379/0"
+STORE_FORMS = ("sqlite:///absolute/path.db, sqlite:relative/path.db, redis://host:6379/0 or "
+               "redis-cluster://host:7000[,host:7001...]/")
 
 
 class StartupError(Exception):
@@ -61,6 +62,14 @@ def check_store_url(store_url: str) -> None:
             raise StartupError(f"--store {store_url}: no database file; use {STORE_FORMS}", EXIT_USAGE)
         return
     if parsed.scheme in ("redis", "rediss"):
+        return
+    if parsed.scheme == "redis-cluster":
+        from .store.redis_cluster import cluster_nodes
+
+        try:
+            cluster_nodes(store_url)
+        except ValueError as exc:
+            raise StartupError(f"--store {store_url}: {exc}", EXIT_USAGE) from None
         return
     raise StartupError(f"--store {store_url}: unsupported store; use {STORE_FORMS}", EXIT_USAGE)
 
@@ -137,6 +146,9 @@ def check_port(host: str, port: int) -> None:
 
 def probe_store(store_url: str) -> None:
     """Reach a Redis store once, so an unreachable one is reported as such and not as an internal error."""
+    if urlparse(store_url).scheme == "redis-cluster":
+        _probe_cluster(store_url)
+        return
     if urlparse(store_url).scheme not in ("redis", "rediss"):
         return
     import redis
@@ -146,6 +158,27 @@ def probe_store(store_url: str) -> None:
         client.ping()
     except redis.RedisError as exc:
         raise classify(exc, store_url) or StartupError(f"Redis at {_where(store_url)}: {exc}",
+                                                       EXIT_UNREACHABLE) from None
+    finally:
+        client.close()
+
+
+def _probe_cluster(store_url: str) -> None:
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from .store.redis_cluster import cluster_nodes
+
+    try:
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster_nodes(store_url)],
+                              socket_connect_timeout=3, socket_timeout=3)
+    except redis.RedisError as exc:
+        raise StartupError(f"cannot reach the Redis Cluster at {store_url}: {_first_line(exc)}; start its nodes "
+                           "or fix --store", EXIT_UNREACHABLE) from None
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise classify(exc, store_url) or StartupError(f"Redis Cluster at {store_url}: {exc}",
                                                        EXIT_UNREACHABLE) from None
     finally:
         client.close()

@@ -1,4 +1,5 @@
-"""Stores, chosen by URL: `sqlite:///path/to/file.db` (embedded, the default) or `redis://host:port/db`."""
+"""Stores, chosen by URL: `sqlite:///path/to/file.db` (embedded, the default) `redis://host:port/db` or
+`redis-cluster://host:port[,host:port...]/` (Redis Cluster, docs/redis.md)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ def open_store(url: str) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db or redis://host:port/db")
+    if parsed.scheme == "redis-cluster":
+        from .redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db, redis://host:port/db or redis-cluster://host:port/")
 
 
 __all__ = ["Store", "default_data_dir", "default_store_url", "open_store"]

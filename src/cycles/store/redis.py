@@ -5,9 +5,10 @@ does the idempotency check, the tenant guard, the scope lookups, the checks and 
 from Redis (`TIME` inside the script), so servers with skewed clocks agree on expiry.
 
 Key layout (docs/redis.md): every key of a tenant carries the hash tag `{<tenant>}`. Reservation ids
-embed the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its keys. The
-admin plane (audit log, API key and document indexes) adds global keys that scripts write together
-with tenant keys, so the store needs one Redis primary (not Redis Cluster).
+embed the owning tenant (`rsv_<tenant>.<random>`) so a request naming only the id finds its keys. On one
+primary the admin plane (audit log, API key and document indexes) adds global keys that scripts write
+together with tenant keys; on Redis Cluster (redis_cluster.RedisClusterStore, the same scripts compiled
+with CLUSTER true) those live in each tenant's slot instead.
 
 Journal: every script call carries the request's pending journal entries (base.pending_journal) as its
 last argument; the loader wraps each script so that, when the script did not answer an error, the
@@ -79,8 +80,10 @@ return __result
 """
 
 
-def _script_source(common: str, body: str) -> str:
-    return f"{common}\nlocal function __main()\n{body}\nend\n{_EPILOGUE}"
+def _script_source(common: str, body: str, *, cluster: bool = False) -> str:
+    # CLUSTER: where the scripts keep the cross-tenant views (common.lua, "Global keys")
+    flag = "true" if cluster else "false"
+    return f"local CLUSTER = {flag}\n{common}\nlocal function __main()\n{body}\nend\n{_EPILOGUE}"
 
 
 _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline_ms", "committed", "finalized_at_ms",
@@ -187,6 +190,8 @@ def _script_error(out: dict[str, Any]) -> Exception:
 
 
 class RedisStore(RedisEvidence, RedisQuotas, Store):
+    cluster = False  # RedisClusterStore (redis_cluster.py) keeps every script in one tenant's slot
+
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
                  socket_timeout_s: float = 2.0, clock: Callable[[], int] | None = None,
                  max_connections: int = 100) -> None:
@@ -194,23 +199,26 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
         self.retention_ms = retention_ms
         # Production time is Redis TIME inside the scripts; tests that drive time pass their own clock.
         self._test_clock = clock
+        self.r = self._connect(url, connect_timeout_s, socket_timeout_s, max_connections)
+        self.channel = (ScriptChannel(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s)
+                        if not self.cluster and supports(url) else None)
+        common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
+        self.scripts = {
+            name: self.r.register_script(_script_source(
+                common, resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text(), cluster=self.cluster))
+            for name in _SCRIPTS
+        }
+        self._keys_indexed = False
+        self._counted = False
+
+    def _connect(self, url: str, connect_timeout_s: float, socket_timeout_s: float, max_connections: int) -> Any:
         # A blocking pool: a burst of concurrent requests beyond max_connections waits (up to the socket
         # timeout) for a free connection instead of failing with "Too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
             url, decode_responses=True, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
             retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
             max_connections=max_connections, timeout=socket_timeout_s)
-        self.r = aioredis.Redis.from_pool(pool)
-        self.channel = (ScriptChannel(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s)
-                        if supports(url) else None)
-        common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
-        self.scripts = {
-            name: self.r.register_script(
-                _script_source(common, resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text()))
-            for name in _SCRIPTS
-        }
-        self._keys_indexed = False
-        self._counted = False
+        return aioredis.Redis.from_pool(pool)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -221,7 +229,7 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
             raise StoreUnavailable(f"Redis is loading: {exc}") from exc
 
     async def _script(self, name: str, tenant: str, args: list[Any], *, journal: bool = True,
-                      entries: list[dict[str, Any]] | None = None) -> Any:
+                      entries: list[dict[str, Any]] | None = None, route: str | None = None) -> Any:
         """Run one script. `tenant` "" runs a global (admin plane) script. With `journal`, the request's
         pending journal entries (after `entries`) are written by the script when it succeeds, and the
         pending list is emptied then; an error answer wrote nothing and leaves it."""
@@ -230,19 +238,22 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
         p = prefix(tenant) if tenant else ""
         pending = pending_journal() if journal else []
         jarg = _journal_arg(entries or [], pending)
-        keys = [p + "tenant"] if tenant else []
+        # KEYS[1] names the slot the script runs in (Redis Cluster routes by it); route: a global script's key
+        keys = [route] if route else [p + "tenant"] if tenant else []
         clock = self._test_clock() if self._test_clock else 0
         script, argv = self.scripts[name], [p, tenant, self.retention_ms, clock, *args, jarg]
-        if self.channel is not None:
-            raw = await self._call(lambda: self.channel.evalsha(script.sha, script.script, keys, argv))
-        else:
-            raw = await self._call(lambda: script(keys=keys, args=argv))
+        raw = await self._eval(script, keys, argv)
         out = raw if isinstance(raw, int) else _decode(raw)
         if isinstance(out, dict) and "err" in out:
             raise _script_error(out)
         if pending:
             pending.clear()
         return out
+
+    async def _eval(self, script: Any, keys: list[str], argv: list[Any]) -> Any:
+        if self.channel is not None:
+            return await self._call(lambda: self.channel.evalsha(script.sha, script.script, keys, argv))
+        return await self._call(lambda: script(keys=keys, args=argv))
 
     @staticmethod
     def _outcome(out: dict[str, Any]) -> Outcome:
@@ -543,6 +554,14 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
 
     async def _scan(self, records: str, index: str, suffix: str, scan: AuditScan) -> list[dict[str, Any]]:
         key = index if scan.tenant is None else prefix(scan.tenant) + suffix
+        ids = [member for member, _ in await self._scan_ids(key, scan)]
+        if not ids:
+            return []
+        raws = await self._call(lambda: self.r.hmget(records, ids))
+        return [_decode(raw) for raw in raws if raw]  # a row purged meanwhile is gone
+
+    async def _scan_ids(self, key: str, scan: AuditScan) -> list[tuple[str, int]]:
+        """Up to scan.limit (member, score) of one time index, in the scan's order, past its cursor."""
         lo: float = float("-inf") if scan.from_ms is None else scan.from_ms
         hi: float = float("inf") if scan.to_ms is None else scan.to_ms
         after = scan.after
@@ -558,7 +577,7 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
                 return True
             return member < after[1] if scan.descending else member > after[1]
 
-        ids: list[str] = []
+        ids: list[tuple[str, int]] = []
         offset, batch = 0, max(scan.limit, 100)
         while len(ids) < scan.limit:
             if scan.descending:
@@ -569,16 +588,13 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
                                                                               withscores=True))
             for member, score in rows:
                 if past_cursor(member, int(score)):
-                    ids.append(member)
+                    ids.append((member, int(score)))
                     if len(ids) == scan.limit:
                         break
             if len(rows) < batch:
                 break
             offset += batch
-        if not ids:
-            return []
-        raws = await self._call(lambda: self.r.hmget(records, ids))
-        return [_decode(raw) for raw in raws if raw]  # a row purged meanwhile is gone
+        return ids
 
     async def purge_audit(self, older_than_ms: int) -> int:
         return await self._purge("audit", older_than_ms)
@@ -685,11 +701,21 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
             _opt(changes.get("overdraft_limit")), policy, _s(changes["extra"]) if changes.get("extra") else ""])
         return _budget_row(tenant, _flat(out["row"]))
 
+    async def _period_indexes(self) -> list[str]:
+        return [PERIODS]
+
     async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for index in await self._period_indexes():
+            if len(out) < limit:
+                out += await self._due_rollovers(index, now_ms, limit - len(out))
+        return out
+
+    async def _due_rollovers(self, index: str, now_ms: int, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         offset, batch = 0, max(limit, 100)
         while len(out) < limit:
-            members = await self._call(lambda o=offset: self.r.zrangebyscore(PERIODS, "-inf", now_ms, start=o, num=batch))
+            members = await self._call(lambda o=offset: self.r.zrangebyscore(index, "-inf", now_ms, start=o, num=batch))
             for member in members:
                 tenant, rest = member.split("|", 1)
                 scope, unit = rest.rsplit("|", 1)

@@ -17,19 +17,21 @@ class RedisEvidence:
     r: Any
     _call: Any
     _script: Any
+    _evidence_prefix = "cy:"  # one hash tag on Redis Cluster (redis_cluster.py)
 
     async def put_evidence(self, evidence_id: str, body: bytes, links: list[str]) -> str:
-        out = await self._script("evidence", "", [evidence_id, body.decode("utf-8"), *links], journal=False)
+        out = await self._script("evidence", "", [evidence_id, body.decode("utf-8"), *links], journal=False,
+                                 route=self._evidence_prefix + "ev:" + evidence_id)
         return out["id"]
 
     async def get_evidence(self, evidence_id: str) -> bytes | None:
-        raw = await self._call(lambda: self.r.get("cy:ev:" + evidence_id))
+        raw = await self._call(lambda: self.r.get(self._evidence_prefix + "ev:" + evidence_id))
         return raw.encode("utf-8") if raw is not None else None
 
     async def evidence_links(self, links: list[str]) -> list[str | None]:
         if not links:
             return []
-        return list(await self._call(lambda: self.r.mget(["cy:evl:" + link for link in links])))
+        return list(await self._call(lambda: self.r.mget([self._evidence_prefix + "evl:" + link for link in links])))
 
     async def count_public(self, key: str, window_s: int) -> int | None:
         name = f"cy:pub:{key}:{int(time.time()) // window_s}"

@@ -85,19 +85,31 @@ local function k_created() return P .. 'rz:created' end
 local function k_deadline() return P .. 'rz:deadline' end
 local function k_idem(endpoint, key) return P .. 'i:' .. endpoint .. ':' .. key end
 
--- global keys (the admin plane: one Redis primary)
+-- Global keys (the admin plane). On one primary (CLUSTER false, set by the loader's first line) scripts
+-- keep the cross-tenant views inline with the change. On Redis Cluster a script may touch one slot only,
+-- so every one of these is a key of the script's own tenant (P); the Python side reads the cross-tenant
+-- views across tenants and writes the registries (cy:tenants, key and document pointers) itself.
 local K_TENANTS = 'cy:tenants'
 local K_AUDIT_REC, K_AUDIT = 'cy:audit:rec', 'cy:audit'
 local K_KEY_IDS, K_KEYS = 'cy:apikeys:id', 'cy:apikeys'
 local K_PERIODS = 'cy:periods'
 -- overview counts, kept by every script that changes what they count (like the SQLite store's triggers)
 local K_COUNTERS = 'cy:counters'
-local function count(name, delta) redis.call('HINCRBY', K_COUNTERS, name, delta) end
 local K_OVER_LIMIT, K_WITH_DEBT = 'cy:budgets:over_limit', 'cy:budgets:with_debt'
+local G = 'cy:'  -- the prefix of global records (API keys, documents)
+if CLUSTER then
+  K_AUDIT_REC, K_KEY_IDS, K_KEYS, K_PERIODS = P .. 'audit:rec', P .. 'apikeys:id', P .. 'apikeys', P .. 'periods'
+  K_COUNTERS, K_OVER_LIMIT, K_WITH_DEBT, G = P .. 'counters', P .. 'over_limit', P .. 'with_debt', P
+end
+local function count(name, delta) redis.call('HINCRBY', K_COUNTERS, name, delta) end
+-- a member of a global time index (none on Redis Cluster: the per-tenant index is read instead)
+local function global_zadd(key, score, member)
+  if not CLUSTER then redis.call('ZADD', key, score, member) end
+end
 local function prefix_of(tenant) return 'cy:{' .. tenant .. '}:' end
-local function k_apikey(key_prefix) return 'cy:apikey:' .. key_prefix end
-local function k_doc(kind, id) return 'cy:doc:' .. kind .. ':' .. id end
-local function k_docs(kind) return 'cy:docs:' .. kind end
+local function k_apikey(key_prefix) return G .. 'apikey:' .. key_prefix end
+local function k_doc(kind, id) return G .. 'doc:' .. kind .. ':' .. id end
+local function k_docs(kind) return G .. 'docs:' .. kind end
 -- The governance generation of a tenant: bumped by every change to what servers cache about it (its record,
 -- its API keys, its policies). Runtime scripts are passed the generation the caller's cache was read at and
 -- refuse to act on an older one (cycles.store.base.StaleGovernance); '' skips the check.
@@ -206,6 +218,7 @@ end
 -- Audit rows go to cy:audit:rec (log id -> JSON) indexed by time in cy:audit and cy:{T}:audit; governance
 -- events to cy:events:rec (event id -> JSON), cy:events and cy:{T}:events.
 local K_EVENTS_REC, K_EVENTS = 'cy:events:rec', 'cy:events'
+if CLUSTER then K_EVENTS_REC = P .. 'events:rec' end
 
 -- A script's result as the Python side reads it (cycles.store.redis._normalize): int64 values travel
 -- as decimal strings inside scripts and are numbers in the records events carry.
@@ -285,7 +298,7 @@ local function write_entry(text, merge, nows, result, rid, event_id)
     local tenant = jvalue(text, 'tenant_id')
     event_id = jvalue(text, 'event_id')
     redis.call('HSET', K_EVENTS_REC, event_id, text)
-    redis.call('ZADD', K_EVENTS, ts, event_id)
+    global_zadd(K_EVENTS, ts, event_id)
     redis.call('ZADD', prefix_of(tenant) .. 'events', ts, event_id)
     return
   end
@@ -296,7 +309,7 @@ local function write_entry(text, merge, nows, result, rid, event_id)
   if #changes > 0 then text = jpatch(text, changes) end
   local log_id, tenant = jvalue(text, 'log_id'), jvalue(text, 'tenant_id')
   redis.call('HSET', K_AUDIT_REC, log_id, text)
-  redis.call('ZADD', K_AUDIT, ts, log_id)
+  global_zadd(K_AUDIT, ts, log_id)
   redis.call('ZADD', prefix_of(tenant) .. 'audit', ts, log_id)
 end
 
@@ -308,6 +321,7 @@ end
 -- Event ids: evt_<ms, 12 hex><sequence, 8 hex><random, 8 hex>; the sequence is one counter for every
 -- server (cy:events:seq), so events of one millisecond sort in the order they were committed.
 local K_EVENT_SEQ = 'cy:events:seq'
+if CLUSTER then K_EVENT_SEQ = P .. 'events:seq' end
 local function finish_journal(result, jarg)
   local j = cjson.decode(jarg)
   local items = j.items or {}
@@ -377,7 +391,7 @@ local function finish_journal(result, jarg)
     -- every event carries a correlation id: its request's, else its own
     if not has_corr then table.insert(m, {'correlation_id', jstr('event:' .. event_id)}) end
     redis.call('HSET', K_EVENTS_REC, event_id, jobj(m))
-    redis.call('ZADD', K_EVENTS, nows, event_id)
+    global_zadd(K_EVENTS, nows, event_id)
     redis.call('ZADD', prefix_of(tenant) .. 'events', nows, event_id)
   end
 end

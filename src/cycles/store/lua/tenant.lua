@@ -5,7 +5,7 @@ local raw = redis.call('GET', k_tenant())
 if mode == 'create' then
   if raw then return cjson.encode({created = false, record = raw}) end
   redis.call('SET', k_tenant(), ARGV[6])
-  redis.call('SADD', K_TENANTS, tenant_id)
+  if not CLUSTER then redis.call('SADD', K_TENANTS, tenant_id) end  -- on a cluster the caller adds it first
   count('tenants.' .. tostring(jvalue(ARGV[6], 'status')), 1)
   return cjson.encode({created = true, record = ARGV[6]})
 end
