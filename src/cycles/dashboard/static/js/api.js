@@ -167,3 +167,14 @@ export function stream(path, query, onEvent, onState) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// An idempotency key. crypto.randomUUID exists only in a secure context; getRandomValues everywhere,
+// so the actions work over plain HTTP from another host too.
+export function uuid() {
+  if (globalThis.crypto && crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const x = [...b].map((v) => v.toString(16).padStart(2, '0')).join('');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}

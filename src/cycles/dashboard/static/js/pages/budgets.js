@@ -1,4 +1,4 @@
-import { get, getAll, post, session } from '../api.js';
+import { get, getAll, post, session, uuid } from '../api.js';
 import { h, clear, fmt, badge, bar, utilization, formDialog, confirmDialog, toast, dialog, errorBox } from '../ui.js';
 import { listPage, markTruncated, amountOf, scopeCell } from './common.js';
 import { go } from '../main.js';
@@ -85,7 +85,7 @@ export async function fundDialog(b) {
     { name: 'reason', label: 'Reason (audit log)', value: '' },
   ], 'Apply', async (v) => {
     const amount = parseAmount(v.amount);
-    const body = { operation: v.operation, amount: { unit: b.unit, amount }, idempotency_key: crypto.randomUUID() };
+    const body = { operation: v.operation, amount: { unit: b.unit, amount }, idempotency_key: uuid() };
     if (v.reason) body.reason = v.reason;
     if (v.operation === 'RESET_SPENT' && v.spent !== '') body.spent = { unit: b.unit, amount: parseAmount(v.spent) };
     const res = await post('/v1/admin/budgets/fund', body, target(b));
@@ -148,7 +148,7 @@ async function bulkFund(values, refresh) {
     { name: 'amount', label: 'Amount (integer)', type: 'number', min: 0, step: 1, required: true },
     { name: 'reason', label: 'Reason (audit log)' },
   ], `Apply to ${rows.length} budgets`, async (v) => {
-    const body = { filter, action: v.action, idempotency_key: crypto.randomUUID(), expected_count: rows.length,
+    const body = { filter, action: v.action, idempotency_key: uuid(), expected_count: rows.length,
       amount: { unit: v.unit, amount: parseAmount(v.amount) } };
     if (v.reason) body.reason = v.reason;
     return post('/v1/admin/budgets/bulk-action', body);

@@ -1,4 +1,4 @@
-import { api, get, getAll, post, del, session } from '../api.js';
+import { api, get, getAll, post, del, session, uuid } from '../api.js';
 import { h, clear, fmt, badge, formDialog, confirmDialog, dialog, toast } from '../ui.js';
 import { listPage, markTruncated, amountOf, scopeCell } from './common.js';
 import { go } from '../main.js';
@@ -13,7 +13,7 @@ export async function forceRelease(res) {
   const ok = await formDialog(`Force-release ${res.reservation_id}`, [
     { name: 'reason', label: 'Reason (audit log)', value: 'force-released from the dashboard' },
   ], 'Release reservation', async (v) => post(`/v1/reservations/${encodeURIComponent(res.reservation_id)}/release`,
-    { idempotency_key: crypto.randomUUID(), reason: v.reason || undefined }),
+    { idempotency_key: uuid(), reason: v.reason || undefined }),
   { intro: h('p', {}, `Returns the hold of ${fmt.int(amountOf(res.reserved))} ${fmt.unit(res.reserved.unit)} on ${res.scope_path}. The agent's later commit will be refused.`) });
   if (ok) toast(`Released ${res.reservation_id}`, 'ok');
   return ok;
