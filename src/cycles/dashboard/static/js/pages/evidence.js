@@ -3,6 +3,10 @@
 // the content id (sha256 of the RFC 8785 canonical bytes with evidence_id and signature ""), the
 // signer's authority (did:cycles bound to server_id, one key valid at issued_at_ms) and the Ed25519
 // signature, with WebCrypto. Nothing is trusted from the server's own say-so.
+// WebCrypto exists only in a secure context (HTTPS or localhost): elsewhere (plain HTTP from another
+// host), or in a browser whose WebCrypto lacks Ed25519, the page falls back to vendored pure-JS
+// SHA-256/SHA-512 and Ed25519 verify (@noble/hashes, @noble/ed25519: static/vendor/, refreshed by
+// scripts/refresh-vendor.sh), loaded only when needed, and says which one it used.
 import { get, session } from '../api.js';
 import { h, clear, fmt, errorBox } from '../ui.js';
 import { go } from '../main.js';
@@ -45,7 +49,36 @@ function b64url(s) {
   const bin = atob(s.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (s.length % 4)) % 4));
   return Uint8Array.from(bin, (c) => c.charCodeAt(0));
 }
-async function sha256hex(text) { return hex(await crypto.subtle.digest('SHA-256', utf8(text))); }
+const INSECURE = 'this page is not a secure context (HTTPS or localhost), so the browser offers no WebCrypto';
+const subtle = () => (globalThis.crypto && globalThis.crypto.subtle) || null;
+
+const NOBLE = 'pure JavaScript (@noble/ed25519 3.2.0, @noble/hashes 2.4.0, vendored)';
+let noble = null;
+function pureJs() {
+  noble = noble || Promise.all([import('../../vendor/noble-ed25519/index.js'), import('../../vendor/noble-hashes/sha2.js')])
+    .then(([ed, sha2]) => { ed.hashes.sha512 = sha2.sha512; return { ed, sha256: sha2.sha256 }; });
+  return noble;
+}
+async function sha256hex(text) {
+  const s = subtle();
+  return hex(s ? await s.digest('SHA-256', utf8(text)) : (await pureJs()).sha256(utf8(text)));
+}
+// -> {good, engine}. WebCrypto's Ed25519 when the browser has it; else the vendored verify, strict as
+// RFC 8032 is (zip215: false: non-canonical points and small-order keys refused, as OpenSSL does).
+async function ed25519Verify(key, sig, msg) {
+  const s = subtle();
+  let why = INSECURE;
+  if (s) {
+    try {
+      const pub = await s.importKey('raw', key, { name: 'Ed25519' }, false, ['verify']);
+      return { good: await s.verify({ name: 'Ed25519' }, pub, sig, msg), engine: 'webcrypto' };
+    } catch (e) {
+      why = `this browser's WebCrypto has no Ed25519 (${e.message})`;
+    }
+  }
+  const { ed } = await pureJs();
+  return { good: ed.verify(sig, msg, key, { zip215: false }), engine: 'noble', why };
+}
 
 export function shapeProblem(env) {
   if (!env || typeof env !== 'object' || Array.isArray(env)) return 'not a JSON object';
@@ -95,12 +128,9 @@ async function selectKey(jwks, env) {
 // -> {ok, disposition, checks: [{name, state: pass|fail|skip, detail}]}
 export async function verifyEnvelope(env, jwks) {
   const checks = [];
-  const done = (disposition) => ({ ok: disposition === 'authentic', disposition, checks });
+  const engine = { name: subtle() ? 'webcrypto' : 'noble', why: subtle() ? '' : INSECURE };
+  const done = (disposition) => ({ ok: disposition === 'authentic', disposition, checks, engine });
   const skipRest = (from) => { for (const n of ['Shape', 'Canonical form (RFC 8785)', 'Content id (sha256)', 'Signer authority (JWK Set)', 'Ed25519 signature'].slice(from)) checks.push({ name: n, state: 'skip', detail: 'not reached' }); };
-  if (!globalThis.crypto || !crypto.subtle) {
-    checks.push({ name: 'WebCrypto', state: 'fail', detail: 'this page is not a secure context (HTTPS or localhost), so the browser offers no WebCrypto; verify with `cycles evidence verify <url>`' });
-    return done('unverifiable');
-  }
   const problem = shapeProblem(env);
   checks.push({ name: 'Shape', state: problem ? 'fail' : 'pass', detail: problem || `${env.artifact_type} envelope, ${SCHEMA_VERSION}` });
   if (problem) { skipRest(1); return done('malformed'); }
@@ -131,13 +161,16 @@ export async function verifyEnvelope(env, jwks) {
   checks.push({ name: 'Signer authority (JWK Set)', state: 'pass', detail: `key ${sel.kid}${sel.status ? ` (${sel.status})` : ''} of ${env.server_id}, valid at ${fmt.time(env.issued_at_ms)}` });
   let good = false;
   try {
-    const pub = await crypto.subtle.importKey('raw', sel.key, { name: 'Ed25519' }, false, ['verify']);
-    good = await crypto.subtle.verify({ name: 'Ed25519' }, pub, unhex(env.signature), utf8(sigInput));
+    const v = await ed25519Verify(sel.key, unhex(env.signature), utf8(sigInput));
+    good = v.good;
+    engine.name = v.engine;
+    engine.why = v.why || engine.why;
   } catch (e) {
     checks.push({ name: 'Ed25519 signature', state: 'fail', detail: `this browser could not check an Ed25519 signature (${e.message})` });
     return done('unverifiable');
   }
-  checks.push({ name: 'Ed25519 signature', state: good ? 'pass' : 'fail', detail: good ? `verified with ${sel.kid}` : 'the signature does not verify (tampered or another key)' });
+  const by = engine.name === 'webcrypto' ? 'WebCrypto' : '@noble/ed25519';
+  checks.push({ name: 'Ed25519 signature', state: good ? 'pass' : 'fail', detail: good ? `verified with ${sel.kid} (${by})` : `the signature does not verify (tampered or another key; checked with ${by})` });
   return done(good ? 'authentic' : 'signature_invalid');
 }
 
@@ -180,6 +213,9 @@ async function show(box, envText, source) {
   const body = env && env.payload && env.payload[env.artifact_type];
   box.replaceChildren(...[ // replaceChildren would write a null as the text "null"
     h('div', { class: `verdict ${result.ok ? 'ok' : 'bad'}`, id: 'verdict', role: 'status', dataset: { disposition: result.disposition } }, VERDICTS[result.disposition] || result.disposition),
+    h('p', { class: 'muted', id: 'crypto-engine', dataset: { engine: result.engine.name } },
+      result.engine.name === 'webcrypto' ? 'Hashes and signature checked with the browser\'s WebCrypto.'
+        : `Hashes and signature checked with ${NOBLE}: ${result.engine.why}.`),
     h('ol', { class: 'checks', id: 'checks' }, result.checks.map((c) => h('li', { class: c.state, dataset: { check: c.name, state: c.state } },
       h('span', { class: 'mark', 'aria-hidden': 'true' }, c.state === 'pass' ? '✓' : c.state === 'fail' ? '✗' : '–'),
       h('span', {}, h('strong', {}, `${c.name}: `), h('span', { class: 'break' }, c.detail))))),
