@@ -171,8 +171,61 @@ function num(v, what) {
   return Number(t);
 }
 
-// Rows of quotas; each row keeps the rule it came from, so fields not edited here (allowlists,
-// threshold_pct, per_run_counter_ttl_ms) are sent back as they were.
+// The optional fields of a quota rule (cycles-action-kinds-v0.1.26.yaml): allowlists on ActionQuota
+// only; per_run_counter_ttl_ms only with window per_run (the server refuses it on other windows).
+const ALLOWLISTS = [['host_allowlist', 'Host allowlist', 253, 'api.openai.com, api.anthropic.com'],
+  ['recipient_domain_allowlist', 'Recipient domain allowlist', 253, 'example.com'],
+  ['resource_type_allowlist', 'Resource type allowlist', 128, 'invoice']];
+const OPTIONAL = [...ALLOWLISTS.map(([k]) => k), 'threshold_pct', 'per_run_counter_ttl_ms'];
+
+function listValue(input, label, maxLen) {
+  const items = input.value.split(',').map((x) => x.trim()).filter(Boolean);
+  if (items.length > 200) throw new Error(`${label}: at most 200 entries.`);
+  const long = items.find((x) => x.length > maxLen);
+  if (long) throw new Error(`${label}: "${long.slice(0, 40)}…" is longer than ${maxLen} characters.`);
+  return items;
+}
+
+function quotaExtras(rule, win, risk) {
+  const lists = risk ? [] : ALLOWLISTS.map(([key, label, maxLen, ph]) => ({ key, label, maxLen,
+    input: h('input', { type: 'text', 'aria-label': label, value: (rule[key] || []).join(', '), placeholder: ph, spellcheck: 'false' }) }));
+  const pct = h('input', { type: 'number', min: 0.01, max: 0.99, step: 0.01, 'aria-label': 'Alert threshold',
+    value: rule.threshold_pct ?? '', placeholder: '0.80 (default)' });
+  const ttl = h('input', { type: 'number', min: 60000, max: 604800000, step: 1, 'aria-label': 'Per-run counter TTL (ms)',
+    value: rule.per_run_counter_ttl_ms ?? '', placeholder: '86400000 (default: 24 h)' });
+  const syncTtl = () => { ttl.disabled = win.value !== 'per_run'; };
+  win.addEventListener('change', syncTtl);
+  syncTtl();
+  const field = (label, input, hint) => h('label', { class: 'extra' }, h('span', {}, label), input, hint ? h('small', { class: 'muted' }, hint) : null);
+  const set = OPTIONAL.some((k) => rule[k] != null && !(Array.isArray(rule[k]) && !rule[k].length));
+  const el = h('details', { class: 'quota-more', open: set },
+    h('summary', {}, risk ? 'Alert threshold, run TTL' : 'Allowlists, alert threshold, run TTL'),
+    ...lists.map((l) => field(l.label, l.input, 'comma-separated; when set, only calls whose policy_keys match are counted')),
+    field('Alert threshold', pct, 'share of the limit, 0.01–0.99, at which quota.threshold_approaching is emitted'),
+    field('Per-run counter TTL (ms)', ttl, '60000–604800000; per_run quotas only'));
+  return {
+    el,
+    apply(out) { // writes the optional fields into out; blank ones are left out (the server's default)
+      for (const k of OPTIONAL) delete out[k];
+      for (const l of lists) { const v = listValue(l.input, l.label, l.maxLen); if (v.length) out[l.key] = v; }
+      const p = pct.value.trim();
+      if (p) {
+        const x = Number(p);
+        if (!Number.isFinite(x) || x < 0.01 || x > 0.99) throw new Error('Alert threshold must be between 0.01 and 0.99 (a fraction of max calls).');
+        out.threshold_pct = x;
+      }
+      const t = ttl.value.trim();
+      if (t && !ttl.disabled) {
+        if (!/^\d+$/.test(t) || Number(t) < 60000 || Number(t) > 604800000) throw new Error('Per-run counter TTL must be a whole number of ms from 60000 to 604800000.');
+        out.per_run_counter_ttl_ms = Number(t);
+      }
+      return out;
+    },
+  };
+}
+
+// Rows of quotas; each row keeps the rule it came from, so a field this dialog does not know is sent
+// back as it was.
 function quotaRows(kinds, rules, { risk }) {
   const list = h('div', { class: 'quota-rows' });
   const rows = [];
@@ -183,20 +236,22 @@ function quotaRows(kinds, rules, { risk }) {
       : h('input', { type: 'text', list: 'kind-options', 'aria-label': 'Action kind', value: rule.action_kind || '', placeholder: 'message.email.send' });
     const max = h('input', { type: 'number', min: 1, step: 1, 'aria-label': 'Max calls', value: rule.max_calls ?? '' });
     const win = h('select', { 'aria-label': 'Window' }, QUOTA_WINDOWS.map((w) => h('option', { value: w, selected: w === (rule.window || 'per_hour_tumbling') }, w)));
-    const row = { rule, first, max, win };
+    const extras = quotaExtras(rule, win, risk);
+    const row = { rule, first, max, win, extras };
     const el = h('div', { class: 'quota-row' }, first, max, win,
-      h('button', { type: 'button', class: 'small', 'aria-label': 'Remove this quota', onclick: () => { rows.splice(rows.indexOf(row), 1); el.remove(); } }, 'Remove'));
+      h('button', { type: 'button', class: 'small', 'aria-label': 'Remove this quota', onclick: () => { rows.splice(rows.indexOf(row), 1); el.remove(); } }, 'Remove'),
+      extras.el);
     rows.push(row);
     list.append(el);
   };
   for (const rule of rules || []) add(rule);
   const el = h('div', {}, dl, list, h('button', { type: 'button', class: 'small', id: risk ? 'add-risk-quota' : 'add-action-quota', onclick: () => add({}) },
     risk ? 'Add risk-class quota' : 'Add action quota'));
-  return { el, value: () => rows.map(({ rule, first, max, win }) => {
+  return { el, value: () => rows.map(({ rule, first, max, win, extras }) => {
     const out = { ...rule, max_calls: num(max.value, 'Max calls'), window: win.value };
     if (risk) out.risk_class = first.value;
     else { if (!first.value.trim()) throw new Error('Each action quota needs an action kind.'); out.action_kind = first.value.trim(); }
-    return out;
+    return extras.apply(out);
   }) };
 }
 
@@ -239,8 +294,14 @@ export function rulesSummary(p) {
   const parts = [];
   if ((p.denied_action_kinds || []).length) parts.push(`deny ${p.denied_action_kinds.join(', ')}`);
   if ((p.allowed_action_kinds || []).length) parts.push(`allow only ${p.allowed_action_kinds.join(', ')}`);
-  for (const q of p.action_quotas || []) parts.push(`${q.action_kind} ≤ ${q.max_calls} ${q.window}`);
-  for (const q of p.risk_class_quotas || []) parts.push(`${q.risk_class} ≤ ${q.max_calls} ${q.window}`);
+  const extra = (q) => {
+    const bits = ALLOWLISTS.filter(([k]) => (q[k] || []).length).map(([k]) => `${k.replace('_allowlist', '').replace(/_/g, ' ')} ${q[k].join('|')}`);
+    if (q.threshold_pct != null) bits.push(`alert ${Math.round(q.threshold_pct * 100)}%`);
+    if (q.per_run_counter_ttl_ms != null) bits.push(`run ttl ${q.per_run_counter_ttl_ms} ms`);
+    return bits.length ? ` (${bits.join(', ')})` : '';
+  };
+  for (const q of p.action_quotas || []) parts.push(`${q.action_kind} ≤ ${q.max_calls} ${q.window}${extra(q)}`);
+  for (const q of p.risk_class_quotas || []) parts.push(`${q.risk_class} ≤ ${q.max_calls} ${q.window}${extra(q)}`);
   return parts.join('; ') || '—';
 }
 
