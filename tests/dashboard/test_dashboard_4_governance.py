@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from cycles.core import jcs
-from support import USD, new_tenant, reserve_body
+from support import ADMIN_KEY, USD, new_tenant, reserve_body
 from .conftest import Data, Tab, Work
 from .test_dashboard_2_actions import dialog_button, eventually
 
@@ -167,6 +168,70 @@ def test_policy_editor_sets_and_changes_the_four_action_rule_fields(work_tab: Ta
     assert p["action_quotas"] == [] and p["risk_class_quotas"][0]["max_calls"] == 7
 
 
+
+def test_policy_editor_edits_quota_allowlists_threshold_and_run_ttl(work_tab: Tab, work: Work, shots: Path) -> None:
+    t = new_tenant(work.server)
+    with work.server.admin() as c:
+        r = c.post("/v1/admin/policies", json={
+            "tenant_id": t.tenant_id, "name": "extras", "scope_pattern": f"tenant:{t.tenant_id}/agent:*",
+            "action_quotas": [{"action_kind": "http.post", "max_calls": 30, "window": "per_hour_tumbling",
+                               "host_allowlist": ["api.openai.com"], "threshold_pct": 0.8}],
+            "risk_class_quotas": [{"risk_class": "high_risk", "max_calls": 3, "window": "per_run", "per_run_counter_ttl_ms": 3_600_000}]})
+        assert r.status_code == 201, r.text
+        pid = r.json()["policy_id"]
+
+    def policy() -> dict:
+        with work.server.admin() as c:
+            return next(p for p in c.get("/v1/admin/policies", params={"tenant_id": t.tenant_id}).json()["policies"] if p["policy_id"] == pid)
+
+    page = work_tab.page
+    work_tab.go(f"tenant/{t.tenant_id}?tab=policies")
+    page.get_by_text("http.post ≤ 30 per_hour_tumbling (host api.openai.com, alert 80%)").wait_for()
+    page.get_by_role("button", name="Edit policy extras").click()
+    dlg = page.get_by_role("dialog")
+    kind_row, risk_row = dlg.locator(".quota-row").nth(0), dlg.locator(".quota-row").nth(1)
+    # the rules' values are shown (their details open), and edited
+    assert kind_row.get_by_label("Host allowlist").input_value() == "api.openai.com"
+    assert risk_row.get_by_label("Per-run counter TTL (ms)").input_value() == "3600000"
+    kind_row.get_by_label("Host allowlist").fill("api.openai.com, api.anthropic.com")
+    kind_row.get_by_label("Recipient domain allowlist").fill("example.com")
+    kind_row.get_by_label("Resource type allowlist").fill("invoice ,  receipt")
+    kind_row.get_by_label("Alert threshold").fill("0.95")
+    assert kind_row.get_by_label("Per-run counter TTL (ms)").is_disabled()  # not a per_run window
+    risk_row.get_by_label("Per-run counter TTL (ms)").fill("604800000")
+    risk_row.get_by_label("Alert threshold").fill("0.5")
+    dlg.locator(".action-rules").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "policy-quota-extras-light.png"))
+    # out of range: refused in the dialog, nothing sent
+    risk_row.get_by_label("Per-run counter TTL (ms)").fill("59999")
+    dialog_button(work_tab, "Save policy")
+    dlg.get_by_text("Per-run counter TTL must be a whole number").wait_for()
+    risk_row.get_by_label("Per-run counter TTL (ms)").fill("604800000")
+    dialog_button(work_tab, "Save policy")
+    page.get_by_role("dialog").wait_for(state="detached")
+    p = eventually(lambda: (x := policy())["action_quotas"][0].get("recipient_domain_allowlist") and x)
+    assert p["action_quotas"] == [{"action_kind": "http.post", "max_calls": 30, "window": "per_hour_tumbling",
+                                   "host_allowlist": ["api.openai.com", "api.anthropic.com"],
+                                   "recipient_domain_allowlist": ["example.com"], "resource_type_allowlist": ["invoice", "receipt"],
+                                   "threshold_pct": 0.95}]
+    assert p["risk_class_quotas"] == [{"risk_class": "high_risk", "max_calls": 3, "window": "per_run",
+                                       "per_run_counter_ttl_ms": 604_800_000, "threshold_pct": 0.5}]
+    # clearing: blank fields go back to the server's defaults; leaving per_run drops the run TTL
+    page.get_by_role("button", name="Edit policy extras").click()
+    dlg = page.get_by_role("dialog")
+    kind_row, risk_row = dlg.locator(".quota-row").nth(0), dlg.locator(".quota-row").nth(1)
+    for label in ("Host allowlist", "Recipient domain allowlist", "Alert threshold"):
+        kind_row.get_by_label(label).fill("")
+    risk_row.get_by_label("Window").select_option("per_day_tumbling")
+    assert risk_row.get_by_label("Per-run counter TTL (ms)").is_disabled()
+    dialog_button(work_tab, "Save policy")
+    page.get_by_role("dialog").wait_for(state="detached")
+    p = eventually(lambda: (x := policy())["risk_class_quotas"][0]["window"] == "per_day_tumbling" and x)
+    assert p["action_quotas"] == [{"action_kind": "http.post", "max_calls": 30, "window": "per_hour_tumbling",
+                                   "resource_type_allowlist": ["invoice", "receipt"]}]
+    assert p["risk_class_quotas"] == [{"risk_class": "high_risk", "max_calls": 3, "window": "per_day_tumbling", "threshold_pct": 0.5}]
+
+
 # ---- evidence ----
 
 def _envelope(server_url: str, evidence_id: str) -> str:
@@ -182,22 +247,32 @@ def _verdict(tab: Tab) -> tuple[str, dict[str, str]]:
     return page.locator("#verdict").get_attribute("data-disposition"), states
 
 
+def _paste(tab: Tab, doc: dict) -> tuple[str, dict[str, str]]:
+    page = tab.page
+    page.evaluate("() => document.getElementById('verdict').remove()")
+    page.locator("details:has(#evidence-paste)").evaluate("d => { d.open = true }")
+    page.get_by_label("Envelope JSON").fill(json.dumps(doc))
+    page.locator("#verify-pasted").click()
+    return _verdict(tab)
+
+
+def _engine(tab: Tab) -> str:
+    return tab.page.locator("#crypto-engine").get_attribute("data-engine")
+
+
 def test_evidence_viewer_verifies_a_real_envelope_and_fails_tampered_ones(admin_tab: Tab, dash: Data) -> None:
     page = admin_tab.page
     admin_tab.go(f"evidence/{dash.evidence_id}")
     disposition, states = _verdict(admin_tab)
     assert disposition == "authentic" and set(states.values()) == {"pass"} and len(states) == 5, states
+    assert _engine(admin_tab) == "webcrypto"  # 127.0.0.1 is a secure context
     assert "commit" in page.locator("dl.facts").inner_text()
     assert "null" not in page.evaluate("() => [...document.getElementById('evidence-box').childNodes].filter(n => n.nodeType === 3).map(n => n.data).join('')")
     text = _envelope(dash.server.base_url, dash.evidence_id)
     env = json.loads(text)
 
     def paste(doc: dict) -> tuple[str, dict[str, str]]:
-        page.evaluate("() => document.getElementById('verdict').remove()")
-        page.locator("details:has(#evidence-paste)").evaluate("d => { d.open = true }")
-        page.get_by_label("Envelope JSON").fill(json.dumps(doc))
-        page.locator("#verify-pasted").click()
-        return _verdict(admin_tab)
+        return _paste(admin_tab, doc)
 
     assert paste(env)[0] == "authentic"  # the saved copy verifies offline too (re-serialized, not canonical)
     # an edited amount: the content no longer hashes to its id
@@ -216,6 +291,43 @@ def test_evidence_viewer_verifies_a_real_envelope_and_fails_tampered_ones(admin_
     other["evidence_id"] = hashlib.sha256(jcs.dumps({**other, "evidence_id": "", "signature": ""})).hexdigest()
     disposition, states = paste(other)
     assert disposition == "signer_authority_failed" and states["Signer authority (JWK Set)"] == "fail"
+
+
+def test_evidence_viewer_without_webcrypto_uses_the_vendored_ed25519(tab: Tab, dash: Data, shots: Path) -> None:
+    """Plain HTTP from another host is no secure context: the browser has no crypto.subtle (nor
+    randomUUID). Removed here before any page script runs, the page verifies with the vendored pure-JS
+    SHA-2 and Ed25519, says so, and still tells a genuine envelope from tampered ones."""
+    tab.ctx.add_init_script("delete Crypto.prototype.subtle; delete Crypto.prototype.randomUUID;")
+    tab.login(ADMIN_KEY)
+    page = tab.page
+    assert page.evaluate("() => [typeof crypto.subtle, typeof crypto.randomUUID]") == ["undefined", "undefined"]
+    # the actions' idempotency keys do without randomUUID too
+    key = page.evaluate("async () => (await import('/dashboard/static/js/api.js')).uuid()")
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", key), key
+    tab.go(f"evidence/{dash.evidence_id}")
+    disposition, states = _verdict(tab)
+    assert disposition == "authentic" and set(states.values()) == {"pass"} and len(states) == 5, states
+    assert _engine(tab) == "noble"
+    assert "@noble/ed25519" in page.locator("#crypto-engine").inner_text()
+    assert "not a secure context" in page.locator("#crypto-engine").inner_text()
+    assert "(@noble/ed25519)" in page.locator("li[data-check='Ed25519 signature']").inner_text()
+    page.screenshot(path=str(shots / "evidence-fallback-light.png"))
+    env = json.loads(_envelope(dash.server.base_url, dash.evidence_id))
+    # one bit of the signature flipped (the content id leaves the signature out, so it still matches)
+    sig = bytearray(bytes.fromhex(env["signature"]))
+    sig[10] ^= 1
+    disposition, states = _paste(tab, {**env, "signature": sig.hex()})
+    assert disposition == "signature_invalid" and states["Content id (sha256)"] == "pass", states
+    assert _engine(tab) == "noble"
+    # an edited amount with a recomputed content id: only the signature can tell
+    tampered = json.loads(json.dumps(env))
+    tampered["payload"]["commit"]["request"]["actual"]["amount"] += 1
+    disposition, states = _paste(tab, tampered)
+    assert disposition == "malformed" and states["Content id (sha256)"] == "fail"  # the vendored sha256
+    tampered["evidence_id"] = hashlib.sha256(jcs.dumps({**tampered, "evidence_id": "", "signature": ""})).hexdigest()
+    disposition, states = _paste(tab, tampered)
+    assert disposition == "signature_invalid" and states["Content id (sha256)"] == "pass" and states["Ed25519 signature"] == "fail"
+    assert _paste(tab, env)[0] == "authentic"
 
 
 def test_evidence_from_a_reservation_and_an_envelope_tampered_in_the_store(work_tab: Tab, work: Work) -> None:
