@@ -63,7 +63,7 @@ def _load(t: Tenant, stop: threading.Event, deadline: float, out: dict[str, Any]
 def test_a_primary_killed_under_load_loses_no_committed_spend(tmp_path: Path) -> None:
     redis_binary()
     # two replicas a shard: after the failover the promoted one still has a replica to acknowledge writes
-    rc = RedisClusterNodes(tmp_path / "cluster", replicas=2).start()
+    rc = RedisClusterNodes(tmp_path / "cluster", replicas=2, node_timeout_ms=1000).start()
     # sync_replicas=1: an answer means one of the shard's replicas has the write (docs/redis.md)
     srv = start_server(rc.url + "?sync_replicas=1", tmp_path)
     client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in rc.nodes[:3]])

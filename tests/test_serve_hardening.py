@@ -3,6 +3,7 @@ parent, private store files. Each test runs its own short-lived server on the em
 
 from __future__ import annotations
 
+import http.client
 import os
 import resource
 import signal
@@ -144,16 +145,19 @@ def test_default_idle_timeout_outlives_client_pools(tmp_path: Path) -> None:
     """httpx (the published SDK's client) and Node's fetch drop pooled connections after 5 s idle; a server that
     closed at the same 5 s raced them, and a request sent on a connection being closed failed."""
     proc, base, _ = _serve(tmp_path, "--data-dir", str(tmp_path / "data"))
+    conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=10)
     try:
-        s = _conn(int(base.rsplit(":", 1)[1]), timeout=10)
-        request = b"GET /actuator/health HTTP/1.1\r\nHost: x\r\n\r\n"
-        s.sendall(request)
-        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        conn.request("GET", "/actuator/health")
+        first = conn.getresponse()
+        assert first.status == 200 and first.read()
+        sock = conn.sock
         time.sleep(6)  # past a 5 s pool expiry: the client may still pick this connection just before it
-        s.sendall(request)
-        assert s.recv(65536).startswith(b"HTTP/1.1 200 "), "the server closed a connection idle for 6 s"
-        s.close()
+        conn.request("GET", "/actuator/health")  # a closed connection fails here or in getresponse
+        second = conn.getresponse()
+        assert second.status == 200 and second.read()
+        assert conn.sock is sock, "the connection was not reused"
     finally:
+        conn.close()
         _stop(proc)
 
 

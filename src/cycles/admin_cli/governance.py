@@ -71,6 +71,8 @@ quotas_app = typer.Typer(help="Action quota counters: live state, and a reset fo
 Json = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer instead of a table.")]
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
 WindowName = Literal["per_run", "per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling", "per_tenant_per_day"]
+# the five names do not fit one 80-column help line as a choice list
+WINDOW_HELP = "per_run, per_minute_tumbling, per_hour_tumbling, per_day_tumbling or per_tenant_per_day."
 RiskClassName = Literal["read_only", "local_mutation", "side_effect", "external_side_effect", "high_risk"]
 
 
@@ -79,7 +81,7 @@ def quotas_list(ctx: typer.Context, tenant: Tenant,
                 scope: Annotated[Optional[str], typer.Option(help="Scope prefix, e.g. tenant:acme/agent:bot.")] = None,
                 action_kind: Annotated[Optional[str], typer.Option("--action-kind", help="An action kind, or "
                                                                    "__risk__ for risk-class counters.")] = None,
-                window: Annotated[Optional[WindowName], typer.Option()] = None,
+                window: Annotated[Optional[WindowName], typer.Option(metavar="WINDOW", help=WINDOW_HELP)] = None,
                 run_id: Annotated[Optional[str], typer.Option("--run-id", help="per_run counters of a run.")] = None,
                 include_zero: Annotated[bool, typer.Option("--include-zero")] = False,
                 limit: Annotated[Optional[int], typer.Option("--limit", min=1, max=200)] = None,
@@ -98,12 +100,13 @@ def quotas_list(ctx: typer.Context, tenant: Tenant,
 @quotas_app.command("reset")
 def quotas_reset(ctx: typer.Context, tenant: Tenant,
                  scope: Annotated[str, typer.Option(help="The counter's scope, e.g. tenant:acme/agent:bot.")],
-                 window: Annotated[WindowName, typer.Option()],
+                 window: Annotated[WindowName, typer.Option(metavar="WINDOW", help=WINDOW_HELP)],
                  window_key: Annotated[str, typer.Option("--window-key", help="The run id (per_run) or the UTC "
                                                          "bucket, e.g. 2026-04-09T14 (see quotas list).")],
                  action_kind: Annotated[Optional[str], typer.Option("--action-kind")] = None,
-                 risk_class: Annotated[Optional[RiskClassName], typer.Option("--risk-class", help="For a "
-                                                                             "risk-class counter.")] = None,
+                 risk_class: Annotated[Optional[RiskClassName], typer.Option(
+                     "--risk-class", metavar="CLASS", help="For a risk-class counter: read_only, local_mutation, "
+                     "side_effect, external_side_effect or high_risk.")] = None,
                  reason: Annotated[Optional[str], typer.Option(help="Why (kept in the audit log and the "
                                                                "quota.counter_reset event).")] = None,
                  as_json: Json = False) -> None:

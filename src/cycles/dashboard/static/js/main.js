@@ -143,14 +143,17 @@ async function renderRoute() {
   if (a11yNav(page)) return;
   document.body.classList.remove('nav-open');
   document.title = `${page.title} · Cycles`;
-  clear(main, h('p', { class: 'muted' }, 'Loading…'));
+  // each render writes into its own slot: a slow page still loading when the operator moves on writes
+  // into a slot no longer in the document, never over the page that replaced it
+  const slot = h('div', { class: 'page-slot' }, h('p', { class: 'muted' }, 'Loading…'));
+  clear(main, slot);
   current = { name: page.name, cleanup: null };
   const mine = current;
   try {
-    const cleanup = await page.render(main, r);
+    const cleanup = await page.render(slot, r);
     if (current === mine) mine.cleanup = cleanup || null; else if (cleanup) cleanup();
   } catch (e) {
-    if (current === mine) clear(main, h('div', { class: 'error-box', role: 'alert' }, e.message || String(e)));
+    if (current === mine) clear(slot, h('div', { class: 'error-box', role: 'alert' }, e.message || String(e)));
   }
 }
 
