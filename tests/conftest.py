@@ -59,6 +59,18 @@ def redis_cluster_url(redis_cluster: object) -> str:
     return redis_cluster.url  # type: ignore[attr-defined]
 
 
+@pytest.fixture(scope="session")
+def store_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second Redis Cluster for the store-level tests, which flush it for every test: the session's
+    `cycles serve` runs on `redis_cluster`, and its sweeper, dispatcher and data must not share theirs (one
+    primary gives each its own database; a cluster has only database 0)."""
+    from redis_support import RedisClusterNodes
+
+    rc = RedisClusterNodes(tmp_path_factory.mktemp("store-cluster")).start()
+    yield rc.url
+    rc.stop()
+
+
 def store_url(kind: str, tmp: Path, request: pytest.FixtureRequest) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp / 'cycles.db'}"

@@ -140,7 +140,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
 
         from cycles.store.redis_cluster import RedisClusterStore
 
-        url = request.getfixturevalue("redis_cluster_url")
+        url = request.getfixturevalue("store_cluster_url")
         flush_cluster(url)
         store = RedisClusterStore(url, clock=clock)
     else:

@@ -108,7 +108,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
 
         from cycles.store.redis_cluster import RedisClusterStore
 
-        url = request.getfixturevalue("redis_cluster_url")
+        url = request.getfixturevalue("store_cluster_url")
         flush_cluster(url)
         store = RedisClusterStore(url, clock=clock)
     else:
@@ -722,7 +722,7 @@ def _open_env(kind: str, request: pytest.FixtureRequest, path: Path, clock: Cloc
 
         from cycles.store.redis_cluster import RedisClusterStore
 
-        url = request.getfixturevalue("redis_cluster_url")
+        url = request.getfixturevalue("store_cluster_url")
         flush_cluster(url)
         return Env(kind, RedisClusterStore(url, clock=clock), clock, loop)
     raise NotImplementedError(f"store kind {kind!r} has no factory in {__file__}")

@@ -162,7 +162,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
     if request.param == "redis-cluster":
         from redis_support import flush_cluster
 
-        url = request.getfixturevalue("redis_cluster_url")
+        url = request.getfixturevalue("store_cluster_url")
         flush_cluster(url)
         return Env("redis-cluster", url)
     url = _redis_url(request)
