@@ -41,8 +41,9 @@ UNITS = ("USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS")
 
 
 class Target:
-    def __init__(self, server: Server, tenant_id: str, tenant_key: str) -> None:
+    def __init__(self, server: Server, tenant_id: str, tenant_key: str, links: Any = None) -> None:
         self.server, self.tenant_id, self.tenant_key = server, tenant_id, tenant_key
+        self.links = links  # the stateful half's tenant
 
     def headers(self, kind: str) -> dict[str, str]:
         return {"X-Cycles-API-Key": self.tenant_key} if kind == "tenant" else {"X-Admin-API-Key": ADMIN_KEY}
@@ -56,9 +57,16 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     server = start_server(f"sqlite:///{tmp / 'cycles.db'}", tmp, extra_env={"CYCLES_AUTH_FAILURES_PER_MINUTE": "5"})
     try:
         tenant = new_tenant(server, TENANT_PERMISSIONS, tenant_id=f"fuzz-{uuid.uuid4().hex[:8]}")
-        for unit in UNITS:
-            tenant.budget("", 10**15, unit)
-        yield Target(server, tenant.tenant_id, tenant.key)
+        # The stateful half's tenant, with budgets the stateless half never debits or freezes; its key is
+        # used once now: after the fuzzer's bogus keys the failed-auth throttle refuses this source any key
+        # it has not verified yet (429 for a minute), which would starve the walk of every link.
+        links = new_tenant(server, TENANT_PERMISSIONS, tenant_id=f"links-{uuid.uuid4().hex[:8]}")
+        for t in (tenant, links):
+            for unit in UNITS:
+                t.budget("", 10**15, unit)
+            with t.client() as c:
+                assert c.get("/v1/balances", params={"tenant": t.tenant_id}).status_code == 200
+        yield Target(server, tenant.tenant_id, tenant.key, links)
     finally:
         server.stop()
 
@@ -144,10 +152,7 @@ def whole(value: Any) -> Any:
 
 
 def test_stateful_links_cover_the_reservation_lifecycle(target: Target) -> None:
-    # A tenant of its own, with budgets the stateless half has not debited or frozen.
-    tenant = new_tenant(target.server, TENANT_PERMISSIONS, tenant_id=f"links-{uuid.uuid4().hex[:8]}")
-    for unit in UNITS:
-        tenant.budget("", 10**15, unit)
+    tenant = target.links
     # The reservation operations only, so the budgeted scenarios are spent on the lifecycle's links.
     api = load(Target(target.server, tenant.tenant_id, tenant.key), "tenant", {"body.dry_run": False})
     # (an exclude: a second include widens the selection of load()'s include instead of narrowing it)

@@ -107,12 +107,13 @@ class Data:
             r = c.post("/v1/admin/policies", json={"tenant_id": "acme-corp", "name": "agent-rate", "scope_pattern": "agent:*",
                                                    "rate_limits": {"max_reservations_per_minute": 600}})
             assert r.status_code == 201, r.text
-            # action governance: quotas on acme's eng agents (counted by two emails below); beta in observe
+            # action governance: quotas on acme's eng agents (counted by two emails below; per_run, so a
+            # session that crosses an hour or midnight still finds them); beta in observe
             # mode with shell commands denied, so its would-be denials are recorded and nothing refused
             r = c.post("/v1/admin/policies", json={
                 "tenant_id": "acme-corp", "name": "outbound-quotas", "scope_pattern": "tenant:acme-corp/workspace:eng/agent:*",
-                "priority": 5, "action_quotas": [{"action_kind": "message.email.send", "max_calls": 20, "window": "per_hour_tumbling"}],
-                "risk_class_quotas": [{"risk_class": "external_side_effect", "max_calls": 50, "window": "per_day_tumbling"}]})
+                "priority": 5, "action_quotas": [{"action_kind": "message.email.send", "max_calls": 20, "window": "per_run"}],
+                "risk_class_quotas": [{"risk_class": "external_side_effect", "max_calls": 50, "window": "per_run"}]})
             assert r.status_code == 201, r.text
             r = c.post("/v1/admin/policies", json={"tenant_id": "beta-labs", "name": "no-exec", "scope_pattern": "tenant:beta-labs",
                                                    "denied_action_kinds": ["code.exec"]})
@@ -120,7 +121,8 @@ class Data:
             assert c.patch("/v1/admin/tenants/beta-labs", json={"observe_mode": "OBSERVE"}).status_code == 200
         with a.client() as c:
             for _ in range(2):
-                r = c.post("/v1/reservations", json=reserve_body(a, 100, subject=a.subject(workspace="eng", agent="mailer"),
+                r = c.post("/v1/reservations", json=reserve_body(a, 100, subject={**a.subject(workspace="eng", agent="mailer"),
+                                                                                "dimensions": {"run_id": "seed-run"}},
                                                                  action={"kind": "message.email.send", "name": "smtp"}))
                 assert r.status_code == 200, r.text
                 rid = r.json()["reservation_id"]
