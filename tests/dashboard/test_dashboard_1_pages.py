@@ -224,3 +224,25 @@ def test_read_only_operator_sees_everything_and_no_action(tab: Tab, dash: Data) 
     tab.go("tenants")
     page.get_by_role("link", name="beta-labs").wait_for()
     assert page.get_by_role("button", name=re.compile(r"^(Suspend|Emergency freeze) ")).count() == 0
+
+
+def test_a_slow_page_never_overwrites_the_page_that_replaced_it(admin_tab: Tab) -> None:
+    """The overview's data is held back while the operator moves on to Tenants; when it arrives, the
+    overview renders into its own slot, gone from the document, and Tenants stays."""
+    page = admin_tab.page
+    held: list = []
+    page.route("**/v1/admin/overview*", lambda route: held.append(route))
+    admin_tab.go("budgets")  # (signing in showed the overview already)
+    page.locator("#view h1", has_text="Budgets").wait_for()
+    admin_tab.go("overview")
+    deadline = time.monotonic() + 20
+    while not held:  # the route handler runs while Playwright waits
+        assert time.monotonic() < deadline, "the overview never asked for its data"
+        page.wait_for_timeout(50)
+    admin_tab.go("tenants")
+    page.locator("#view h1", has_text="Tenants").wait_for()
+    for route in held:
+        route.continue_()
+    page.wait_for_timeout(1500)  # the overview's other requests and its render, had it a place to write
+    assert page.locator("#view h1").all_inner_texts() == ["Tenants"]
+    assert "tenants" in page.evaluate("location.hash")
