@@ -32,7 +32,8 @@ from cycles.webhooks import dispatch as D
 from cycles.webhooks import signing, urlpolicy
 from cycles.webhooks import subscriptions as W
 from cycles.webhooks.crypto import SecretBox
-from cycles.webhooks.deliver import Engine, EngineConfig, WorkerConfig, backoff_ms, parse_retry_after
+from cycles.webhooks.deliver import Engine, EngineConfig, WorkerConfig, backoff_ms
+from cycles.webhooks.send import parse_retry_after
 
 BOX = SecretBox.from_env({"CYCLES_WEBHOOK_SECRET_KEY": WEBHOOK_KEY})
 OPEN_CONFIG = {"blocked_cidr_ranges": ["10.0.0.0/8", "169.254.0.0/16"], "allowed_url_patterns": [], "allow_http": True}

@@ -629,7 +629,7 @@ def test_ssrf_special_purpose_forms_refused_at_write(server: Server) -> None:
 @pytest.mark.parametrize("host", SSRF_FORMS)
 def test_ssrf_special_purpose_forms_refused_at_send(host: str) -> None:
     """The sender resolves, checks and pins the address on every attempt: nothing is sent."""
-    from cycles.webhooks.deliver import Sender
+    from cycles.webhooks.send import Sender
     from cycles.webhooks.urlpolicy import UrlPolicy, UrlRejected, resolve
 
     with pytest.raises(UrlRejected, match="blocked range"):

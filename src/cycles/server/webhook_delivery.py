@@ -26,7 +26,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.models import Wire, encode
 from ..store.base import new_event_id
 from ..webhooks import dispatch as D
-from ..webhooks.deliver import Result, Sender, build_headers, open_box
+from ..webhooks.send import Result, Sender, build_headers, open_box
 from ..webhooks.subscriptions import load_url_policy
 from . import access, audit
 from .auth import Principal
