@@ -296,3 +296,14 @@ def test_apply_manages_governance_fields(server: Server, tmp_path: Path) -> None
         assert problem in bad.stderr, bad.stderr
     both = _cli(server, "apply", str(declare("        allowed_action_kinds: [a.b]\n        denied_action_kinds: [c.d]\n")))
     assert both.exit_code == 2 and "mutually exclusive" in both.stderr, both.stderr
+
+
+def test_admin_cli_choices_are_the_cores_windows_and_risk_classes() -> None:
+    """typer needs literal choice types; they must stay the names core.actions validates."""
+    from typing import get_args
+
+    from cycles.admin_cli import governance as G
+
+    assert get_args(G.WindowName) == A.WINDOWS
+    assert get_args(G.RiskClassName) == A.RISK_CLASSES
+    assert all(w in G.WINDOW_HELP for w in A.WINDOWS)

@@ -70,6 +70,7 @@ def rule_fields(allow: list[str] | None, deny: list[str] | None, kind_quotas: li
 quotas_app = typer.Typer(help="Action quota counters: live state, and a reset for incidents.", no_args_is_help=True)
 Json = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer instead of a table.")]
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
+# the choices typer offers; a test keeps them equal to core.actions.WINDOWS and RISK_CLASSES
 WindowName = Literal["per_run", "per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling", "per_tenant_per_day"]
 # the five names do not fit one 80-column help line as a choice list
 WINDOW_HELP = "per_run, per_minute_tumbling, per_hour_tumbling, per_day_tumbling or per_tenant_per_day."
