@@ -31,6 +31,7 @@ from cycles.store.base import AuditScan, Store, new_event_id
 from cycles.webhooks import dispatch as D
 from cycles.webhooks import signing, urlpolicy
 from cycles.webhooks import subscriptions as W
+from cycles.webhooks import wire
 from cycles.webhooks.crypto import SecretBox
 from cycles.webhooks.deliver import Engine, EngineConfig, WorkerConfig, backoff_ms
 from cycles.webhooks.send import parse_retry_after
@@ -216,7 +217,7 @@ async def make_sub(store: Store, owner: str, url: str, *, secret: str | None = N
                    event_categories: list[str] | None = None, **fields: Any) -> tuple[dict[str, Any], str]:
     """A subscription record exactly as the CRUD routes build it (W.build_record), written directly."""
     now = await store.now_ms()
-    req = W.WebhookCreateRequest(url=url, event_types=event_types or ["budget.funded"],
+    req = wire.WebhookCreateRequest(url=url, event_types=event_types or ["budget.funded"],
                                  event_categories=event_categories, signing_secret=secret)
     rec, plain = W.build_record(req, owner, BOX, now - 1000)
     rec.update(retry_policy=dict(FAST_RETRY))

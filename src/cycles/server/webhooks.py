@@ -1,6 +1,6 @@
 """Webhook subscription routes: the admin plane (/v1/admin/webhooks, bulk-action, the webhook security
 config) and the tenant self-service plane (/v1/webhooks). Delivery, /test, /deliveries and /replay
-live in webhook_delivery.py. The record and its rules: cycles.webhooks.subscriptions."""
+live in webhook_delivery.py. The record and its rules: cycles.webhooks.subscriptions; the wire structs: cycles.webhooks.wire."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError, VersionConflict
 from ..store.base import reset_journal, start_journal
 from ..webhooks import subscriptions as W
-from ..webhooks import urlpolicy
+from ..webhooks import urlpolicy, wire
 from . import access, audit, bulk, events
 from .admin import owning_tenant, refuse_if_suspended
 from .auth import Principal
@@ -99,7 +99,7 @@ def _no_content(ctx: Ctx) -> Response:
 
 # ---- create / get / update / delete (both planes) ----
 
-async def _create(request: Request, ctx: Ctx, req: W.WebhookCreateRequest, owner: str) -> Response:
+async def _create(request: Request, ctx: Ctx, req: wire.WebhookCreateRequest, owner: str) -> Response:
     st = state_of(request)
     audit.target_tenant(ctx, owner)
     await _require_open_owner(request, owner)
@@ -113,12 +113,12 @@ async def _create(request: Request, ctx: Ctx, req: W.WebhookCreateRequest, owner
     events.emit(ctx, "webhook.created", owner, data=W.event_data(rec, new="ACTIVE"),
                 correlation_id=f"webhook_create:{sid}")
     stored = await st.store.save_doc(W.KIND, owner, sid, rec, None, guard_tenant=_guarded(owner))
-    return json_response(ctx, W.WebhookCreateResponse(subscription=W.to_wire(stored or rec), signing_secret=secret),
+    return json_response(ctx, wire.WebhookCreateResponse(subscription=W.to_wire(stored or rec), signing_secret=secret),
                          status=201)
 
 
 async def _update(request: Request, ctx: Ctx, principal: Principal) -> Response:
-    req = decode(await read_body(request), W.WebhookUpdateRequest)
+    req = decode(await read_body(request), wire.WebhookUpdateRequest)
     st = state_of(request)
     checked_url: str | None = None
     for _ in range(_RETRIES):  # re-read and re-apply when another writer changed the subscription meanwhile
@@ -198,7 +198,7 @@ async def _list(request: Request, ctx: Ctx, tenant: str | None) -> Response:
         rows = [r for r in rows if (key(r) < position if desc else key(r) > position)]
     page, more = rows[:limit], len(rows) > limit
     next_cursor = encode_cursor({"k": list(key(page[-1])), "f": fh}) if more else None
-    return json_response(ctx, W.WebhookListResponse(subscriptions=[W.to_wire(r) for r in page], has_more=more,
+    return json_response(ctx, wire.WebhookListResponse(subscriptions=[W.to_wire(r) for r in page], has_more=more,
                                                     next_cursor=next_cursor))
 
 
@@ -206,7 +206,7 @@ async def _list(request: Request, ctx: Ctx, tenant: str | None) -> Response:
 
 async def create_webhook(request: Request, ctx: Ctx) -> Response:
     await _admin(request, ctx)
-    req = decode(await read_body(request), W.WebhookCreateRequest)
+    req = decode(await read_body(request), wire.WebhookCreateRequest)
     query_tenant = str_param(request.query_params, "tenant_id", max_length=64)
     if query_tenant is not None and req.tenant_id is not None and query_tenant != req.tenant_id:
         raise bad("tenant_id query parameter and body tenant_id differ")
@@ -236,7 +236,7 @@ async def delete_webhook(request: Request, ctx: Ctx) -> Response:
 
 async def create_tenant_webhook(request: Request, ctx: Ctx) -> Response:
     principal = await _tenant_plane(request, ctx, "webhooks:write")
-    req = decode(await read_body(request), W.WebhookCreateRequest)
+    req = decode(await read_body(request), wire.WebhookCreateRequest)
     query_tenant = str_param(request.query_params, "tenant", max_length=64) if principal.is_admin else None
     owner = owning_tenant(principal, req.tenant_id or query_tenant)
     if owner == SYSTEM_TENANT:
@@ -285,7 +285,7 @@ _BULK_EVENT = {"PAUSE": "webhook.paused", "RESUME": "webhook.resumed", "DELETE":
 
 async def bulk_action_webhooks(request: Request, ctx: Ctx) -> Response:
     principal = await _admin(request, ctx)
-    req = decode(await read_body(request), W.WebhookBulkActionRequest)
+    req = decode(await read_body(request), wire.WebhookBulkActionRequest)
     check_idempotency_header(request, req.idempotency_key)
     f = req.filter
     search = (f.search or "").strip().lower() or None
@@ -389,7 +389,7 @@ async def get_security_config(request: Request, ctx: Ctx) -> Response:
 
 async def put_security_config(request: Request, ctx: Ctx) -> Response:
     await _admin(request, ctx)
-    cfg = decode(await read_body(request), W.WebhookSecurityConfig)
+    cfg = decode(await read_body(request), wire.WebhookSecurityConfig)
     record = W.normalize_security_config(cfg)
     audit.resource(ctx, W.SECURITY_DOC_ID)
     st = state_of(request)
