@@ -90,3 +90,32 @@ def test_keep_alive_pipelining_and_close_on_the_direct_path(tenant: Tenant) -> N
         assert status == "HTTP/1.1 200 OK" and ("connection", "close") in headers
         assert _closed(sock)
     assert tenant.balance()["spent"]["amount"] == 7
+
+
+def test_the_direct_path_follows_uvicorns_date_header(tenant: Tenant) -> None:
+    """uvicorn's default headers are joined once per list it builds (a new one each second): a cached block
+    must not outlive the second it was made in."""
+    import time
+
+    tenant.budget()
+    dates = []
+    with _connect(tenant) as sock:
+        for _ in range(2):
+            sock.sendall(_request(tenant, "/v1/reservations", reserve_body(tenant, 1)))
+            sock.sendall(_request(tenant, "/v1/reservations?via=uvicorn", reserve_body(tenant, 1)))
+            (_, direct, _), (_, uvi, _) = _responses(sock, 2)
+            dates.append((dict(direct)["date"], dict(uvi)["date"]))
+            time.sleep(1.3)
+    assert dates[0][0] != dates[1][0]  # the second round's date is its own
+    assert all(len(d) == len(u) and d[:-9] == u[:-9] for d, u in dates)  # same day, same format as uvicorn's
+
+
+def test_default_header_block_checks_values_and_connection_once() -> None:
+    from cycles.server import lean
+
+    ok = [(b"date", b"Thu, 03 Dec 2026 04:00:00 GMT"), (b"server", b"uvicorn")]
+    _, invalid, close, joined = lean._default_head(ok)
+    assert not invalid and not close
+    assert joined == b"date: Thu, 03 Dec 2026 04:00:00 GMT\r\nserver: uvicorn\r\n"
+    assert lean._default_head([(b"server", b"bad\nvalue")])[1] is True
+    assert lean._default_head([*ok, (b"connection", b"Keep-Alive, Close")])[2] is True

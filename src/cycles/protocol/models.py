@@ -279,6 +279,7 @@ class HealthResponse(Wire):
 
 
 _encoder = msgspec.json.Encoder()
+_canonical = msgspec.json.Encoder(order="sorted")  # msgspec.json.encode(obj, order=...) sets one up per call
 
 
 def encode(obj: Any) -> bytes:
@@ -287,4 +288,4 @@ def encode(obj: Any) -> bytes:
 
 def canonical(obj: Any) -> bytes:
     """A stable serialization used to compare idempotent payloads (sorted keys, defaults omitted)."""
-    return msgspec.json.encode(obj, order="sorted")
+    return _canonical.encode(obj)

@@ -187,6 +187,9 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: http_error})
     app.state.cycles = state
+    # also a plain attribute of the State object: Starlette's State reaches its values through __getattr__ (a
+    # failed attribute lookup, then a dict lookup), and every request reads this one several times
+    app.state.__dict__["cycles"] = state
     return HotRoutes(app, {key: fn for key, fn in wrapped.items() if key[1] in HOT_PATHS})  # type: ignore[return-value]
 
 

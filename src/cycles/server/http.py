@@ -69,10 +69,11 @@ _SEQ = itertools.count()
 
 def new_ctx(request: Request) -> Ctx:
     trace_id, flags = trace_from(request.headers)
-    state = getattr(request.app.state, "cycles", None)
+    state = request.app.state.__dict__.get("cycles")  # an app made by create_app; None for a bare Starlette app
+    mode = state.error_trace_mode if state is not None else None
     return Ctx(request_id=f"req_{_PROCESS}{next(_SEQ) & 0xFFFFFFFFFFFFFF:014x}", trace_id=trace_id, trace_flags=flags,
                started=time.perf_counter(),
-               trace_in_errors=trace_in_error_body(request.headers, getattr(state, "error_trace_mode", None)))
+               trace_in_errors=trace_in_error_body(request.headers, mode))
 
 
 class JSONBody(Response):

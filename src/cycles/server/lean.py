@@ -29,6 +29,22 @@ from .http import MAX_BODY_BYTES
 
 _500 = (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"), (b"connection", b"close")
 _UNSET = object()
+# uvicorn's default headers (server, date) as one block of bytes, checked and joined once per list: uvicorn
+# builds a new list when the date changes (once a second), so the list itself is the cache key
+_HEAD: tuple[Any, bool, bool, bytes] = (None, False, False, b"")
+
+
+def _closes(value: bytes) -> bool:
+    return b"close" in [t.lower().strip() for t in value.split(b",")]
+
+
+def _default_head(default: list[tuple[bytes, bytes]]) -> tuple[Any, bool, bool, bytes]:
+    """(the list, whether a value is invalid, whether it closes the connection, the joined header lines)."""
+    invalid = any(HEADER_VALUE_RE.search(value) for _, value in default)
+    close = any(name == b"connection" and _closes(value) for name, value in default)
+    global _HEAD
+    _HEAD = default, invalid, close, b"".join(b"%s: %s\r\n" % (name, value) for name, value in default)
+    return _HEAD
 
 
 class _NoEvent:
@@ -126,17 +142,26 @@ class LeanHttpProtocol(GuardedHttpToolsProtocol):
             await self.flow.drain()
         if cycle.disconnected:
             return
-        content = [STATUS_LINE[status]]
-        close = False
-        for name, value in (*self.server_state.default_headers, *headers):
-            if HEADER_VALUE_RE.search(value):  # uvicorn refuses to send it and drops the connection
-                self.logger.error("Exception in ASGI application\n", exc_info=RuntimeError("Invalid HTTP header value."))
-                self.transport.close()
-                return
-            if name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
-                cycle.keep_alive, close = False, True
+        default = self.server_state.default_headers
+        head = _HEAD
+        if head[0] is not default:
+            head = _default_head(default)
+        # one pass over this response's own headers: the values joined by a tab (allowed in a value, so only a
+        # forbidden byte inside a value matches), the connection header looked for by name
+        values = b"\t".join([value for _, value in headers])
+        if head[1] or HEADER_VALUE_RE.search(values):  # uvicorn refuses to send it and drops the connection
+            self.logger.error("Exception in ASGI application\n", exc_info=RuntimeError("Invalid HTTP header value."))
+            self.transport.close()
+            return
+        close = head[2]
+        content = [STATUS_LINE[status], head[3]]
+        for name, value in headers:
+            if name == b"connection" and _closes(value):
+                close = True
             content += (name, b": ", value, b"\r\n")
-        if not cycle.keep_alive and not close:
+        if close:
+            cycle.keep_alive = False
+        elif not cycle.keep_alive:
             content.append(b"connection: close\r\n")
         content += (b"\r\n", body)
         self.transport.write(b"".join(content))

@@ -6,8 +6,10 @@ every worker write its samples there and any worker can answer a scrape with the
 
 from __future__ import annotations
 
+import bisect
 import collections
 import os
+import threading
 import time
 from typing import Any
 
@@ -17,13 +19,43 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class _Flush:
+    """Registered first in the registry, so any read of it (a /metrics scrape, the separate metrics port's
+    thread, get_sample_value) first moves what the hot path counted into the collectors it reads next."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.metrics.flush()
+        return []
+
+
 class Metrics:
+    """The request and decision metrics are counted in plain dicts on the hot path (a dict update instead of a
+    labelled child's lock, value object and, for the histogram, a scan of the buckets) and moved into the
+    registry when it is read. Only the event loop's thread counts; a reader on another thread moves the
+    difference between the running totals and what it moved before (under a lock), so nothing is lost or
+    counted twice whichever thread reads. Under PROMETHEUS_MULTIPROC_DIR another worker may answer the
+    scrape from this one's files, so every count goes to the registry at once there."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=5_000)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # running totals by key, as counted on the hot path, and what of them is in the registry already
+        self._request_counts: dict[tuple[str, str, int], int] = {}
+        self._latency_counts: dict[str, list[Any]] = {}  # route -> [per-bucket counts..., sum]
+        self._decision_counts: dict[tuple[str, str, str], int] = {}
+        self._moved: dict[Any, Any] = {}
+        self._flush_lock = threading.Lock()
+        if not self.multiprocess:
+            self.registry.register(_Flush(self))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)
         self.latency = Histogram("cycles_http_request_duration_seconds", "Time to answer a request",
@@ -59,6 +91,17 @@ class Metrics:
         now = time.perf_counter()
         elapsed = now - ctx.started
         key = (ctx.route, method, status)
+        if not self.multiprocess:
+            counts = self._request_counts
+            counts[key] = counts.get(key, 0) + 1
+            latency = self._latency_counts.get(ctx.route)
+            if latency is None:
+                latency = self._latency_counts[ctx.route] = [0] * (len(_BUCKETS) + 1) + [0.0]
+            # the first bucket whose bound is >= elapsed, as Histogram.observe picks it (+Inf is the last)
+            latency[bisect.bisect_left(_BUCKETS, elapsed)] += 1
+            latency[-1] += elapsed
+            self.recent.append((now, elapsed))
+            return
         children = self._children.get(key)
         if children is None:  # labelled children are looked up once per (route, method, status)
             children = self._children[key] = (self.requests.labels(ctx.route, method, str(status)),
@@ -79,10 +122,40 @@ class Metrics:
 
     def decision(self, endpoint: str, decision: str, reason: str) -> None:
         key = (endpoint, decision, reason)
+        if not self.multiprocess:
+            self._decision_counts[key] = self._decision_counts.get(key, 0) + 1
+            return
         child = self._decisions.get(key)
         if child is None:  # as for requests: each labelled child is looked up once
             child = self._decisions[key] = self.decisions.labels(endpoint, decision, reason)
         child.inc()
+
+    def flush(self) -> None:
+        """Move what the hot path counted since the last flush into the registry's collectors."""
+        with self._flush_lock:
+            moved = self._moved
+            # list(d.items()) copies under the GIL in one step: the loop thread cannot change it midway
+            for key, total in list(self._request_counts.items()):
+                done = moved.get(("r", key), 0)
+                if total > done:
+                    self.requests.labels(key[0], key[1], str(key[2])).inc(total - done)
+                    moved[("r", key)] = total
+            for key, total in list(self._decision_counts.items()):
+                done = moved.get(("d", key), 0)
+                if total > done:
+                    self.decisions.labels(*key).inc(total - done)
+                    moved[("d", key)] = total
+            for route, counts in list(self._latency_counts.items()):
+                now = list(counts)
+                done = moved.get(("l", route))
+                if done == now:
+                    continue
+                child = self.latency.labels(route)
+                for i, (n, m) in enumerate(zip(now[:-1], done or [0] * (len(now) - 1))):
+                    if n > m:
+                        child._buckets[i].inc(n - m)  # Histogram.observe's own step, in bulk
+                child._sum.inc(now[-1] - (done[-1] if done else 0.0))
+                moved[("l", route)] = now
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

@@ -105,10 +105,14 @@ async def _govern(store: Any, principal: Principal, cmd: ReserveCommand, view: T
     """Apply the key's scope_filter and the tenant's policies to a reservation request; returns whether the
     request or the policies use v0.1.26 action governance."""
     principal.require_scope(cmd.scope_path)
+    if view is not None and not view.policies:
+        # a tenant without policies (the view is current: the store checks its generation with the operation)
+        # has nothing to resolve: no caps, limits or store arguments, and no action rules to plan
+        if cmd.action["kind"].startswith("custom."):
+            await action_rules.plan(store, cmd, view)  # an unknown custom kind is still refused
+        return action_rules.uses_extension(cmd, False)
     if view is None:
         res = await policies.resolve_for(store, cmd.tenant, cmd.scopes)
-    elif not view.policies:
-        res = P.Resolution()
     else:
         res = P.resolve(view.policies, cmd.scopes, await store.now_ms() if view.timed else 0)
     cmd.caps = res.caps

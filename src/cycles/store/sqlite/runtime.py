@@ -39,9 +39,16 @@ def time_ordered_id(prefix: str, now_ms: int) -> str:
 
 
 # built once: an f-string is formatted again on every call, and the statement cache is keyed by the text
+# status, committed, committed_metadata, finalized_at_ms and extensions are constants for a new reservation:
+# written as literals, not bound per row (the stored record is the same: tests/test_hot_trims.py compares)
 _INSERT_RESERVATION = (
     f"INSERT INTO reservations ({_RES_COLS}, s_workspace, s_app, s_workflow, s_agent, s_toolset, commit_limits, "
-    "payload_hash, result, quota_runs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    "payload_hash, result, quota_runs) "
+    "VALUES (?,?,'ACTIVE',?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,0,?,?,?,?,?,?,?,?,?,?)")
+_COMMIT_RESERVATION = ("UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=NULL, "
+                       "finalized_at_ms=? WHERE reservation_id=?")
+_COMMIT_RESERVATION_METADATA = ("UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, "
+                                "finalized_at_ms=? WHERE reservation_id=?")
 _OPEN_RESERVATION = f"SELECT {_RES_COLS}, commit_limits, quota_runs FROM reservations WHERE reservation_id=?"
 
 
@@ -160,10 +167,10 @@ class _Runtime(_Core):
         # the reservation row is also the idempotency record of the reserve that made it (_reserved)
         conn.execute(
             _INSERT_RESERVATION,
-            (rid, cmd.tenant, "ACTIVE", _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
+            (rid, cmd.tenant, _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
-             cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None, None, None, None,
-             0, max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
+             cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None,
+             max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
              _dumps(cmd.commit_limits) if cmd.commit_limits else None, cmd.payload_hash, _dumps(result),
              _dumps(runs) if runs else None),
         )
@@ -195,12 +202,11 @@ class _Runtime(_Core):
                     "estimated_amount": res["amount"], "actual_amount": cmd.actual or 0,
                     "overage": (cmd.actual or 0) - res["amount"], "overage_policy": res["overage_policy"],
                     "debt_incurred": sum(a.debt - b.debt for a, b in zip(settled.ledgers, ledgers))})
-            conn.execute(
-                "UPDATE reservations SET status='COMMITTED', committed=?, committed_metadata=?, finalized_at_ms=? "
-                "WHERE reservation_id=?",
-                (settled.charged, _dumps(cmd.metadata) if cmd.metadata is not None else None, now,
-                 cmd.reservation_id),
-            )
+            if cmd.metadata is None:  # the usual commit: the NULL written as a literal, not bound
+                conn.execute(_COMMIT_RESERVATION, (settled.charged, now, cmd.reservation_id))
+            else:
+                conn.execute(_COMMIT_RESERVATION_METADATA,
+                             (settled.charged, _dumps(cmd.metadata), now, cmd.reservation_id))
             result = {"unit": res["unit"], "charged": settled.charged,
                       "released": max(0, res["amount"] - settled.charged),
                       "balances": [balance_record(l) for l in settled.ledgers]}
