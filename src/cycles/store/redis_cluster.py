@@ -107,9 +107,13 @@ class RedisClusterStore(RedisStore):
         manager = self.r.nodes_manager
         if self._stale_map or not manager.slots_cache:
             async with self._map_lock:
-                if self._stale_map or not manager.slots_cache:
+                if not manager.slots_cache:
+                    # the client's own start (its command parser too: a keyed command after a first
+                    # script would otherwise find the map loaded and the parser not)
+                    await self._call(self.r.initialize)
+                elif self._stale_map:
                     await self._call(manager.initialize)
-                    self._stale_map = False
+                self._stale_map = False
         node = manager.get_node_from_slot(slot)
         channel = self._channels.get(node.name)
         if channel is None:
