@@ -3,18 +3,19 @@
 A script on Redis Cluster may touch one hash slot only. Every runtime script already runs on one tenant's
 keys (`cy:{<tenant>}:...`, one slot); what the single-primary store keeps in global keys inside the same
 script (the audit and event logs, counters, the API key and document records, budget periods) the scripts
-keep in the tenant's own slot here (common.lua, CLUSTER), and this class reads the cross-tenant views
-across the tenants instead: strongly consistent, at a cost that grows with the number of tenants, and
-only on admin reads, never on reserve or commit.
+keep in the tenant's own slot here (common.lua, CLUSTER). The cross-tenant audit and event logs and the
+overview counters are a view in the `{agg}` slot, maintained from per-tenant outboxes by a background
+drain (redis_outbox.py: eventually consistent, read-your-writes through one server); the other cross-tenant
+admin reads read across the tenants (strongly consistent, O(tenants) commands). Neither is ever read by
+reserve or commit.
 
 What needs a second slot is an ordered multi-step write, each step idempotent and safe to retry:
 * a tenant is added to the registry (`cy:tenants`) before its record is written (a registry entry without a
   record is skipped by every reader);
 * an API key's lookup pointers (`cy:kp:<prefix>`, `cy:ki:<key id>` -> tenant, never changed) are set before
   its record, which lives in the tenant's slot; a document's pointer (`cy:dp:<kind>:<id>` -> owner) likewise;
-* a journal row of another tenant than the script's (an operator's audit row, tenant `__admin__`) is
-  written right after the script succeeds, by a script in that tenant's slot, stamped from the first
-  script's answer as if it had ridden with it. A crash between the two loses that row (docs/redis.md).
+* a journal row of another tenant than the script's (an operator's audit row, tenant `__admin__`) rides in
+  the script's outbox entry, so it is kept with the change; the drain writes it into its owner's slot.
 """
 
 from __future__ import annotations
@@ -409,6 +410,9 @@ class RedisClusterStore(RedisStore):
         return None
 
     async def _purge(self, log: str, older_than_ms: int) -> int:
+        # rows still waiting in outboxes (an operator's rows reach their owner's log only through the drain)
+        # are placed first, so the purge finds every old row where it looks
+        await self.outbox.drain_all()
         total = 0
         for home in await self._journal_homes():
             while True:

@@ -87,8 +87,9 @@ local function k_idem(endpoint, key) return P .. 'i:' .. endpoint .. ':' .. key 
 
 -- Global keys (the admin plane). On one primary (CLUSTER false, set by the loader's first line) scripts
 -- keep the cross-tenant views inline with the change. On Redis Cluster a script may touch one slot only,
--- so every one of these is a key of the script's own tenant (P); the Python side reads the cross-tenant
--- views across tenants and writes the registries (cy:tenants, key and document pointers) itself.
+-- so every one of these is a key of the script's own tenant (P), and the journal rows and counter changes
+-- also go to the tenant's outbox (outbox.lua), from which redis_outbox.py builds the cross-tenant views;
+-- the Python side writes the registries (cy:tenants, key and document pointers) itself.
 local K_TENANTS = 'cy:tenants'
 local K_AUDIT_REC, K_AUDIT = 'cy:audit:rec', 'cy:audit'
 local K_KEY_IDS, K_KEYS = 'cy:apikeys:id', 'cy:apikeys'
