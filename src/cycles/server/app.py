@@ -80,6 +80,19 @@ async def _aggregator(store: Store, interval_ms: int) -> None:
             log.warning("outbox drain round failed", exc_info=True)
 
 
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, not {raw!r}")
+    return value
+
+
 async def _resume_cascades(store: Store) -> None:
     from .admin import finish_cascade
 
@@ -115,8 +128,8 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     routes: list[Route | Mount] = [Route(op.path, wrapped[(op.method, op.path)], methods=[op.method]) for op in OPS]
 
     outbox = getattr(store, "outbox", None)  # Redis Cluster: the cross-tenant views' drain
-    aggregate_ms = int(os.environ.get("CYCLES_AGGREGATE_INTERVAL_MS", "1000"))
-    lag_bound_s = float(os.environ.get("CYCLES_OUTBOX_LAG_BOUND_S", "30"))
+    aggregate_ms = int(_env_number("CYCLES_AGGREGATE_INTERVAL_MS", 1000))
+    lag_bound_s = _env_number("CYCLES_OUTBOX_LAG_BOUND_S", 30)
 
     async def health(request: Request) -> Response:
         up = await store.health()
