@@ -77,7 +77,8 @@ class Outbox:
     # ---- draining ----
 
     async def apply(self, tenant: str, members: list[str]) -> tuple[int, int]:
-        """Apply a batch of a tenant's outbox entries (in sequence order) to the views: (cursor, applied)."""
+        """Apply a batch of a tenant's outbox entries (in sequence order) to the views: (the batch's highest
+        sequence, entries applied now)."""
         last, applied = await self._run("apply", tenant, *members)
         return int(last), int(applied)
 

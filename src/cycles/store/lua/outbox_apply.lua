@@ -2,7 +2,8 @@
 -- common prelude); KEYS[1] = 'cy:{agg}:cursor' routes it. ARGV[1] is the mode:
 --   apply <tenant> <entry>...: outbox entries of one tenant in sequence order (outbox.lua's format); those at
 --       or below the tenant's cursor were applied already and are skipped, so a batch applied twice, or by two
---       drainers at once, counts once. Returns {the cursor after, entries applied now}.
+--       drainers at once, counts once. Returns {the batch's highest sequence (the drain trims up to it),
+--       entries applied now}.
 --   purge <log> <older than ms> <batch>: removes up to `batch` of the view's oldest rows older than the limit,
 --       and keeps the limit so that entries still waiting in an outbox do not bring purged rows back.
 --   lease <owner> <ms>: takes or renews the drain lease; 1 when `owner` holds it.
@@ -10,18 +11,25 @@ local A = 'cy:{agg}:'
 local mode = ARGV[1]
 if mode == 'apply' then
   local tenant = ARGV[2]
-  local cur = tonumber(redis.call('HGET', A .. 'cursor', tenant) or '0')
-  local last, n = cur, 0
+  -- the cursor: "<sequence>:<time ms>" of the last entry applied. Entries only grow in both (outbox.lua), so
+  -- one at or below both was applied already. One past the time but not the sequence was written after a
+  -- failover took the tenant's sequence back: new, applied. One past the sequence but below the time is
+  -- a stale read from before such a failover: skipped.
+  local cur = redis.call('HGET', A .. 'cursor', tenant) or '0:0'
+  local colon = string.find(cur, ':', 1, true)
+  local cseq, cms = tonumber(string.sub(cur, 1, colon - 1)), tonumber(string.sub(cur, colon + 1))
+  local top, n = 0, 0
   local horizon = {a = tonumber(redis.call('HGET', A .. 'purged', 'audit') or '0'),
                    e = tonumber(redis.call('HGET', A .. 'purged', 'events') or '0')}
   local logs = {a = 'audit', e = 'events'}
   for i = 3, #ARGV do
     local entry = ARGV[i]
     local nl = string.find(entry, '\n', 1, true)
-    local seq = tonumber(string.sub(entry, 1, nl - 1))
-    if seq > last then
-      local body = string.sub(entry, (string.find(entry, '\n', nl + 1, true) or #entry) + 1)
-      for line in string.gmatch(body, '[^\n]+') do
+    local nl2 = string.find(entry, '\n', nl + 1, true) or (#entry + 1)
+    local seq, ms = tonumber(string.sub(entry, 1, nl - 1)), tonumber(string.sub(entry, nl + 1, nl2 - 1))
+    if seq > top then top = seq end
+    if (seq > cseq and ms >= cms) or (seq <= cseq and ms > cms) then
+      for line in string.gmatch(string.sub(entry, nl2 + 1), '[^\n]+') do
         local kind = string.sub(line, 1, 1)
         if kind == 'c' then
           local name, delta = string.match(line, '^c\t([^\t]*)\t(%-?%d+)$')
@@ -34,14 +42,15 @@ if mode == 'apply' then
           end
         end
       end
-      last, n = seq, n + 1
+      cseq, cms, n = seq, ms, n + 1
     end
   end
-  if last > cur then
-    redis.call('HSET', A .. 'cursor', tenant, string.format('%d', last))
+  if n > 0 then
+    redis.call('HSET', A .. 'cursor', tenant, string.format('%d:%d', cseq, cms))
     redis.call('HINCRBY', A .. 'stats', 'applied', n)
   end
-  return {string.format('%d', last), n}
+  -- every entry of the batch is applied or was before: the drain trims the outbox up to the highest
+  return {string.format('%d', top), n}
 end
 if mode == 'purge' then
   local log, older = ARGV[2], tonumber(ARGV[3])
