@@ -17,7 +17,8 @@ STORES = [k for k in os.environ.get("CYCLES_TEST_STORES", "sqlite,redis,redis-cl
 # Redis Cluster (kind redis-cluster) runs every store-parametrized test when CYCLES_TEST_STORES names it; by
 # default, within CI's time budget, it runs the store-level suites and these server suites (docs/redis.md)
 CLUSTER_DEFAULT_MODULES = {"test_store_admin.py", "test_ledger_model.py", "test_analyzer.py",
-                           "test_webhook_delivery.py", "test_runtime_semantics.py", "test_admin_plane.py", "test_idempotency.py", "test_events.py"}
+                           "test_webhook_delivery.py", "test_runtime_semantics.py", "test_admin_plane.py", "test_idempotency.py", "test_events.py",
+                           "test_redis_outbox.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -137,6 +137,12 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level."),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", envvar="CYCLES_DASHBOARD",
                                    help="Serve the operator dashboard at /dashboard."),
+    aggregate_interval_ms: int = typer.Option(
+        1000, min=0, envvar="CYCLES_AGGREGATE_INTERVAL_MS", help="Redis Cluster: how often the server that "
+        "holds the drain lease moves the tenants' outboxes into the cross-tenant views (0 disables)."),
+    outbox_lag_bound_s: float = typer.Option(
+        30.0, min=0, envvar="CYCLES_OUTBOX_LAG_BOUND_S", help="Redis Cluster: the views' lag (seconds) past "
+        "which /actuator/health reports over_bound."),
 ) -> None:
     """Run the Cycles server."""
     import uvicorn
@@ -188,6 +194,8 @@ def serve(
     os.environ["CYCLES_STORE_URL"] = store_url
     os.environ["CYCLES_SWEEP_INTERVAL_MS"] = str(sweep_interval_ms)
     os.environ["CYCLES_DASHBOARD"] = "1" if dashboard else "0"
+    os.environ["CYCLES_AGGREGATE_INTERVAL_MS"] = str(aggregate_interval_ms)
+    os.environ["CYCLES_OUTBOX_LAG_BOUND_S"] = repr(outbox_lag_bound_s)
     os.environ["CYCLES_ERROR_TRACE_ID"] = {True: "1", False: "0", None: "auto"}[error_trace_id]
     os.environ["CYCLES_EVIDENCE"] = "1" if evidence else "0"
     os.environ["CYCLES_EVIDENCE_SERVER_ID"] = evidence_server_id or (

@@ -68,6 +68,31 @@ async def _sweeper(state: AppState, interval_s: float) -> None:
             log.debug("store health observation failed", exc_info=True)
 
 
+async def _aggregator(store: Store, interval_ms: int) -> None:
+    """Redis Cluster: one drain round of the per-tenant outboxes into the cross-tenant views every interval,
+    on the one server that holds the lease (cycles.store.redis_outbox)."""
+    outbox = store.outbox  # type: ignore[attr-defined]
+    while True:
+        await asyncio.sleep(interval_ms / 1000)
+        try:
+            await outbox.round(interval_ms)
+        except Exception:  # noqa: BLE001 - the next round resumes where this one stopped
+            log.warning("outbox drain round failed", exc_info=True)
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, not {raw!r}")
+    return value
+
+
 async def _resume_cascades(store: Store) -> None:
     from .admin import finish_cascade
 
@@ -102,10 +127,18 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
         op.operation_id, op.tag, next(iter(op.responses), 200)))(op.handler) for op in OPS}
     routes: list[Route | Mount] = [Route(op.path, wrapped[(op.method, op.path)], methods=[op.method]) for op in OPS]
 
+    outbox = getattr(store, "outbox", None)  # Redis Cluster: the cross-tenant views' drain
+    aggregate_ms = int(_env_number("CYCLES_AGGREGATE_INTERVAL_MS", 1000))
+    lag_bound_s = _env_number("CYCLES_OUTBOX_LAG_BOUND_S", 30)
+
     async def health(request: Request) -> Response:
         up = await store.health()
         ctx = new_ctx(request)
-        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN", details=state.health_details),
+        details = state.health_details
+        if outbox is not None and up:
+            with contextlib.suppress(Exception):  # the lag is a detail: the store answered
+                details = {**(details or {}), "clusterOutbox": await outbox.status(lag_bound_s)}
+        return json_response(ctx, m.HealthResponse(status="UP" if up else "DOWN", details=details),
                              status=200 if up else 503)
 
     async def liveness(request: Request) -> Response:
@@ -115,6 +148,9 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
     async def prometheus(request: Request) -> Response:
         with contextlib.suppress(Exception):
             metrics.active.set(await store.count_active())
+        if outbox is not None:
+            with contextlib.suppress(Exception):
+                metrics.cluster_outbox(await outbox.status(lag_bound_s))
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -168,6 +204,8 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
         except Exception:  # noqa: BLE001 - the store may be down at startup; the next start retries
             log.warning("could not resume close cascades", exc_info=True)
         task = asyncio.create_task(_sweeper(state, sweep_interval_s)) if sweep_interval_s > 0 else None
+        aggregator = asyncio.create_task(_aggregator(store, aggregate_ms)) \
+            if outbox is not None and aggregate_ms > 0 else None
         engine = _webhook_engine(state)  # -- webhook delivery: the embedded worker --
         try:
             yield
@@ -178,10 +216,14 @@ def create_app(store: Store | None = None, *, store_url: str | None = None, admi
             with contextlib.suppress(Exception):
                 await state.auth.flush_last_used()
             state.auth.close()
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for background in (task, aggregator):
+                if background is not None:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
+            if aggregator is not None:
+                with contextlib.suppress(Exception):  # another server takes the drain over at once
+                    await outbox.release()
             await store.close()
 
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -87,6 +87,24 @@ class Metrics:
         self.webhook_auto_disabled = Counter("cycles_webhook_subscription_auto_disabled_total",
                                              "Subscriptions disabled after consecutive failures", registry=self.registry)
 
+    def cluster_outbox(self, status: dict[str, Any]) -> None:
+        """Redis Cluster: the lag of the cross-tenant views (cycles.store.redis_outbox), as read from the
+        store at scrape time (the same figures on every server); registered on the first scrape."""
+        if not hasattr(self, "_outbox"):
+            self._outbox = (
+                Gauge("cycles_cluster_outbox_lag_seconds", "Age of the oldest outbox entry not yet in the "
+                      "cross-tenant views when the last drain round began (or the time since the last round "
+                      "when no server drains)", registry=self.registry, multiprocess_mode="max"),
+                Gauge("cycles_cluster_outbox_tenants_waiting", "Tenants whose outbox held entries when the last "
+                      "drain round began", registry=self.registry, multiprocess_mode="max"),
+                Gauge("cycles_cluster_outbox_entries_applied_total", "Outbox entries applied to the cross-tenant "
+                      "views, by every server since the cluster's views were created", registry=self.registry,
+                      multiprocess_mode="max"))
+        lag, waiting, applied = self._outbox
+        lag.set(status["lag_seconds"])
+        waiting.set(status["tenants_waiting"])
+        applied.set(status["entries_applied"])
+
     def observe(self, ctx, method: str, status: int) -> None:  # noqa: ANN001 - Ctx, avoids an import cycle
         now = time.perf_counter()
         elapsed = now - ctx.started

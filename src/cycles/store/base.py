@@ -228,6 +228,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> bool: ...
 
+    async def catch_up_views(self) -> None:
+        """Bring eventually consistent cross-tenant views up to date (Redis Cluster's outbox drain); every
+        other store reads them as they are written."""
+
     @abc.abstractmethod
     async def now_ms(self) -> int:
         """The store's clock: the one every expiry decision uses."""

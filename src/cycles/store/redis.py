@@ -76,16 +76,19 @@ PURGE_BATCH = 1000
 _EPILOGUE = """
 local __result = __main()
 finish_journal(__result, ARGV[#ARGV])
+outbox_flush()
 return __result
 """
 
 
 def _script_source(common: str, body: str, *, cluster: bool = False) -> str:
-    # CLUSTER: where the scripts keep the cross-tenant views (common.lua, "Global keys")
+    # CLUSTER: where the scripts keep the cross-tenant views (common.lua, "Global keys"); the outbox
+    # (outbox.lua) is written on Redis Cluster only, its functions do nothing on one primary
     flag = "true" if cluster else "false"
-    return f"local CLUSTER = {flag}\n{common}\nlocal function __main()\n{body}\nend\n{_EPILOGUE}"
+    return f"local CLUSTER = {flag}\n{_OUTBOX}{common}\nlocal function __main()\n{body}\nend\n{_EPILOGUE}"
 
 
+_OUTBOX = resources.files("cycles.store").joinpath("lua/outbox.lua").read_text()
 _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline_ms", "committed", "finalized_at_ms",
                "extensions", "max_extensions")
 _encode = msgspec.json.Encoder().encode

@@ -3,18 +3,19 @@
 A script on Redis Cluster may touch one hash slot only. Every runtime script already runs on one tenant's
 keys (`cy:{<tenant>}:...`, one slot); what the single-primary store keeps in global keys inside the same
 script (the audit and event logs, counters, the API key and document records, budget periods) the scripts
-keep in the tenant's own slot here (common.lua, CLUSTER), and this class reads the cross-tenant views
-across the tenants instead: strongly consistent, at a cost that grows with the number of tenants, and
-only on admin reads, never on reserve or commit.
+keep in the tenant's own slot here (common.lua, CLUSTER). The cross-tenant audit and event logs and the
+overview counters are a view in the `{agg}` slot, maintained from per-tenant outboxes by a background
+drain (redis_outbox.py: eventually consistent, read-your-writes through one server); the other cross-tenant
+admin reads read across the tenants (strongly consistent, O(tenants) commands). Neither is ever read by
+reserve or commit.
 
 What needs a second slot is an ordered multi-step write, each step idempotent and safe to retry:
 * a tenant is added to the registry (`cy:tenants`) before its record is written (a registry entry without a
   record is skipped by every reader);
 * an API key's lookup pointers (`cy:kp:<prefix>`, `cy:ki:<key id>` -> tenant, never changed) are set before
   its record, which lives in the tenant's slot; a document's pointer (`cy:dp:<kind>:<id>` -> owner) likewise;
-* a journal row of another tenant than the script's (an operator's audit row, tenant `__admin__`) is
-  written right after the script succeeds, by a script in that tenant's slot, stamped from the first
-  script's answer as if it had ridden with it. A crash between the two loses that row (docs/redis.md).
+* a journal row of another tenant than the script's (an operator's audit row, tenant `__admin__`) rides in
+  the script's outbox entry, so it is kept with the change; the drain writes it into its owner's slot.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from redis.crc import key_slot
 
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
 from .base import AuditScan, pending_journal
+from .redis_outbox import AGG, Outbox
 from .redis_wire import ScriptChannel
 from .redis import PURGE_BATCH, TENANTS, RedisStore, _decode, _encode, prefix
 
@@ -70,6 +72,7 @@ class RedisClusterStore(RedisStore):
         # connection (as the single-primary store's blocking pool does): calls beyond it wait here
         self._slots = asyncio.Semaphore(max_connections)
         self._homes: set[str] = set()  # tenants this process added to cy:journals
+        self.outbox = Outbox(self)  # the cross-tenant views ({agg}) and their drain
         self._channels: dict[str, ScriptChannel] = {}  # per primary (host:port): the scripts' fast path
         self._stale_map, self._map_lock = False, asyncio.Lock()
         self._user, self._password = parsed.username, parsed.password
@@ -105,9 +108,13 @@ class RedisClusterStore(RedisStore):
         manager = self.r.nodes_manager
         if self._stale_map or not manager.slots_cache:
             async with self._map_lock:
-                if self._stale_map or not manager.slots_cache:
+                if not manager.slots_cache:
+                    # the client's own start (its command parser too: a keyed command after a first
+                    # script would otherwise find the map loaded and the parser not)
+                    await self._call(self.r.initialize)
+                elif self._stale_map:
                     await self._call(manager.initialize)
-                    self._stale_map = False
+                self._stale_map = False
         node = manager.get_node_from_slot(slot)
         channel = self._channels.get(node.name)
         if channel is None:
@@ -154,34 +161,45 @@ class RedisClusterStore(RedisStore):
 
         return await self._call(run)
 
-    # ---- scripts: one slot each; rows of other tenants follow ----
+    # ---- scripts: one slot each; rows of other tenants ride in the script's outbox ----
 
     async def _script(self, name: str, tenant: str, args: list[Any], *, journal: bool = True,
                       entries: list[dict[str, Any]] | None = None, route: str | None = None) -> Any:
         pending = pending_journal() if journal else []
         rows = (entries or []) + pending
-        mine = [e for e in rows if tenant and (e.get("journal") == "context" or e.get("tenant_id") == tenant)]
-        others = [e for e in rows if not any(e is m for m in mine)]
-        request = next((e for e in rows if e.get("journal", "audit") in ("audit", "context")), None)
-        if request is not None and not any(request is m for m in mine):
-            mine.append({**request, "journal": "context"})  # what the script's own events take from the request
-        if tenant and tenant not in self._homes and any(e.get("journal") != "context" for e in mine):
-            # the cross-tenant scans walk cy:tenants and cy:journals: a home of rows outside the first
-            # (the analyzers' __system__, an operator's documents) joins the second before its first row
-            await self._call(lambda: self.r.sadd(JOURNALS, tenant))
-            self._homes.add(tenant)
-        if name == "audit" and args[:1] == ["append"] and not tenant:
-            out: Any = {}
-        else:
-            if not tenant and route is None:
-                route = {"setting": lambda: "cy:setting:" + str(args[0])}[name]()
-            out = await super()._script(name, tenant, args, journal=False, entries=mine, route=route)
+        owners = {str(e.get("tenant_id")) for e in rows if e.get("journal") != "context"}
+        if tenant:
+            # the cross-tenant scans, the purge and the drain walk cy:tenants and cy:journals: a home of rows
+            # outside the first (__admin__, the analyzers' __system__, an operator's documents) joins the
+            # second before its first row
+            new = owners - self._homes
+            if new:
+                await self._call(lambda: self.r.sadd(JOURNALS, *new))
+                self._homes |= new
+            # rows of another tenant (an operator's __admin__ audit row) ride in this script's outbox
+            # (outbox.lua): written with the change or not at all; the drain puts them in their owner's slot
+            out = await super()._script(name, tenant, args, journal=False, entries=rows, route=route)
+            self.outbox.dirty.add(tenant)
             if self._sync_replicas:
                 await self._replicated(route or prefix(tenant) + "tenant")
+            if pending:
+                pending.clear()
+            return out
+        # a script outside any tenant's slot (a setting; a bare journal append): its rows follow, each
+        # owner's in a script on the owner's slot, stamped from the first script's answer
+        if name == "audit" and args[:1] == ["append"]:
+            out: Any = {}
+        else:
+            if route is None:
+                route = {"setting": lambda: "cy:setting:" + str(args[0])}[name]()
+            out = await super()._script(name, tenant, args, journal=False, entries=[], route=route)
+            if self._sync_replicas:
+                await self._replicated(route)
         if pending:
             pending.clear()
+        request = next((e for e in rows if e.get("journal", "audit") in ("audit", "context")), None)
         groups: dict[str, list[dict[str, Any]]] = {}
-        for e in others:
+        for e in rows:
             if e.get("journal") != "context":
                 groups.setdefault(str(e.get("tenant_id")), []).append(e)
         for group in groups.values():
@@ -189,10 +207,14 @@ class RedisClusterStore(RedisStore):
                 group.insert(0, {**request, "journal": "context"})  # the request ids its events take
         if groups:
             answer = out if isinstance(out, dict) else {}
-            await self._call(lambda: self.r.sadd(JOURNALS, *groups))
+            new = set(groups) - self._homes
+            if new:
+                await self._call(lambda: self.r.sadd(JOURNALS, *new))
+                self._homes |= new
             for owner, group in groups.items():
                 await super()._script("audit", owner, ["append", _encode(answer).decode()], journal=False,
                                       entries=group)
+                self.outbox.dirty.add(owner)
                 if self._sync_replicas:
                     await self._replicated(prefix(owner) + "tenant")
         return out
@@ -332,7 +354,7 @@ class RedisClusterStore(RedisStore):
         raws = await self._pipe([("hget", (self._doc_key(o, kind, doc_id), "r")) for _, doc_id, o in due])
         return [_decode(raw) for raw in raws if raw]
 
-    # ---- cross-tenant views, read across tenants ----
+    # ---- cross-tenant views: the aggregated ones ({agg}, redis_outbox) and those read across tenants ----
 
     async def _tenants(self) -> list[str]:
         return sorted(await self._call(lambda: self.r.smembers(TENANTS)))
@@ -341,12 +363,11 @@ class RedisClusterStore(RedisStore):
         return [prefix(t) + "periods" for t in await self._tenants()]
 
     async def counters(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        tenants = await self._tenants()
-        for counts in await self._pipe([("hgetall", (prefix(t) + "counters",)) for t in tenants]):
-            for name, v in counts.items():
-                total[name] = total.get(name, 0) + int(v)
-        return total
+        await self.outbox.catch_up()  # this server's own writes show at once
+        return {name: int(v) for name, v in (await self._call(lambda: self.r.hgetall(AGG + "counters"))).items()}
+
+    async def catch_up_views(self) -> None:
+        await self.outbox.drain_all()
 
     async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
         suffix = "over_limit" if kind == "over_limit" else "with_debt"
@@ -367,16 +388,21 @@ class RedisClusterStore(RedisStore):
         return sorted(homes)
 
     async def _scan(self, records: str, index: str, suffix: str, scan: AuditScan) -> list[dict[str, Any]]:
-        homes = [scan.tenant] if scan.tenant is not None else await self._journal_homes()
-        found: list[tuple[int, str, str]] = []
-        for home in homes:
-            found += [(score, member, home) for member, score in await self._scan_ids(prefix(home) + suffix, scan)]
-        found.sort(reverse=scan.descending)
-        found = found[:scan.limit]
-        raws = await self._pipe([("hget", (prefix(home) + suffix + ":rec", member)) for _, member, home in found])
+        # read-your-writes: this server's writes are in the view (and an operator's rows that rode in a
+        # tenant's outbox are in their owner's slot) before it reads
+        await self.outbox.catch_up()
+        if scan.tenant is None:  # the view, as the single-primary store reads its global log
+            return await super()._scan(AGG + suffix + ":rec", AGG + suffix, suffix, scan)
+        key = prefix(scan.tenant) + suffix
+        ids = [member for member, _ in await self._scan_ids(key, scan)]
+        raws = await self._call(lambda: self.r.hmget(key + ":rec", ids)) if ids else []
         return [_decode(raw) for raw in raws if raw]  # a row purged meanwhile is gone
 
     async def get_event(self, event_id: str) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self.r.hget(AGG + "events:rec", event_id))
+        if raw:
+            return _decode(raw)
+        # not in the view yet (or written before it existed): every tenant's own log
         homes = await self._journal_homes()
         for raw in await self._pipe([("hget", (prefix(h) + "events:rec", event_id)) for h in homes]):
             if raw:
@@ -384,6 +410,9 @@ class RedisClusterStore(RedisStore):
         return None
 
     async def _purge(self, log: str, older_than_ms: int) -> int:
+        # rows still waiting in outboxes (an operator's rows reach their owner's log only through the drain)
+        # are placed first, so the purge finds every old row where it looks
+        await self.outbox.drain_all()
         total = 0
         for home in await self._journal_homes():
             while True:
@@ -392,6 +421,7 @@ class RedisClusterStore(RedisStore):
                 total += int(out["purged"])
                 if int(out["purged"]) < PURGE_BATCH:
                     break
+        await self.outbox.purge(log, older_than_ms, PURGE_BATCH)  # the view (its rows are counted above)
         await self.append_journal([])  # the request's own rows
         return total
 

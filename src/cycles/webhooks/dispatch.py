@@ -267,6 +267,9 @@ class Dispatcher:
                 return 0
             self._hw = None
 
+        # the leader reads the cross-tenant event log: an eventually consistent view on Redis Cluster,
+        # brought up to date first (the lookback still catches what lands behind the cursor)
+        await store.catch_up_views()
         system_subs = [s for s in subs if s.get("tenant_id") == SYSTEM_TENANT]
         by_tenant: dict[str, list[dict[str, Any]]] = {}
         for s in subs:

@@ -87,8 +87,9 @@ local function k_idem(endpoint, key) return P .. 'i:' .. endpoint .. ':' .. key 
 
 -- Global keys (the admin plane). On one primary (CLUSTER false, set by the loader's first line) scripts
 -- keep the cross-tenant views inline with the change. On Redis Cluster a script may touch one slot only,
--- so every one of these is a key of the script's own tenant (P); the Python side reads the cross-tenant
--- views across tenants and writes the registries (cy:tenants, key and document pointers) itself.
+-- so every one of these is a key of the script's own tenant (P), and the journal rows and counter changes
+-- also go to the tenant's outbox (outbox.lua), from which redis_outbox.py builds the cross-tenant views;
+-- the Python side writes the registries (cy:tenants, key and document pointers) itself.
 local K_TENANTS = 'cy:tenants'
 local K_AUDIT_REC, K_AUDIT = 'cy:audit:rec', 'cy:audit'
 local K_KEY_IDS, K_KEYS = 'cy:apikeys:id', 'cy:apikeys'
@@ -101,7 +102,10 @@ if CLUSTER then
   K_AUDIT_REC, K_KEY_IDS, K_KEYS, K_PERIODS = P .. 'audit:rec', P .. 'apikeys:id', P .. 'apikeys', P .. 'periods'
   K_COUNTERS, K_OVER_LIMIT, K_WITH_DEBT, G = P .. 'counters', P .. 'over_limit', P .. 'with_debt', P
 end
-local function count(name, delta) redis.call('HINCRBY', K_COUNTERS, name, delta) end
+local function count(name, delta)
+  redis.call('HINCRBY', K_COUNTERS, name, delta)
+  if CLUSTER then outbox_count(name, delta) end
+end
 -- a member of a global time index (none on Redis Cluster: the per-tenant index is read instead)
 local function global_zadd(key, score, member)
   if not CLUSTER then redis.call('ZADD', key, score, member) end
@@ -269,6 +273,24 @@ local function blt(a, b)
   return #a < #b
 end
 
+-- A journal row (kind 'a' audit, 'e' event) in its log. On Redis Cluster it also goes to the tenant's
+-- outbox (outbox.lua), and a row of another tenant than the script's goes only there.
+local function journal_put(kind, tenant, id, ts, text)
+  if CLUSTER then
+    outbox_row(kind, tenant, id, ts, text)
+    if tenant ~= ARGV[2] then return end
+  end
+  if kind == 'e' then
+    redis.call('HSET', K_EVENTS_REC, id, text)
+    global_zadd(K_EVENTS, ts, id)
+    redis.call('ZADD', prefix_of(tenant) .. 'events', ts, id)
+  else
+    redis.call('HSET', K_AUDIT_REC, id, text)
+    global_zadd(K_AUDIT, ts, id)
+    redis.call('ZADD', prefix_of(tenant) .. 'audit', ts, id)
+  end
+end
+
 -- entries: {{entry json, merge result (0/1), only if created (0/1), take the script's event id (0/1)}, ...}
 -- stamped by the Python side with everything but the time and the result; result: the JSON text of the
 -- operation's result record, or nil; created: false when the operation found what it was to create (rows
@@ -295,11 +317,7 @@ local function write_entry(text, merge, nows, result, rid, event_id)
       table.insert(changes, {'data', jpatch(data, result_members(result))})
     end
     if #changes > 0 then text = jpatch(text, changes) end
-    local tenant = jvalue(text, 'tenant_id')
-    event_id = jvalue(text, 'event_id')
-    redis.call('HSET', K_EVENTS_REC, event_id, text)
-    global_zadd(K_EVENTS, ts, event_id)
-    redis.call('ZADD', prefix_of(tenant) .. 'events', ts, event_id)
+    journal_put('e', jvalue(text, 'tenant_id'), jvalue(text, 'event_id'), ts, text)
     return
   end
   if rid then
@@ -307,10 +325,7 @@ local function write_entry(text, merge, nows, result, rid, event_id)
     if cur == nil or cur == 'null' then table.insert(changes, {'resource_id', rid}) end
   end
   if #changes > 0 then text = jpatch(text, changes) end
-  local log_id, tenant = jvalue(text, 'log_id'), jvalue(text, 'tenant_id')
-  redis.call('HSET', K_AUDIT_REC, log_id, text)
-  global_zadd(K_AUDIT, ts, log_id)
-  redis.call('ZADD', prefix_of(tenant) .. 'audit', ts, log_id)
+  journal_put('a', jvalue(text, 'tenant_id'), jvalue(text, 'log_id'), ts, text)
 end
 
 -- The epilogue of every script. jarg (the last ARGV): {items = entries as above, ctx = JSON text of what a
@@ -390,9 +405,7 @@ local function finish_journal(result, jarg)
     end
     -- every event carries a correlation id: its request's, else its own
     if not has_corr then table.insert(m, {'correlation_id', jstr('event:' .. event_id)}) end
-    redis.call('HSET', K_EVENTS_REC, event_id, jobj(m))
-    global_zadd(K_EVENTS, nows, event_id)
-    redis.call('ZADD', prefix_of(tenant) .. 'events', nows, event_id)
+    journal_put('e', tenant, event_id, nows, jobj(m))
   end
 end
 
