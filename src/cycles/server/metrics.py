@@ -54,6 +54,7 @@ class Metrics:
         self._decision_counts: dict[tuple[str, str, str], int] = {}
         self._moved: dict[Any, Any] = {}
         self._flush_lock = threading.Lock()
+        self._outbox: tuple[Any, Any, Any] | None = None  # the cluster outbox gauges, made on first use
         if not self.multiprocess:
             self.registry.register(_Flush(self))
         self.requests = Counter("cycles_http_requests_total", "HTTP requests answered",
@@ -90,7 +91,7 @@ class Metrics:
     def cluster_outbox(self, status: dict[str, Any]) -> None:
         """Redis Cluster: the lag of the cross-tenant views (cycles.store.redis_outbox), as read from the
         store at scrape time (the same figures on every server); registered on the first scrape."""
-        if not hasattr(self, "_outbox"):
+        if self._outbox is None:
             self._outbox = (
                 Gauge("cycles_cluster_outbox_lag_seconds", "Age of the oldest outbox entry not yet in the "
                       "cross-tenant views when the last drain round began (or the time since the last round "
