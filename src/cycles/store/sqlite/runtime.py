@@ -5,9 +5,10 @@ limits, and reading and writing the ledgers of a scope path."""
 from __future__ import annotations
 
 import itertools
+import operator
 import secrets
 import sqlite3
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...core import events as E
 from ...core import ledger as L
@@ -64,26 +65,22 @@ class _Runtime(_Core):
         return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd), rerun=True)
 
     def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
-        if cmd.gen is not None:
-            _check_gen(conn, cmd.tenant, cmd.gen)
-        replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
-        if replay is not None:
-            return _replayed(conn, replay, now)
         if cmd.endpoint == "reserve":
-            made = _reserved(conn, cmd.tenant, cmd.idempotency_key, cmd.payload_hash, now)
+            made = _reserve_prelude(conn, cmd, now)
             if made is not None:
                 return made
+        else:
+            if cmd.gen is not None:
+                _check_gen(conn, cmd.tenant, cmd.gen)
+            replay = _replay(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash)
+            if replay is not None:
+                return _replayed(conn, replay, now)
         evaluate_only = cmd.dry_run or cmd.endpoint == "decide"
         tenant = _tenant_of(conn, cmd.tenant, cmd)
         base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
 
         def deny(reason: str, ledgers: Sequence[L.Ledger] = (), detail: dict[str, Any] | None = None) -> Outcome:
-            result = {**base, "decision": "DENY", "reason_code": reason,
-                      "balances": [balance_record(l) for l in ledgers]}
-            if detail is not None:
-                result["deny_detail"] = detail
-            _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
-            return Outcome(result, now_ms=now)
+            return _deny(conn, cmd, base, now, reason, ledgers, detail)
 
         status = tenant.get("status") if tenant else None
         if status == "CLOSED":
@@ -164,13 +161,13 @@ class _Runtime(_Core):
         subj = cmd.subject
         result = {**base, "decision": decision, "caps": caps, "reservation_id": rid, "expires_at_ms": expires,
                   "balances": [balance_record(l) for l in held]}
-        # the reservation row is also the idempotency record of the reserve that made it (_reserved)
+        # the reservation row is also the idempotency record of the reserve that made it (_reserve_prelude)
         conn.execute(
             _INSERT_RESERVATION,
             (rid, cmd.tenant, _dumps(subj), _dumps(cmd.action), cmd.unit, cmd.amount, cmd.scope_path,
              _dumps(cmd.scopes), _dumps([l.scope for l in held]), now, expires, grace, expires + grace, policy,
              cmd.idempotency_key, _dumps(cmd.metadata) if cmd.metadata is not None else None,
-             max_ext, *(_lower(subj.get(level)) for level in SUBJECT_LEVELS),
+             max_ext, *[v.lower() if isinstance(v := subj.get(level), str) else None for level in SUBJECT_LEVELS],
              _dumps(cmd.commit_limits) if cmd.commit_limits else None, cmd.payload_hash, _dumps(result),
              _dumps(runs) if runs else None),
         )
@@ -321,10 +318,6 @@ def _rate_count(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: 
         conn.execute("DELETE FROM rate_counters WHERE bucket=? AND window < ?", (bucket, window - 1))
 
 
-def _lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else None
-
-
 def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str) -> tuple[str, str | None] | None:
     row = conn.execute(
         "SELECT payload_hash, result, reservation_id FROM idempotency WHERE tenant_id=? AND endpoint=? AND key=?",
@@ -347,20 +340,47 @@ def _settled(conn: sqlite3.Connection, res: dict[str, Any], cmd: SettleCommand, 
     return Outcome(result, now_ms=now)
 
 
-def _reserved(conn: sqlite3.Connection, tenant: str, key: str, payload_hash: str, now: int) -> Outcome | None:
-    """The replay of a live reserve, from the reservation it made (which carries its idempotency record)."""
-    row = conn.execute(
-        "SELECT payload_hash, result, status, expires_at_ms FROM reservations INDEXED BY reservations_tenant_key_time "
-        "WHERE tenant_id=? AND idempotency_key=? AND result IS NOT NULL ORDER BY created_at_ms DESC LIMIT 1",
-        (tenant, key)).fetchone()
+def _deny(conn: sqlite3.Connection, cmd: ReserveCommand, base: dict[str, Any], now: int, reason: str,
+          ledgers: Sequence[L.Ledger] = (), detail: dict[str, Any] | None = None) -> Outcome:
+    """A denial answered (and remembered under the idempotency key) as a DENY decision."""
+    result = {**base, "decision": "DENY", "reason_code": reason, "balances": [balance_record(l) for l in ledgers]}
+    if detail is not None:
+        result["deny_detail"] = detail
+    _remember(conn, cmd.tenant, cmd.endpoint, cmd.idempotency_key, cmd.payload_hash, result, None, now)
+    return Outcome(result, now_ms=now)
+
+
+# A live reserve's three reads before it acts, in one statement: the tenant's governance generation (tag 0),
+# a stored answer under the key in the idempotency table (a denial, tag 1) and the newest reservation made
+# under the key (tag 2). Each execute costs a statement step and its Python glue; these three are always run.
+_RESERVE_PRELUDE = (
+    "SELECT 0, gen, NULL, NULL, NULL FROM gens WHERE tenant_id=?1 "
+    "UNION ALL SELECT 1, payload_hash, result, reservation_id, NULL FROM idempotency "
+    "WHERE tenant_id=?1 AND endpoint='reserve' AND key=?2 "
+    "UNION ALL SELECT * FROM (SELECT 2, payload_hash, result, status, expires_at_ms FROM reservations "
+    "INDEXED BY reservations_tenant_key_time WHERE tenant_id=?1 AND idempotency_key=?2 AND result IS NOT NULL "
+    "ORDER BY created_at_ms DESC LIMIT 1)")
+
+
+def _reserve_prelude(conn: sqlite3.Connection, cmd: ReserveCommand, now: int) -> Outcome | None:
+    """The generation check, then the replay of a stored answer, then of a live reserve, in that order (as
+    _check_gen and _replay would, then the newest reservation under the key); None when the reserve is new."""
+    found = {row[0]: row for row in conn.execute(_RESERVE_PRELUDE, (cmd.tenant, cmd.idempotency_key)).fetchall()}
+    if cmd.gen is not None:
+        gen = found.get(0)
+        if (gen[1] if gen is not None else 0) != cmd.gen:
+            raise StaleGovernance()
+    row = found.get(1) or found.get(2)
     if row is None:
         return None
-    if row[0] != payload_hash:
+    if row[1] != cmd.payload_hash:
         raise ProtocolError(
             ErrorCode.IDEMPOTENCY_MISMATCH,
-            f"Idempotency key {key!r} was already used with a different request payload",
+            f"Idempotency key {cmd.idempotency_key!r} was already used with a different request payload",
         )
-    return Outcome(_decode(row[1]), replay=True, now_ms=now, reservation_active=row[2] == "ACTIVE" and now <= row[3])
+    if row[0] == 1:
+        return _replayed(conn, (row[2], row[3]), now)
+    return Outcome(_decode(row[2]), replay=True, now_ms=now, reservation_active=row[3] == "ACTIVE" and now <= row[4])
 
 
 def _replayed(conn: sqlite3.Connection, replay: tuple[str, str | None], now: int) -> Outcome:
@@ -458,11 +478,13 @@ def _write_ledgers(conn: sqlite3.Connection, tenant: str, ledgers: Sequence[L.Le
         # Only the columns that changed: a column in the SET list makes SQLite maintain every index on it
         # (the debt and over-limit partial indexes) and fire the overview counters' trigger, even when the
         # value is the same. A reserve changes `reserved` alone, a commit `spent` and `reserved`.
-        changed = tuple(f for f in _LEDGER_FIELDS if getattr(old, f) != getattr(new, f))
-        sql = _UPDATE_LEDGER_SQL.get(changed)
-        if sql is None:
-            sql = _UPDATE_LEDGER_SQL[changed] = _update_ledger_sql(changed)
-        conn.execute(sql, (*(int(getattr(new, f)) for f in changed), now, tenant, new.scope, new.unit))
+        mask = (old.allocated != new.allocated, old.spent != new.spent, old.reserved != new.reserved,
+                old.debt != new.debt, old.is_over_limit != new.is_over_limit)
+        update = _UPDATE_BY_MASK.get(mask)
+        if update is None:
+            update = _UPDATE_BY_MASK[mask] = _update_for(mask)
+        sql, values = update
+        conn.execute(sql, (*values(new), now, tenant, new.scope, new.unit))
 
 
 _LEDGER_FIELDS = ("allocated", "spent", "reserved", "debt", "is_over_limit")
@@ -474,6 +496,21 @@ def _update_ledger_sql(fields: tuple[str, ...]) -> str:
 
 
 _UPDATE_LEDGER_SQL: dict[tuple[str, ...], str] = {_LEDGER_FIELDS: _update_ledger_sql(_LEDGER_FIELDS)}
+
+
+def _update_for(mask: tuple[bool, ...]) -> tuple[str, Callable[[L.Ledger], tuple[int, ...]]]:
+    """The UPDATE of the fields `mask` marks as changed, and a function reading their new values (as ints)."""
+    fields = tuple(f for f, changed in zip(_LEDGER_FIELDS, mask) if changed)
+    sql = _UPDATE_LEDGER_SQL.get(fields) or _update_ledger_sql(fields)
+    if not fields:
+        return sql, lambda led: ()
+    get = operator.attrgetter(*fields)
+    if len(fields) == 1:
+        return sql, lambda led: (int(get(led)),)
+    return sql, lambda led: tuple(map(int, get(led)))
+
+
+_UPDATE_BY_MASK: dict[tuple[bool, ...], tuple[str, Callable[[L.Ledger], tuple[int, ...]]]] = {}
 
 
 def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,

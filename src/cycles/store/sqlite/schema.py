@@ -165,7 +165,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS budgets_with_debt ON budgets (debt DESC) WHERE debt > 0")
     conn.execute("DROP INDEX IF EXISTS reservations_active_deadline")  # replaced by the partial reservations_active
     # replaced by reservations_tenant_key_time, which also orders a key's reservations: the replay lookup of a
-    # reserve (runtime._reserved) reads the newest from the index instead of sorting in a temporary B-tree
+    # reserve (runtime._reserve_prelude) reads the newest from the index instead of sorting in a temporary B-tree
     conn.execute("DROP INDEX IF EXISTS reservations_tenant_key")
     for stmt in GEN_TRIGGERS.split(";;"):
         conn.execute(stmt)
