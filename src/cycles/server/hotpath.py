@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect
 
 Endpoint = Callable[[Any], Awaitable[Any]]
 _RESERVATION_ACTIONS = ("commit", "release", "extend")
+_UNREAD = object()
 
 
 class _Client:
@@ -28,7 +29,7 @@ class HotRequest:
     """What the runtime handlers read of a request: headers (lower-case names), path parameters, the
     client address, the body, and the app (its state). Duck-typed to starlette.requests.Request."""
 
-    __slots__ = ("scope", "_receive", "headers", "path_params", "method", "app", "_body")
+    __slots__ = ("scope", "_receive", "headers", "path_params", "method", "app", "_body", "_client")
 
     def __init__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
                  path_params: dict[str, str]) -> None:
@@ -45,11 +46,14 @@ class HotRequest:
         self.method = scope["method"]
         self.app = scope["app"]
         self._body: bytes | None = None
+        self._client: Any = _UNREAD
 
     @property
     def client(self) -> _Client | None:
-        client = self.scope.get("client")
-        return _Client(client[0], client[1]) if client else None
+        if self._client is _UNREAD:  # read three times per request (audit row, throttles, failure records)
+            client = self.scope.get("client")
+            self._client = _Client(client[0], client[1]) if client else None
+        return self._client
 
     async def stream(self) -> Any:
         if self._body is not None:

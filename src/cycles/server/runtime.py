@@ -141,12 +141,14 @@ def _rid(request: Request) -> str:
     return rid
 
 
-async def create_reservation(request: Request, ctx: Ctx) -> Response:
-    return await _evaluate(request, ctx, m.ReservationCreateRequest, "reserve")
+# The hot routes' handlers return the coroutine of the shared implementation instead of awaiting it in one
+# of their own (one frame and suspension fewer per request); the endpoint wrapper awaits it the same.
+def create_reservation(request: Request, ctx: Ctx) -> Awaitable[Response]:
+    return _evaluate(request, ctx, m.ReservationCreateRequest, "reserve")
 
 
-async def decide(request: Request, ctx: Ctx) -> Response:
-    return await _evaluate(request, ctx, m.DecisionRequest, "decide")
+def decide(request: Request, ctx: Ctx) -> Awaitable[Response]:
+    return _evaluate(request, ctx, m.DecisionRequest, "decide")
 
 
 async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Response:
@@ -247,16 +249,16 @@ async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
         raise
 
 
-async def commit(request: Request, ctx: Ctx) -> Response:
-    return await _settle(request, ctx, "commit")
+def commit(request: Request, ctx: Ctx) -> Awaitable[Response]:
+    return _settle(request, ctx, "commit")
 
 
-async def release(request: Request, ctx: Ctx) -> Response:
-    return await _settle(request, ctx, "release")
+def release(request: Request, ctx: Ctx) -> Awaitable[Response]:
+    return _settle(request, ctx, "release")
 
 
-async def extend(request: Request, ctx: Ctx) -> Response:
-    return await _settle(request, ctx, "extend")
+def extend(request: Request, ctx: Ctx) -> Awaitable[Response]:
+    return _settle(request, ctx, "extend")
 
 
 async def get_reservation(request: Request, ctx: Ctx) -> Response:

@@ -8,7 +8,7 @@ import itertools
 import operator
 import secrets
 import sqlite3
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 from ...core import events as E
 from ...core import ledger as L
@@ -61,8 +61,10 @@ def balance_record(led: L.Ledger) -> list[Any]:
 class _Runtime(_Core):
     """reserve / decide, commit, release, extend, create_event, and the maintenance writes of the runtime."""
 
-    async def reserve(self, cmd: ReserveCommand) -> Outcome:
-        return await self._awrite(lambda conn, now: self._reserve(conn, now, cmd), rerun=True)
+    # The runtime writes return _awrite's coroutine instead of awaiting it in a coroutine of their own: one
+    # frame and one suspension fewer per request on the hot path (callers await them all the same).
+    def reserve(self, cmd: ReserveCommand) -> Coroutine[Any, Any, Outcome]:
+        return self._awrite(lambda conn, now: self._reserve(conn, now, cmd), rerun=True)
 
     def _reserve(self, conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> Outcome:
         if cmd.endpoint == "reserve":
@@ -173,7 +175,7 @@ class _Runtime(_Core):
         )
         return Outcome(result, now_ms=now, reservation_active=True)
 
-    async def commit(self, cmd: SettleCommand) -> Outcome:
+    def commit(self, cmd: SettleCommand) -> Coroutine[Any, Any, Outcome]:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             res, replay = _open_reservation(conn, now, cmd, "commit", allow_grace=True)
             if replay is not None:
@@ -209,9 +211,9 @@ class _Runtime(_Core):
                       "balances": [balance_record(l) for l in settled.ledgers]}
             return _settled(conn, res, cmd, "commit", result, now)
 
-        return await self._awrite(tx, rerun=True)
+        return self._awrite(tx, rerun=True)
 
-    async def release(self, cmd: SettleCommand) -> Outcome:
+    def release(self, cmd: SettleCommand) -> Coroutine[Any, Any, Outcome]:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             res, replay = _open_reservation(conn, now, cmd, "release", allow_grace=True)
             if replay is not None:
@@ -225,9 +227,9 @@ class _Runtime(_Core):
             result = {"unit": res["unit"], "released": res["amount"], "balances": [balance_record(l) for l in freed]}
             return _settled(conn, res, cmd, "release", result, now)
 
-        return await self._awrite(tx, rerun=True)
+        return self._awrite(tx, rerun=True)
 
-    async def extend(self, cmd: SettleCommand) -> Outcome:
+    def extend(self, cmd: SettleCommand) -> Coroutine[Any, Any, Outcome]:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             res, replay = _open_reservation(conn, now, cmd, "extend", allow_grace=False)
             if replay is not None:
@@ -248,9 +250,9 @@ class _Runtime(_Core):
             result = {"expires_at_ms": expires, "reservation_id": cmd.reservation_id}
             return _settled(conn, res, cmd, "extend", result, now)
 
-        return await self._awrite(tx, rerun=True)
+        return self._awrite(tx, rerun=True)
 
-    async def create_event(self, cmd: EventCommand) -> Outcome:
+    def create_event(self, cmd: EventCommand) -> Coroutine[Any, Any, Outcome]:
         def tx(conn: sqlite3.Connection, now: int) -> Outcome:
             if cmd.gen is not None:
                 _check_gen(conn, cmd.tenant, cmd.gen)
@@ -283,7 +285,7 @@ class _Runtime(_Core):
             _remember(conn, cmd.tenant, "event", cmd.idempotency_key, cmd.payload_hash, result, None, now)
             return Outcome(result, now_ms=now)
 
-        return await self._awrite(tx, rerun=True)
+        return self._awrite(tx, rerun=True)
 
     # ---- maintenance ----
 
@@ -318,6 +320,11 @@ def _rate_count(conn: sqlite3.Connection, limits: Sequence[Sequence[Any]], now: 
         conn.execute("DELETE FROM rate_counters WHERE bucket=? AND window < ?", (bucket, window - 1))
 
 
+def _mismatch(key: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.IDEMPOTENCY_MISMATCH,
+                         f"Idempotency key {key!r} was already used with a different request payload")
+
+
 def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payload_hash: str) -> tuple[str, str | None] | None:
     row = conn.execute(
         "SELECT payload_hash, result, reservation_id FROM idempotency WHERE tenant_id=? AND endpoint=? AND key=?",
@@ -326,11 +333,15 @@ def _replay(conn: sqlite3.Connection, tenant: str, endpoint: str, key: str, payl
     if row is None:
         return None
     if row[0] != payload_hash:
-        raise ProtocolError(
-            ErrorCode.IDEMPOTENCY_MISMATCH,
-            f"Idempotency key {key!r} was already used with a different request payload",
-        )
+        raise _mismatch(key)
     return row[1], row[2]
+
+
+# commit / release / extend with a tenant key: the generation (tag 0) and a stored answer under the key (tag 1)
+_SETTLE_PRELUDE = (
+    "SELECT 0, gen, NULL, NULL FROM gens WHERE tenant_id=?1 "
+    "UNION ALL SELECT 1, payload_hash, result, reservation_id FROM idempotency "
+    "WHERE tenant_id=?1 AND endpoint=?2 AND key=?3")
 
 
 def _settled(conn: sqlite3.Connection, res: dict[str, Any], cmd: SettleCommand, endpoint: str,
@@ -374,10 +385,7 @@ def _reserve_prelude(conn: sqlite3.Connection, cmd: ReserveCommand, now: int) ->
     if row is None:
         return None
     if row[1] != cmd.payload_hash:
-        raise ProtocolError(
-            ErrorCode.IDEMPOTENCY_MISMATCH,
-            f"Idempotency key {cmd.idempotency_key!r} was already used with a different request payload",
-        )
+        raise _mismatch(cmd.idempotency_key)
     if row[0] == 1:
         return _replayed(conn, (row[2], row[3]), now)
     return Outcome(_decode(row[2]), replay=True, now_ms=now, reservation_active=row[3] == "ACTIVE" and now <= row[4])
@@ -516,8 +524,14 @@ _UPDATE_BY_MASK: dict[tuple[bool, ...], tuple[str, Callable[[L.Ledger], tuple[in
 def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, endpoint: str,
                       *, allow_grace: bool) -> tuple[dict[str, Any], Outcome | None]:
     """Load a reservation for a mutation, applying replay, ownership, tenant and state rules in spec order."""
-    if cmd.gen is not None and cmd.tenant is not None:
-        _check_gen(conn, cmd.tenant, cmd.gen)
+    stored = None
+    if cmd.tenant is not None:  # a tenant key: its generation and its stored answer under the key, one statement
+        found = {r[0]: r for r in conn.execute(_SETTLE_PRELUDE, (cmd.tenant, endpoint, cmd.idempotency_key))}
+        if cmd.gen is not None:
+            gen = found.get(0)
+            if (gen[1] if gen is not None else 0) != cmd.gen:
+                raise StaleGovernance()
+        stored = found.get(1)
     row = conn.execute(_OPEN_RESERVATION,
                        (cmd.reservation_id,)).fetchone()
     res = _reservation(row) if row else None
@@ -527,11 +541,14 @@ def _open_reservation(conn: sqlite3.Connection, now: int, cmd: SettleCommand, en
     # Ownership before replay: another tenant must never see this tenant's stored responses.
     if res is not None and cmd.tenant is not None and res["tenant_id"] != cmd.tenant:
         raise ProtocolError(ErrorCode.FORBIDDEN, f"Reservation {cmd.reservation_id} belongs to another tenant")
-    owner = res["tenant_id"] if res else cmd.tenant
-    if owner is not None:
-        replay = _replay(conn, owner, endpoint, cmd.idempotency_key, cmd.payload_hash)
-        if replay is not None:
-            return res or {}, _replayed(conn, replay, now)
+    if cmd.tenant is not None:  # read above under the same tenant (any other owner was refused just now)
+        if stored is not None and stored[1] != cmd.payload_hash:
+            raise _mismatch(cmd.idempotency_key)
+        replay = (stored[2], stored[3]) if stored is not None else None
+    else:
+        replay = _replay(conn, res["tenant_id"], endpoint, cmd.idempotency_key, cmd.payload_hash) if res else None
+    if replay is not None:
+        return res or {}, _replayed(conn, replay, now)
     if res is None:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"Reservation {cmd.reservation_id} not found")
     tenant = _tenant_of(conn, res["tenant_id"], cmd)
