@@ -70,6 +70,9 @@ def hooks(operation: str, tag: str, success_status: int) -> tuple[Callable[[Requ
         if row is None:
             return
         journal = ctx.journal or []
+        if row.get("journal") == "context" and (not journal or (len(journal) == 1 and journal[0] is row)):
+            journal.clear()  # a runtime request that left no event: its row is context only, nothing to write
+            return
         # Events that record an observation (a denial, a failed authentication) are written even
         # though no change took them; events of a change that did not happen are dropped.
         leftover = [e for e in journal if e.get("journal") == "event" and e.get("observation")]

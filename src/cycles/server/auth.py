@@ -289,8 +289,10 @@ class Authenticator:
         if hit is not None:
             principal, gen = hit
             view = self.governance.cached(principal.tenant_id or "")
-            if view is not None and view.gen == gen and not principal.expired():
-                self.last_used[principal.key_id or ""] = int(time.time() * 1000)
+            now_ms = int(time.time() * 1000)
+            if view is not None and view.gen == gen and (principal.expires_at_ms is None
+                                                         or now_ms < principal.expires_at_ms):
+                self.last_used[principal.key_id or ""] = now_ms
                 return principal, view
         record, fingerprint = await self._tenant_record(presented, source)
         view = await self.governance.load(record["tenant_id"])

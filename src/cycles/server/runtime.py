@@ -91,13 +91,31 @@ def _hash(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
+# An agent sends the same subject on every call: its fields, scope path and scopes are derived once per
+# distinct subject (without dimensions) and copied per request, so no request shares a mutable list or dict.
+_SUBJECTS: dict[tuple[str | None, ...], tuple[dict[str, Any], str, list[str]]] = {}
+_SUBJECTS_MAX = 10_000
+
+
 def _subject(subject: m.Subject, principal: Principal) -> tuple[dict[str, Any], str, list[str]]:
+    if subject.tenant is not None and subject.tenant.lower() != (principal.tenant_id or "").lower():
+        if not any(getattr(subject, level) for level in S.LEVELS):
+            raise bad("subject must contain at least one of tenant, workspace, app, workflow, agent, toolset")
+        raise ProtocolError(ErrorCode.FORBIDDEN, "subject.tenant does not match the tenant of the API key")
+    key = None
+    if subject.dimensions is None:
+        key = (subject.tenant, subject.workspace, subject.app, subject.workflow, subject.agent, subject.toolset)
+        known = _SUBJECTS.get(key)
+        if known is not None:
+            return dict(known[0]), known[1], list(known[2])
     fields = msgspec.to_builtins(subject)
     if not any(fields.get(level) for level in S.LEVELS):
         raise bad("subject must contain at least one of tenant, workspace, app, workflow, agent, toolset")
-    if subject.tenant is not None and subject.tenant.lower() != (principal.tenant_id or "").lower():
-        raise ProtocolError(ErrorCode.FORBIDDEN, "subject.tenant does not match the tenant of the API key")
     path, scopes = S.derive(fields)
+    if key is not None:
+        if len(_SUBJECTS) >= _SUBJECTS_MAX:
+            _SUBJECTS.clear()
+        _SUBJECTS[key] = (dict(fields), path, list(scopes))
     return fields, path, scopes
 
 

@@ -457,7 +457,8 @@ def _scope_ledgers(conn: sqlite3.Connection, tenant: str, scopes: list[str], uni
             details={"scope": scope, "requested_unit": unit, "expected_units": sorted(by_scope[scope])},
         )
     if overage is not None:
-        overage.update((r[0], r[9]) for r in same.values())
+        for r in same.values():
+            overage[r[0]] = r[9]
     return [_ledger(same[s]) for s in scopes if s in same]
 
 
