@@ -33,10 +33,16 @@ def free_port() -> int:
 
 
 def reserve_args(tenant: str, key: str) -> list[str]:
+    """ARGV of reserve.lua as RedisStore.reserve passes it (see the header of reserve.lua): a live reserve of a
+    tenant-key request without policies, rate limits, action rules or a governance check, and the journal
+    argument a runtime request sends (a context row only: no items)."""
     scopes = [f"tenant:{tenant}"]
+    journal = json.dumps({"items": [], "ctx": json.dumps({"request_id": "req_bench", "trace_id": "0" * 31 + "1"}),
+                          "rand": "0badcafe"})
     return [prefix(tenant), tenant, str(7 * 86400000), "0", "reserve", key, "h", "USD_MICROCENTS", "1000",
-            scopes[0], json.dumps(scopes), "0", "60000", "5000", "ALLOW_IF_AVAILABLE", json.dumps({"tenant": tenant}),
-            json.dumps({"kind": "llm", "name": "m"}), "", "rsv_" + tenant + "." + key]
+            scopes[0], json.dumps(scopes), "0", "60000", "5000", "", json.dumps({"tenant": tenant}),
+            json.dumps({"kind": "llm", "name": "m"}), "", "rsv_" + tenant + "." + key, "ALLOW", "null", "{}", "[]",
+            "", "", "", "", journal]
 
 
 async def provision(url: str, tenant: str) -> tuple[RedisStore, str]:
