@@ -75,3 +75,43 @@ def test_canonical_payload_encoding_is_unchanged() -> None:
         type=m.ReservationCreateRequest)
     assert m.canonical(req) == msgspec.json.encode(req, order="sorted")
     assert m.canonical(req).index(b'"a":{"b":[3],"y":2}') < m.canonical(req).index(b'"z":1')
+
+
+def test_merged_precondition_reads_keep_the_order_of_checks(tenant: Tenant, server) -> None:  # noqa: ANN001
+    """Reserve reads the generation and both idempotency records in one statement, commit the generation and its
+    stored answer in one (SQLite): a replay is the first answer (a commit's byte for byte; a reserve's but for
+    remaining_ttl_ms, read at the replay), a reused key with another payload
+    is a mismatch, and ownership is still decided before any replay or mismatch of another tenant's request."""
+    from support import new_tenant
+
+    tenant.budget()
+    other = new_tenant(server)
+    other.budget()
+    with tenant.client() as c, other.client() as o:
+        body = reserve_body(tenant, 10)
+        first = c.post("/v1/reservations", json=body)
+        assert first.status_code == 200, first.text
+        again = c.post("/v1/reservations", json=body)
+        assert again.status_code == 200
+        drop_ttl = lambda r: {k: v for k, v in r.json().items() if k != "remaining_ttl_ms"}  # noqa: E731 (read at replay)
+        assert drop_ttl(again) == drop_ttl(first)
+        changed = {**body, "estimate": {"unit": USD, "amount": 11}}
+        assert c.post("/v1/reservations", json=changed).json()["error"] == "IDEMPOTENCY_MISMATCH"
+        rid = first.json()["reservation_id"]
+
+        commit = {"idempotency_key": uuid.uuid4().hex, "actual": {"unit": USD, "amount": 7}}
+        done = c.post(f"/v1/reservations/{rid}/commit", json=commit)
+        assert done.status_code == 200, done.text
+        replay = c.post(f"/v1/reservations/{rid}/commit", json=commit)
+        assert replay.status_code == 200 and replay.content == done.content
+        mismatch = c.post(f"/v1/reservations/{rid}/commit", json={**commit, "actual": {"unit": USD, "amount": 8}})
+        assert mismatch.status_code == 409 and mismatch.json()["error"] == "IDEMPOTENCY_MISMATCH"
+
+        # the other tenant used the same commit key on its own reservation, with another payload: acting on
+        # this tenant's reservation with it is refused for ownership, not answered as its mismatch or replay
+        own = o.post("/v1/reservations", json=reserve_body(other, 10)).json()["reservation_id"]
+        assert o.post(f"/v1/reservations/{own}/commit", json=commit).status_code == 200
+        live = c.post("/v1/reservations", json=reserve_body(tenant, 10)).json()["reservation_id"]
+        for key in (commit["idempotency_key"], uuid.uuid4().hex):
+            r = o.post(f"/v1/reservations/{live}/commit", json={**commit, "idempotency_key": key})
+            assert r.status_code == 403 and r.json()["error"] == "FORBIDDEN", r.text

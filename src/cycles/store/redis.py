@@ -15,32 +15,33 @@ last argument; the loader wraps each script so that, when the script did not ans
 entries are written in the same script, then the Python side empties the list. The governance events the
 store itself produces (ledger transitions, commit overage, expiry, rollover, the close cascade: the same
 as the SQLite store's) are built and written by the same script (common.lua emit / finish_journal).
+
+Beside this module: redis_keys (the key layout and shared codecs), redis_admin (the admin plane's reads and
+bookkeeping beyond one script), redis_evidence, redis_quotas, redis_wire (the pipelined script channel),
+redis_cluster and redis_outbox (Redis Cluster).
 """
 
 from __future__ import annotations
 
 import random
-import re
 import secrets
-from datetime import datetime
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
-import msgspec
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..core import policies as Pol
-from ..core.ledger import Ledger
 from ..core.scopes import matches_filter
 from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable, VersionConflict
+from .redis_admin import RedisAdmin
 from .redis_evidence import RedisEvidence
+from .redis_keys import TENANTS, _budget_row, _decode, _flat, _opt, _s, prefix, tenant_of_reservation
 from .redis_quotas import RedisQuotas
 from .redis_wire import ScriptChannel, supports
 from .base import (
-    AuditScan,
     EventCommand,
     FundCommand,
     Outcome,
@@ -57,16 +58,8 @@ from .base import (
 
 T = TypeVar("T")
 IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
-TENANTS = "cy:tenants"
-_TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
             "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin", "spend")
-AUDIT_REC, AUDIT = "cy:audit:rec", "cy:audit"
-EVENTS_REC, EVENTS = "cy:events:rec", "cy:events"
-KEY_IDS, KEYS = "cy:apikeys:id", "cy:apikeys"
-PERIODS = "cy:periods"  # zset: <tenant>|<scope>|<unit> of budgets with periods, by period_end_ms
-KEYS_INDEXED = "cy:apikeys:indexed"  # set once keys stored before the key id index have been indexed
-PURGE_BATCH = 1000
 
 # Every script body runs as a function; the epilogue (common.lua finish_journal) writes the journal (the
 # last ARGV, see _journal_arg) when the body's answer is not an error, and the governance events the script
@@ -91,29 +84,8 @@ def _script_source(common: str, body: str, *, cluster: bool = False) -> str:
 _OUTBOX = resources.files("cycles.store").joinpath("lua/outbox.lua").read_text()
 _INT_FIELDS = ("amount", "created_at_ms", "expires_at_ms", "grace_ms", "deadline_ms", "committed", "finalized_at_ms",
                "extensions", "max_extensions")
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 MAX_LIST_CANDIDATES = 50_000
 SPEND_PAGE = 1000  # reservation hashes read per round trip by scan_spend
-
-
-def prefix(tenant: str) -> str:
-    return f"cy:{{{tenant}}}:"
-
-
-def tenant_of_reservation(rid: str) -> str | None:
-    if not rid.startswith("rsv_") or "." not in rid:
-        return None
-    tenant = rid[4:rid.rindex(".")]
-    return tenant if _TENANT.match(tenant) else None
-
-
-def _s(obj: Any) -> str:
-    return _encode(obj).decode()
-
-
-def _opt(value: Any) -> str:
-    return "" if value is None else str(value)
 
 
 def _journal_arg(*groups: list[dict[str, Any]]) -> str:
@@ -169,13 +141,6 @@ def _limits(limits: list[Any]) -> list[list[str]]:
     return [[bucket, str(int(limit)), policy_id, scope] for bucket, limit, policy_id, scope in limits]
 
 
-def _iso_ms(text: Any) -> int:
-    try:
-        return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return 0
-
-
 def _script_error(out: dict[str, Any]) -> Exception:
     code = out["err"]
     if code == "STALE_GOVERNANCE":
@@ -192,7 +157,7 @@ def _script_error(out: dict[str, Any]) -> Exception:
                          status=out.get("status"))
 
 
-class RedisStore(RedisEvidence, RedisQuotas, Store):
+class RedisStore(RedisAdmin, RedisEvidence, RedisQuotas, Store):
     cluster = False  # RedisClusterStore (redis_cluster.py) keeps every script in one tenant's slot
 
     def __init__(self, url: str, *, retention_ms: int = IDEMPOTENCY_RETENTION_MS, connect_timeout_s: float = 1.0,
@@ -530,285 +495,6 @@ class RedisStore(RedisEvidence, RedisQuotas, Store):
     async def purge_idempotency(self, older_than_ms: int) -> int:
         return 0  # idempotency keys carry their own TTL (PEXPIRE retention_ms)
 
-    # ---- admin plane ----
-
-    async def _mget(self, keys: list[str]) -> list[str | None]:
-        out: list[str | None] = []
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            out += await self._call(lambda c=chunk: self.r.mget(c))
-        return out
-
-    async def append_journal(self, entries: list[dict[str, Any]]) -> None:
-        await self._script("audit", "", ["append"], entries=entries)
-
-    async def scan_audit(self, scan: AuditScan) -> list[dict[str, Any]]:
-        return await self._scan(AUDIT_REC, AUDIT, "audit", scan)
-
-    async def scan_events(self, scan: AuditScan) -> list[dict[str, Any]]:
-        return await self._scan(EVENTS_REC, EVENTS, "events", scan)
-
-    async def get_event(self, event_id: str) -> dict[str, Any] | None:
-        raw = await self._call(lambda: self.r.hget(EVENTS_REC, event_id))
-        return _decode(raw) if raw else None
-
-    async def purge_events(self, older_than_ms: int) -> int:
-        return await self._purge("events", older_than_ms)
-
-    async def _scan(self, records: str, index: str, suffix: str, scan: AuditScan) -> list[dict[str, Any]]:
-        key = index if scan.tenant is None else prefix(scan.tenant) + suffix
-        ids = [member for member, _ in await self._scan_ids(key, scan)]
-        if not ids:
-            return []
-        raws = await self._call(lambda: self.r.hmget(records, ids))
-        return [_decode(raw) for raw in raws if raw]  # a row purged meanwhile is gone
-
-    async def _scan_ids(self, key: str, scan: AuditScan) -> list[tuple[str, int]]:
-        """Up to scan.limit (member, score) of one time index, in the scan's order, past its cursor."""
-        lo: float = float("-inf") if scan.from_ms is None else scan.from_ms
-        hi: float = float("inf") if scan.to_ms is None else scan.to_ms
-        after = scan.after
-        if after is not None:
-            # (timestamp_ms, log_id) order is the sorted set's (score, member) order; the cursor is exclusive
-            if scan.descending:
-                hi = min(hi, after[0])
-            else:
-                lo = max(lo, after[0])
-
-        def past_cursor(member: str, score: int) -> bool:
-            if after is None or score != after[0]:
-                return True
-            return member < after[1] if scan.descending else member > after[1]
-
-        ids: list[tuple[str, int]] = []
-        offset, batch = 0, max(scan.limit, 100)
-        while len(ids) < scan.limit:
-            if scan.descending:
-                rows = await self._call(lambda o=offset: self.r.zrevrangebyscore(key, hi, lo, start=o, num=batch,
-                                                                                 withscores=True))
-            else:
-                rows = await self._call(lambda o=offset: self.r.zrangebyscore(key, lo, hi, start=o, num=batch,
-                                                                              withscores=True))
-            for member, score in rows:
-                if past_cursor(member, int(score)):
-                    ids.append((member, int(score)))
-                    if len(ids) == scan.limit:
-                        break
-            if len(rows) < batch:
-                break
-            offset += batch
-        return ids
-
-    async def purge_audit(self, older_than_ms: int) -> int:
-        return await self._purge("audit", older_than_ms)
-
-    async def _purge(self, log: str, older_than_ms: int) -> int:
-        total = 0
-        while True:
-            out = await self._script("audit", "", ["purge", str(int(older_than_ms)), PURGE_BATCH, log])
-            total += int(out["purged"])
-            if int(out["purged"]) < PURGE_BATCH:
-                return total
-
-    async def list_tenants(self) -> list[dict[str, Any]]:
-        ids = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
-        raws = await self._mget([prefix(t) + "tenant" for t in ids])
-        return [_decode(raw) for raw in raws if raw]
-
-    async def _index_keys(self) -> None:
-        """Index API keys stored before the key id index existed (once per store, then marked done)."""
-        if self._keys_indexed:
-            return
-        if not await self._call(lambda: self.r.exists(KEYS_INDEXED)):
-            async def scan() -> list[str]:
-                return [k async for k in self.r.scan_iter(match="cy:apikey:*", count=1000)]
-
-            for key in await self._call(scan):
-                raw = await self._call(lambda k=key: self.r.get(k))
-                if not raw:
-                    continue
-                created = _iso_ms(_decode(raw).get("created_at"))
-                await self._script("apikey", "", ["index", key[len("cy:apikey:"):], str(created)], journal=False)
-            await self._call(lambda: self.r.set(KEYS_INDEXED, "1"))
-        self._keys_indexed = True
-
-    async def list_api_keys(self, tenant: str | None) -> list[dict[str, Any]]:
-        await self._index_keys()
-        key = KEYS if tenant is None else prefix(tenant) + "apikeys"
-        ids = await self._call(lambda: self.r.zrange(key, 0, -1))
-        if not ids:
-            return []
-        prefixes = await self._call(lambda: self.r.hmget(KEY_IDS, ids))
-        raws = await self._mget([f"cy:apikey:{kp}" for kp in prefixes if kp])
-        return [_decode(raw) for raw in raws if raw]
-
-    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
-        await self._index_keys()
-        key_prefix = await self._call(lambda: self.r.hget(KEY_IDS, key_id))
-        return await self.find_api_key(key_prefix) if key_prefix else None
-
-    async def update_api_key(self, key_id: str, changes: dict[str, Any], *, guard_tenant: bool = True) -> dict[str, Any]:
-        await self._index_keys()
-        out = await self._script("apikey", "", ["update", key_id, _s(changes), "1" if guard_tenant else "0"])
-        return _decode(out["record"])
-
-    async def touch_api_keys(self, last_used: dict[str, int]) -> None:
-        await self._index_keys()
-        args: list[Any] = ["touch"]
-        for key_id, at_ms in last_used.items():
-            args += [key_id, str(int(at_ms))]
-        await self._script("apikey", "", args)
-
-    async def get_doc(self, kind: str, doc_id: str) -> dict[str, Any] | None:
-        raw = await self._call(lambda: self.r.hget(f"cy:doc:{kind}:{doc_id}", "r"))
-        return _decode(raw) if raw else None
-
-    async def list_docs(self, kind: str, tenant: str | None) -> list[dict[str, Any]]:
-        key = f"cy:docs:{kind}" if tenant is None else prefix(tenant) + f"docs:{kind}"
-        return await self._docs(kind, await self._call(lambda: self.r.zrange(key, 0, -1)))
-
-    async def _docs(self, kind: str, ids: list[str]) -> list[dict[str, Any]]:
-        """The records of documents by id, in one pipeline (a document deleted meanwhile is skipped)."""
-        async def fetch() -> list[str | None]:
-            pipe = self.r.pipeline(transaction=False)
-            for doc_id in ids:
-                pipe.hget(f"cy:doc:{kind}:{doc_id}", "r")
-            return await pipe.execute()
-
-        return [_decode(raw) for raw in (await self._call(fetch) if ids else []) if raw]
-
-    async def save_doc(self, kind: str, tenant: str, doc_id: str, record: dict[str, Any] | None,
-                       expect_version: int | None, *, guard_tenant: bool = True) -> dict[str, Any] | None:
-        out = await self._script("doc", tenant, [
-            kind, doc_id, "" if record is None else _s(record), _opt(expect_version), "1" if guard_tenant else "0"])
-        if record is None:
-            return None
-        return {**record, "version": int(out["version"])}
-
-    async def due_docs(self, kind: str, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
-        ids = await self._call(lambda: self.r.zrangebyscore(f"cy:docs:{kind}:due", "-inf", now_ms, start=0, num=limit))
-        return await self._docs(kind, ids)
-
-    async def get_budget(self, tenant: str, scope: str, unit: str) -> dict[str, Any] | None:
-        rows = await self._budget_rows(tenant, [f"{scope}|{unit}"])
-        return rows[0] if rows else None
-
-    async def update_budget(self, tenant: str, scope: str, unit: str, changes: dict[str, Any],
-                            *, guard_tenant: bool = True) -> dict[str, Any]:
-        policy = "-"
-        if "commit_overage_policy" in changes:
-            policy = _opt(changes["commit_overage_policy"])
-        out = await self._script("budget_admin", tenant, [
-            scope, unit, "1" if guard_tenant else "0", _opt(changes.get("status")),
-            _s(list(changes.get("from_status") or [])), _opt(changes.get("allocated")),
-            _opt(changes.get("overdraft_limit")), policy, _s(changes["extra"]) if changes.get("extra") else ""])
-        return _budget_row(tenant, _flat(out["row"]))
-
-    async def _period_indexes(self) -> list[str]:
-        return [PERIODS]
-
-    async def due_rollovers(self, now_ms: int, limit: int = 100) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for index in await self._period_indexes():
-            if len(out) < limit:
-                out += await self._due_rollovers(index, now_ms, limit - len(out))
-        return out
-
-    async def _due_rollovers(self, index: str, now_ms: int, limit: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        offset, batch = 0, max(limit, 100)
-        while len(out) < limit:
-            members = await self._call(lambda o=offset: self.r.zrangebyscore(index, "-inf", now_ms, start=o, num=batch))
-            for member in members:
-                tenant, rest = member.split("|", 1)
-                scope, unit = rest.rsplit("|", 1)
-                rec = await self.get_budget(tenant, scope, unit)
-                # read after the index: another process may have rolled it meanwhile (its next period is
-                # not due yet, and rolling it again would skip a period)
-                end = rec["extra"].get("period_end_ms") if rec is not None else None
-                if (rec is not None and rec["ledger"].status != "CLOSED" and isinstance(end, int)
-                        and not isinstance(end, bool) and end <= now_ms):
-                    out.append(rec)
-                    if len(out) == limit:
-                        break
-            if len(members) < batch:
-                break
-            offset += batch
-        return out
-
-    async def rollover_budget(self, tenant: str, scope: str, unit: str, expected_end_ms: int,
-                              period: dict[str, Any]) -> dict[str, Any] | None:
-        out = await self._script("rollover", tenant, [scope, unit, str(int(expected_end_ms)), _s(period)])
-        if not out["rolled"]:
-            return None
-        row = _budget_row(tenant, _flat(out["row"]))
-        return {"before": _budget_row(tenant, _flat(out["before"]))["ledger"], "after": row["ledger"],
-                "extra": row["extra"]}
-
-    async def _count_existing(self) -> None:
-        """Take the overview counts of data written before counters existed (once; scripts keep them)."""
-        self._counted = True
-        try:
-            await self._script("counters", "", [], journal=False)
-        except BaseException:
-            self._counted = False
-            raise
-
-    async def counters(self) -> dict[str, int]:
-        if not self._counted:
-            await self._count_existing()
-        return {name: int(v) for name, v in (await self._call(lambda: self.r.hgetall("cy:counters"))).items()}
-
-    async def top_budgets(self, kind: str, limit: int = 10) -> list[dict[str, Any]]:
-        """From the sets the scripts keep of over-limit and indebted budgets: no scan of all budgets."""
-        if not self._counted:
-            await self._count_existing()
-        key = "cy:budgets:over_limit" if kind == "over_limit" else "cy:budgets:with_debt"
-        by_tenant: dict[str, list[str]] = {}
-        for member in await self._call(lambda: self.r.smembers(key)):
-            tenant, _, budget = member.partition(" ")
-            by_tenant.setdefault(tenant, []).append(budget)
-        rows: list[dict[str, Any]] = []
-        for tenant, members in sorted(by_tenant.items()):
-            for row in await self._budget_rows(tenant, sorted(members)):
-                led = row["ledger"]
-                if (led.is_over_limit if kind == "over_limit" else led.debt > 0):
-                    rows.append(row)
-        rows.sort(key=lambda r: (-r["ledger"].debt, r["tenant_id"], r["ledger"].scope))
-        return rows[:limit]
-
-    async def cascade_close(self, tenant: str, batch: int = 200) -> bool:
-        await self._index_keys()
-        out = await self._script("cascade", tenant, [int(batch)])
-        return bool(out["done"])
-
-    async def pending_cascades(self) -> list[str]:
-        ids = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
-        out = []
-        for tenant, raw in zip(ids, await self._mget([prefix(t) + "tenant" for t in ids])):
-            if not raw:
-                continue
-            record = _decode(raw)
-            if record.get("status") == "CLOSED" and record.get("cascade") == "PENDING":
-                out.append(tenant)
-        return out
-
-
-def _flat(pairs: Any) -> dict[str, str]:
-    """A hash from a script (HGETALL's flat list) as a dict."""
-    if not isinstance(pairs, list):
-        return {}
-    return dict(zip(pairs[::2], pairs[1::2]))
-
-
-def _budget_row(tenant: str, h: dict[str, str]) -> dict[str, Any]:
-    return {
-        "tenant_id": tenant, "ledger_id": h["ledger_id"], "created_at_ms": int(h["created_at_ms"]),
-        "updated_at_ms": int(h["updated_at_ms"]), "extra": _decode(h.get("extra") or "{}"),
-        "commit_overage_policy": h.get("commit_overage_policy") or None,
-        "ledger": Ledger(h["scope"], h["unit"], int(h["allocated"]), int(h["spent"]), int(h["reserved"]),
-                         int(h["debt"]), int(h["overdraft_limit"]), h["is_over_limit"] == "1", h["status"]),
-    }
 
 
 _RESULT_INTS = ("amount", "expires_at_ms", "charged", "released", "actual", "timestamp_ms")

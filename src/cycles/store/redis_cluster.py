@@ -34,7 +34,8 @@ from ..protocol.errors import ErrorCode, ProtocolError, StoreUnavailable
 from .base import AuditScan, pending_journal
 from .redis_outbox import AGG, Outbox
 from .redis_wire import ScriptChannel
-from .redis import PURGE_BATCH, TENANTS, RedisStore, _decode, _encode, prefix
+from .redis import RedisStore
+from .redis_keys import PURGE_BATCH, TENANTS, _decode, _encode, prefix
 
 JOURNALS = "cy:journals"  # tenants (and __admin__ / __unauth__) that have journal rows, beside cy:tenants
 DOC_OWNERS = "cy:docowners"  # owners of documents

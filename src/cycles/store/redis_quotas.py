@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .redis_keys import TENANTS, prefix as _prefix
+
 
 class RedisQuotas:
     """Mixed into RedisStore, whose `r`, `_call` and `now_ms` it uses."""
@@ -16,8 +18,6 @@ class RedisQuotas:
     now_ms: Any
 
     async def hot_action_counters(self) -> list[dict[str, Any]]:
-        from .redis import TENANTS, prefix as _prefix  # the store's key layout (imported here: it imports this)
-
         now = await self.now_ms()
         tenants = sorted(await self._call(lambda: self.r.smembers(TENANTS)))
         if not tenants:
