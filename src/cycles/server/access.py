@@ -24,6 +24,22 @@ def _source(request: Any) -> str | None:
     return client.host if client else None
 
 
+def cached(request: Request, ctx: Ctx) -> Any:
+    """authenticate(runtime=True) when a tenant key's principal and governance view are cached and current
+    (Authenticator.cached_runtime), without an await; None when the full check must run."""
+    presented = request.headers.get("x-cycles-api-key")
+    if not presented:
+        return None
+    hit = state_of(request).auth.cached_runtime(presented)
+    if hit is None:
+        return None
+    principal, ctx.view = hit
+    authenticated(request, ctx, principal)
+    if principal.tenant_id:
+        ctx.tenant = principal.tenant_id
+    return principal
+
+
 async def authenticate(request: Request, ctx: Ctx, *, allow_admin: bool = False, allow_tenant: bool = True,
                        runtime: bool = False) -> Any:
     """Authenticate the request and note the outcome for its audit row.

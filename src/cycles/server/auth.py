@@ -281,11 +281,9 @@ class Authenticator:
         self.last_used[record["key_id"]] = int(time.time() * 1000)
         return principal
 
-    async def runtime(self, presented: str, source: str | None = None) -> tuple[Principal, TenantView]:
-        """A tenant key's principal and its tenant's governance view, from the cache when both are of the
-        same generation; the store checks that generation again when it acts (StaleGovernance)."""
-        fingerprint = hashlib.sha256(presented.encode()).digest()
-        hit = self._principals.get(fingerprint)
+    def cached_runtime(self, presented: str) -> tuple[Principal, TenantView] | None:
+        """runtime() when the cache answers it (no await: the hot routes' usual case); None otherwise."""
+        hit = self._principals.get(hashlib.sha256(presented.encode()).digest())
         if hit is not None:
             principal, gen = hit
             view = self.governance.cached(principal.tenant_id or "")
@@ -294,6 +292,14 @@ class Authenticator:
                                                          or now_ms < principal.expires_at_ms):
                 self.last_used[principal.key_id or ""] = now_ms
                 return principal, view
+        return None
+
+    async def runtime(self, presented: str, source: str | None = None) -> tuple[Principal, TenantView]:
+        """A tenant key's principal and its tenant's governance view, from the cache when both are of the
+        same generation; the store checks that generation again when it acts (StaleGovernance)."""
+        hit = self.cached_runtime(presented)
+        if hit is not None:
+            return hit
         record, fingerprint = await self._tenant_record(presented, source)
         view = await self.governance.load(record["tenant_id"])
         # read again after the generation, so the cached record is at least as new as the generation it is kept at

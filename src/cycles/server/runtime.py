@@ -32,7 +32,9 @@ SORT_KEYS = ("reservation_id", "tenant", "scope_path", "status", "reserved", "cr
 
 async def _auth(request: Request, ctx: Ctx, permission: str, *, allow_admin: bool = False,
                 runtime: bool = False) -> Principal:
-    principal = await access.authenticate(request, ctx, allow_admin=allow_admin, runtime=runtime)
+    principal = access.cached(request, ctx) if runtime else None
+    if principal is None:
+        principal = await access.authenticate(request, ctx, allow_admin=allow_admin, runtime=runtime)
     try:
         principal.require(permission)
     except ProtocolError:
@@ -172,7 +174,9 @@ def decide(request: Request, ctx: Ctx) -> Awaitable[Response]:
 async def _evaluate(request: Request, ctx: Ctx, typ: type, endpoint: str) -> Response:
     """createReservation (live and dry run) and decide: the same evaluation, one store step."""
     principal = await _auth(request, ctx, "reservations:create", runtime=True)
-    raw = await read_body(request)
+    raw = getattr(request, "received", None)  # the direct path read the whole body with the head
+    if raw is None:
+        raw = await read_body(request)
     req = decode(raw, typ)
     check_idempotency_header(request, req.idempotency_key)
     subject, path, scopes = _subject(req.subject, principal)
@@ -231,7 +235,9 @@ async def _settle(request: Request, ctx: Ctx, kind: str) -> Response:
     allow_admin = kind == "release"
     principal = await _auth(request, ctx, permission, allow_admin=allow_admin, runtime=True)
     typ = {"commit": m.CommitRequest, "release": m.ReleaseRequest, "extend": m.ReservationExtendRequest}[kind]
-    raw = await read_body(request)
+    raw = getattr(request, "received", None)  # the direct path read the whole body with the head
+    if raw is None:
+        raw = await read_body(request)
     req = decode(raw, typ)
     check_idempotency_header(request, req.idempotency_key)
     payload_hash = _hash(rid.encode(), m.canonical(req))
