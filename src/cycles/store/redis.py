@@ -14,7 +14,7 @@ Journal: every script call carries the request's pending journal entries (base.p
 last argument; the loader wraps each script so that, when the script did not answer an error, the
 entries are written in the same script, then the Python side empties the list. The governance events the
 store itself produces (ledger transitions, commit overage, expiry, rollover, the close cascade: the same
-as the SQLite store's) are built and written by the same script (common.lua emit / finish_journal).
+as the SQLite store's) are built and written by the same script (common_journal.lua emit / finish_journal).
 
 Beside this module: redis_keys (the key layout and shared codecs), redis_admin (the admin plane's reads and
 bookkeeping beyond one script), redis_evidence, redis_quotas, redis_wire (the pipelined script channel),
@@ -58,10 +58,12 @@ from .base import (
 
 T = TypeVar("T")
 IDEMPOTENCY_RETENTION_MS = 7 * 24 * 3600 * 1000
+# The prelude every script starts with, in this order (later parts use the functions of earlier ones)
+_PRELUDE = ("common.lua", "common_journal.lua", "common_ledgers.lua", "common_quotas.lua", "common_leases.lua")
 _SCRIPTS = ("reserve", "settle", "event", "fund", "expire", "budget", "tenant", "setting", "apikey", "doc",
             "budget_admin", "cascade", "audit", "rollover", "counters", "evidence", "quota_admin", "spend")
 
-# Every script body runs as a function; the epilogue (common.lua finish_journal) writes the journal (the
+# Every script body runs as a function; the epilogue (common_journal.lua finish_journal) writes the journal (the
 # last ARGV, see _journal_arg) when the body's answer is not an error, and the governance events the script
 # itself produced (ledger transitions, commit overage, expiry, rollover, the close cascade) in any case, in
 # the same atomic script. The operation's result record (runtime outcomes, fresh or replayed) gives the rows
@@ -170,7 +172,7 @@ class RedisStore(RedisAdmin, RedisEvidence, RedisQuotas, Store):
         self.r = self._connect(url, connect_timeout_s, socket_timeout_s, max_connections)
         self.channel = (ScriptChannel(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s)
                         if not self.cluster and supports(url) else None)
-        common = resources.files("cycles.store").joinpath("lua/common.lua").read_text()
+        common = "".join(resources.files("cycles.store").joinpath(f"lua/{part}").read_text() for part in _PRELUDE)
         self.scripts = {
             name: self.r.register_script(_script_source(
                 common, resources.files("cycles.store").joinpath(f"lua/{name}.lua").read_text(), cluster=self.cluster))
