@@ -75,8 +75,10 @@ class Principal:
     revoked_by_close: bool = False
     expires_at_ms: int | None = None
 
-    def expired(self) -> bool:
-        return self.expires_at_ms is not None and time.time() * 1000 >= self.expires_at_ms
+    def expired(self, now_ms: int | None = None) -> bool:
+        if self.expires_at_ms is None:
+            return False
+        return (time.time() * 1000 if now_ms is None else now_ms) >= self.expires_at_ms
 
     @property
     def is_admin(self) -> bool:
@@ -288,8 +290,7 @@ class Authenticator:
             principal, gen = hit
             view = self.governance.cached(principal.tenant_id or "")
             now_ms = int(time.time() * 1000)
-            if view is not None and view.gen == gen and (principal.expires_at_ms is None
-                                                         or now_ms < principal.expires_at_ms):
+            if view is not None and view.gen == gen and not principal.expired(now_ms):
                 self.last_used[principal.key_id or ""] = now_ms
                 return principal, view
         return None

@@ -89,7 +89,7 @@ class DirectRequest:
     first value of a repeated header), path parameters, client address and whole body. Duck-typed to
     starlette.requests.Request as HotRequest is."""
 
-    __slots__ = ("headers", "path_params", "app", "client", "_body", "received")
+    __slots__ = ("headers", "path_params", "app", "client", "received")
     method = "POST"
 
     def __init__(self, headers: dict[str, str], path_params: dict[str, str], client: tuple[str, int] | None,
@@ -98,15 +98,14 @@ class DirectRequest:
         self.path_params = path_params
         self.app = app
         self.client = _Client(client[0], client[1]) if client else None
-        self._body = body
         self.received = body  # whole, within MAX_BODY_BYTES (server.lean checked its Content-Length)
 
     async def body(self) -> bytes:
-        return self._body
+        return self.received
 
     async def stream(self) -> Any:
-        if self._body:
-            yield self._body
+        if self.received:
+            yield self.received
 
 
 class HotRoutes:

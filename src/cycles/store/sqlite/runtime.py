@@ -81,17 +81,14 @@ class _Runtime(_Core):
         tenant = _tenant_of(conn, cmd.tenant, cmd)
         base = {"scope_path": cmd.scope_path, "affected_scopes": cmd.scopes, "unit": cmd.unit, "amount": cmd.amount}
 
-        def deny(reason: str, ledgers: Sequence[L.Ledger] = (), detail: dict[str, Any] | None = None) -> Outcome:
-            return _deny(conn, cmd, base, now, reason, ledgers, detail)
-
         status = tenant.get("status") if tenant else None
         if status == "CLOSED":
             if evaluate_only:
-                return deny("TENANT_CLOSED")
+                return _deny(conn, cmd, base, now, "TENANT_CLOSED")
             raise ProtocolError(ErrorCode.TENANT_CLOSED, f"Tenant {cmd.tenant} is closed")
         if status == "SUSPENDED":
             if evaluate_only:
-                return deny("TENANT_SUSPENDED")
+                return _deny(conn, cmd, base, now, "TENANT_SUSPENDED")
             raise ProtocolError(ErrorCode.FORBIDDEN, f"Tenant {cmd.tenant} is suspended; new reservations are refused")
         if cmd.endpoint == "reserve" and Q.observed(cmd.observe_mode, tenant):
             evaluate_only = True  # shadow mode: the full evaluation, nothing changed
@@ -101,14 +98,14 @@ class _Runtime(_Core):
             if gov.get("deny"):
                 reason, detail, message = gov["deny"]
                 if evaluate_only:
-                    return deny(reason, detail=detail)
+                    return _deny(conn, cmd, base, now, reason, detail=detail)
                 raise ProtocolError(ErrorCode(reason), message,
                                     details={"scope": detail["blocked_by_scope"], "deny_detail": detail})
             if gov.get("quotas"):
                 counted, detail = Q.check(conn, cmd.tenant, gov["quotas"], now)
                 if detail is not None:
                     if evaluate_only:
-                        return deny("ACTION_QUOTA_EXCEEDED", detail=detail)
+                        return _deny(conn, cmd, base, now, "ACTION_QUOTA_EXCEEDED", detail=detail)
                     raise Q.denial(detail)
 
         if cmd.limits and not evaluate_only:
@@ -117,7 +114,7 @@ class _Runtime(_Core):
         ledgers = _scope_ledgers(conn, cmd.tenant, cmd.scopes, cmd.unit, overage)
         if not ledgers:
             if evaluate_only:
-                return deny("BUDGET_NOT_FOUND")
+                return _deny(conn, cmd, base, now, "BUDGET_NOT_FOUND")
             raise ProtocolError(ErrorCode.NOT_FOUND, f"Budget not found for provided scope: {cmd.scope_path}",
                                 details={"scope": cmd.scope_path, "unit": cmd.unit})
         denial = L.check_reserve(ledgers, cmd.amount)
@@ -129,7 +126,7 @@ class _Runtime(_Core):
                 denial = L.check_reserve(ledgers, cmd.amount)
         if denial is not None:
             if evaluate_only:
-                return deny(denial.code.value, ledgers)
+                return _deny(conn, cmd, base, now, denial.code.value, ledgers)
             if expired:
                 raise _CommitThenRaise(denial.error())
             raise denial.error()
