@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from urllib.parse import urlparse
 
+import httpx
 import msgspec
 import pytest
 
@@ -115,3 +116,28 @@ def test_merged_precondition_reads_keep_the_order_of_checks(tenant: Tenant, serv
         for key in (commit["idempotency_key"], uuid.uuid4().hex):
             r = o.post(f"/v1/reservations/{live}/commit", json={**commit, "idempotency_key": key})
             assert r.status_code == 403 and r.json()["error"] == "FORBIDDEN", r.text
+
+
+def test_a_cached_key_is_refused_once_it_expires(tenant: Tenant, server) -> None:  # noqa: ANN001
+    """The runtime routes answer a cached key without reading the store; its expiry is still checked per request
+    (Authenticator.cached_runtime), so a key that expires while cached is refused at once."""
+    import time
+    from datetime import datetime, timezone
+
+    tenant.budget()
+    expires = datetime.fromtimestamp(time.time() + 2.5, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    with server.admin() as a:
+        r = a.post("/v1/admin/api-keys", json={"tenant_id": tenant.tenant_id, "name": "short",
+                                               "permissions": ["reservations:create"], "expires_at": expires})
+        assert r.status_code == 201, r.text
+    key = r.json()["key_secret"]
+    with httpx.Client(base_url=server.base_url, headers={"X-Cycles-API-Key": key}, timeout=30) as c:
+        assert c.post("/v1/reservations", json=reserve_body(tenant, 1)).status_code == 200  # now cached
+        assert c.post("/v1/reservations", json=reserve_body(tenant, 1)).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = c.post("/v1/reservations", json=reserve_body(tenant, 1))
+            if r.status_code != 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 401 and r.json()["error"] == "UNAUTHORIZED", r.text
