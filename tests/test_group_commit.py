@@ -333,3 +333,35 @@ def test_wal_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             await store.close()
 
     asyncio.run(main())
+
+
+def test_the_log_restarts_under_continuous_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under writes that never pause, the checkpointer thread's passes never leave the log fully copied when a
+    write transaction begins, so by themselves they never let it restart; the writer finishes the copy
+    (_finish_checkpoint) and the log restarts (the WAL header's checkpoint sequence moves on each restart)."""
+    import struct
+
+    from cycles.store.sqlite import core
+
+    monkeypatch.setattr(core, "CATCH_UP_FRAMES", 64)
+    wal = tmp_path / "r.db-wal"
+
+    def restarts() -> int:
+        with open(wal, "rb") as f:
+            return struct.unpack(">I", f.read(16)[12:16])[0]
+
+    async def main() -> None:
+        store = await _store_with_budget(tmp_path / "r.db", 10**12)
+        try:
+            first, written = restarts(), 0
+            deadline = time.monotonic() + 15
+            while restarts() - first < 2 and time.monotonic() < deadline:
+                await asyncio.gather(*(store.reserve(reserve_cmd("t", 1)) for _ in range(32)))
+                written += 32
+            assert restarts() - first >= 2, "the log never restarted under continuous writes"
+            assert store.catch_ups >= 1
+            assert store.conn.execute("SELECT reserved FROM budgets WHERE tenant_id='t'").fetchone()[0] == written
+        finally:
+            await store.close()
+
+    asyncio.run(main())
