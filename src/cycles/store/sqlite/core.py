@@ -138,7 +138,7 @@ class _Core:
                             busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                             if busy or copied - before < CATCH_UP_LEFT:
                                 break
-                        self._catch_up = not busy and copied < log
+                        self._catch_up = not busy
                 except sqlite3.Error:
                     pass  # busy or file gone: the next tick tries again
         finally:
