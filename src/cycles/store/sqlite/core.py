@@ -29,10 +29,11 @@ def _wall_ms() -> int:
 MAX_BATCH = 256  # operations per group commit; more wait for the next one
 WAL_KEEP_BYTES = 16 << 20  # the WAL file is cut back to this when the log restarts
 WAL_TRUNCATE_BYTES = 64 << 20  # past this the checkpointer forces the log back to empty
-# a log this long (16 MiB of 4 KiB pages, WAL_KEEP_BYTES) is restarted under load (_start_checkpointer); the
-# writer's part of that costs two fsyncs (a few ms), so not more often than this
+# a log this long (16 MiB of 4 KiB pages, WAL_KEEP_BYTES) is restarted under load (_Core._restart_log); each
+# restart pauses writes for two fsyncs (a few ms), so not more often than this
 CATCH_UP_FRAMES = 4096
 CATCH_UP_LEFT = 64  # the thread copies until a pass finds fewer new frames than this
+RESTART_WAIT_MS = 50  # how long the RESTART checkpoint waits for the write lock and for readers
 
 
 @dataclass(slots=True, eq=False)
@@ -82,8 +83,7 @@ class _Core:
         self.batches = 0  # group commits run (the tests check that concurrent writes were grouped)
         self._flush_scheduled = False
         self._flush_loop: asyncio.AbstractEventLoop | None = None
-        self._catch_up = False  # set by the checkpointer thread: the writer finishes its checkpoint
-        self.catch_ups = 0  # checkpoints the writer finished (the tests check that the log restarts under load)
+        self.restarts = 0  # RESTART checkpoints run under load (the tests check that the log restarts)
 
     # ---- connection ----
 
@@ -103,14 +103,11 @@ class _Core:
         # cutting the file to journal_size_limit. Under steady load that never happens by itself: commits
         # land while the thread copies, so no write transaction ever begins on a fully copied log (which is
         # what lets SQLite restart it), and the log grew until the TRUNCATE checkpoint below stalled every
-        # commit; meanwhile page lookups searched an ever longer WAL index and writers met SQLITE_BUSY.
-        # So once the log is CATCH_UP_FRAMES long the thread copies it again until a pass finds little new
-        # (each copies only what commits added during the last) and asks the writer to copy the rest itself
-        # before its next transaction (_finish_checkpoint): a pause of the event loop (a few dozen pages
-        # and the two fsyncs of a checkpoint, a few ms), after which the log restarts.
+        # commit; meanwhile page lookups searched an ever longer WAL index and writers met SQLITE_BUSY. So
+        # once the log is CATCH_UP_FRAMES long the thread restarts it (_restart_log).
         # A TRUNCATE checkpoint holds the write lock while it copies and syncs (commits stalled behind it
         # for 80-140 ms), so it runs only when the WAL has grown past WAL_TRUNCATE_BYTES, i.e. when readers
-        # (or other processes' writes) kept the log from restarting for a long time.
+        # kept the log from restarting for a long time.
         if self._checkpointer is not None or self.path == ":memory:":
             return
         self._stop.clear()
@@ -133,16 +130,33 @@ class _Core:
                 try:
                     busy, log, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
                     if mode == "PASSIVE" and not busy and log >= CATCH_UP_FRAMES:
-                        for _ in range(4):  # each pass copies what commits added during the last one
-                            before = copied
-                            busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                            if busy or copied - before < CATCH_UP_LEFT:
-                                break
-                        self._catch_up = not busy
+                        self._restart_log(conn, copied)
                 except sqlite3.Error:
                     pass  # busy or file gone: the next tick tries again
         finally:
             conn.close()
+
+    def _restart_log(self, conn: sqlite3.Connection, copied: int) -> None:
+        """Under steady writes: copy the log again until a pass finds little new (each copies only what commits
+        added during the last), then a RESTART checkpoint copies the rest while it holds the write lock, so
+        the next write transaction (of any process) begins on a fully copied log and restarts it. Writers
+        wait for that lock (the few dozen frames left and the checkpoint's two fsyncs, a few ms) with the
+        usual async back-off; the event loop does not stop. Not while a reader pins the log: nothing would
+        be copied and writers would wait for nothing."""
+        for _ in range(4):
+            before = copied
+            busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if busy or copied == before < log:  # another checkpointer, or a reader holds the rest
+                return
+            if copied - before < CATCH_UP_LEFT:
+                break
+        conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")  # for the write lock and readers to finish
+        try:
+            busy, _log, _copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
+        if not busy:
+            self.restarts += 1
 
     def _check_file(self) -> None:
         # An open connection keeps working on a file that was moved or deleted; writing there would
@@ -214,23 +228,9 @@ class _Core:
         except _Isolate:
             self._run_batch_once(batch, isolate=True)
 
-    def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
-        """Copy the frames the checkpointer thread could not (those committed while it copied), with no
-        transaction open on this connection: the next write transaction then begins on a fully copied log
-        and restarts it from its start (see _start_checkpointer)."""
-        self._catch_up = False
-        try:
-            busy, _log, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:
-            return  # the thread asks again on its next pass
-        if not busy:
-            self.catch_ups += 1
-
     def _run_batch_once(self, batch: list[_Op], isolate: bool) -> None:
         conn = self.conn
         self._check_file()
-        if self._catch_up:
-            self._finish_checkpoint(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
