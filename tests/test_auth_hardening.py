@@ -108,3 +108,59 @@ def test_a_key_of_the_wrong_kind_is_told_where_it_belongs(server: Server) -> Non
     r = httpx.get(server.base_url + "/v1/balances", params={"tenant": tenant.tenant_id},
                   headers={"X-Cycles-API-Key": "cyc_admin_" + "x" * 40})
     assert r.status_code == 401 and "X-Admin-API-Key" in r.json()["message"]
+
+
+def test_key_hashing_stays_off_the_event_loop_and_a_new_key_needs_no_check(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """scrypt (tens of ms) never runs on the event loop: creating a key, validating one, checking one. A key
+    this process just created is answered at once: it hashed the secret itself, so no scrypt check is needed."""
+    import asyncio
+
+    from cycles.server import auth
+    from cycles.server.app import create_app
+
+    admin_key = "auth-hardening-admin-" + uuid.uuid4().hex
+    ran_on: list[tuple[str, threading.Thread]] = []
+    real_hash, real_verify = auth.hash_secret, auth.verify_secret
+
+    def hash_secret(secret: str) -> str:
+        ran_on.append(("hash", threading.current_thread()))
+        return real_hash(secret)
+
+    def verify_secret(secret: str, stored: str) -> bool:
+        ran_on.append(("verify", threading.current_thread()))
+        return real_verify(secret, stored)
+
+    monkeypatch.setattr(auth, "hash_secret", hash_secret)
+    monkeypatch.setattr(auth, "verify_secret", verify_secret)
+    monkeypatch.setenv("CYCLES_EMBEDDED_WORKER", "0")
+
+    async def main() -> None:
+        app = create_app(store_url=f"sqlite:///{tmp_path / 'c.db'}", admin_key=admin_key, sweep_interval_s=0)
+        lifespan = app.router.lifespan_context(app.app)
+        await lifespan.__aenter__()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cycles") as c:
+                admin = {"X-Admin-API-Key": admin_key}
+                assert (await c.post("/v1/admin/tenants", json={"tenant_id": "acme-hash", "name": "acme"},
+                                     headers=admin)).status_code == 201
+                key = (await c.post("/v1/admin/api-keys", json={"tenant_id": "acme-hash", "name": "k"},
+                                    headers=admin)).json()["key_secret"]
+                assert [what for what, _ in ran_on] == ["hash"]
+                r = await c.post("/v1/admin/budgets", headers=admin, json={
+                    "tenant_id": "acme-hash", "scope": "tenant:acme-hash", "unit": "TOKENS",
+                    "allocated": {"unit": "TOKENS", "amount": 100}})
+                assert r.status_code == 201, r.text
+                r = await c.post("/v1/reservations", headers={"X-Cycles-API-Key": key}, json={
+                    "idempotency_key": "k1", "subject": {"tenant": "acme-hash"}, "action": {"kind": "llm.completion",
+                    "name": "m"}, "estimate": {"unit": "TOKENS", "amount": 10}})
+                assert r.status_code == 200, r.text
+                assert [what for what, _ in ran_on] == ["hash"]  # the new key needed no scrypt check
+                r = await c.post("/v1/auth/validate", headers=admin, json={"key_secret": key})
+                assert r.json()["valid"] is True
+                assert [what for what, _ in ran_on] == ["hash", "verify"]
+        finally:
+            await lifespan.__aexit__(None, None, None)
+
+    asyncio.run(main())
+    assert all(thread is not threading.main_thread() for _, thread in ran_on), ran_on

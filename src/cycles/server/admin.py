@@ -17,7 +17,7 @@ from ..protocol import admin as a
 from ..protocol import models as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import FundCommand
-from .auth import KEY_PREFIX_LEN, Principal, hash_secret, new_tenant_key
+from .auth import KEY_PREFIX_LEN, Principal, new_tenant_key
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, bool_param, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, parse_iso, str_param
 from . import access, audit, events
@@ -193,9 +193,10 @@ async def create_api_key(request: Request, ctx: Ctx) -> Response:
         "key_id": key_id, "key_prefix": secret[:KEY_PREFIX_LEN], "tenant_id": req.tenant_id, "name": req.name,
         "description": req.description, "permissions": permissions, "scope_filter": req.scope_filter,
         "status": "ACTIVE", "created_at": iso(now), "expires_at": iso(expires_ms), "expires_at_ms": expires_ms,
-        "metadata": req.metadata, "secret_hash": hash_secret(secret),
+        "metadata": req.metadata, "secret_hash": await st.auth.hash_new(secret),
     }
     await st.store.create_api_key(record)
+    st.auth.created(secret, key_id)
     body = a.ApiKeyCreateResponse(key_id=key_id, key_secret=secret, key_prefix=record["key_prefix"],
                                   tenant_id=req.tenant_id, created_at=record["created_at"],
                                   expires_at=record["expires_at"], permissions=permissions)

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from ..core.scopes import within_filter
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -33,6 +33,7 @@ OPERATOR_KEY_PREFIX = "cyc_op_"
 OPERATOR_PREFIX_LEN = 16  # "cyc_op_" + 9 characters
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _CACHE_MAX = 10_000
+T = TypeVar("T")
 
 
 def hash_secret(secret: str) -> str:
@@ -189,11 +190,7 @@ class Authenticator:
             pending = asyncio.get_running_loop().create_future()
             self._in_flight[fingerprint] = pending
             try:
-                async with self._slots:
-                    if self._pool is None:
-                        self._pool = concurrent.futures.ThreadPoolExecutor(self._verify_threads,
-                                                                           thread_name_prefix="cycles-keycheck")
-                    ok = await asyncio.get_running_loop().run_in_executor(self._pool, verify_secret, presented, stored)
+                ok = await self._off_loop(verify_secret, presented, stored)
                 table = self._verified if ok else self._refused
                 if len(table) >= _CACHE_MAX:
                     table.clear()
@@ -209,6 +206,29 @@ class Authenticator:
         if not ok:
             self._failed(source, prefix)
         return ok
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """scrypt work (tens of ms) on the key-check threads, never on the event loop."""
+        async with self._slots:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._verify_threads,
+                                                                   thread_name_prefix="cycles-keycheck")
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def hash_new(self, secret: str) -> str:
+        """hash_secret for a key being created, off the event loop (scrypt would stall every request)."""
+        return await self._off_loop(hash_secret, secret)
+
+    async def matches(self, secret: str, stored: str) -> bool:
+        """verify_secret off the event loop (the admin plane's key validation)."""
+        return await self._off_loop(verify_secret, secret, stored)
+
+    def created(self, secret: str, key_id: str) -> None:
+        """A tenant key this process just created and stored: it hashed the secret itself, so the key's first
+        request needs no scrypt check here (its record is still read and checked like any other's)."""
+        if len(self._verified) >= _CACHE_MAX:
+            self._verified.clear()
+        self._verified[hashlib.sha256(secret.encode()).digest()] = key_id
 
     def _refuse(self, message: str, source: str | None, prefix: str) -> ProtocolError:
         self._failed(source, prefix)

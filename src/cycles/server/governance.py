@@ -16,7 +16,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..store.base import AuditScan
 from . import access, audit, events
 from .admin import _budget_scope, _same_unit, _tenant_wire, ledger_wire
-from .auth import KEY_PREFIX_LEN, Principal, has_permission, verify_secret
+from .auth import KEY_PREFIX_LEN, Principal, has_permission
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, decode_cursor, encode_cursor, enum_param, filter_hash, int_param, iso, page_log, str_param, time_param
 from .state import state_of
@@ -178,7 +178,7 @@ async def validate_api_key(request: Request, ctx: Ctx) -> Response:
     st = state_of(request)
     secret = req.key_secret
     rec = await st.store.find_api_key(secret[:KEY_PREFIX_LEN]) if len(secret) >= KEY_PREFIX_LEN else None
-    if rec is None or not verify_secret(secret, rec["secret_hash"]):
+    if rec is None or not await st.auth.matches(secret, rec["secret_hash"]):
         return json_response(ctx, g.ApiKeyValidationResponse(valid=False, tenant_id="", reason="INVALID"))
     wire = key_wire(rec, await st.store.now_ms())
     body = g.ApiKeyValidationResponse(valid=wire.status == "ACTIVE", tenant_id=rec["tenant_id"], key_id=rec["key_id"],

@@ -18,7 +18,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.models import Wire
 from . import access, audit
 from .auth import (BOOTSTRAP_DISABLED_SETTING, OPERATOR_KIND, OPERATOR_PREFIX_LEN, Principal, has_permission,
-                   hash_secret, new_operator_key)
+                   new_operator_key)
 from .http import Ctx, decode, json_response, read_body
 from .params import bad, iso, parse_iso
 from .state import state_of
@@ -87,7 +87,7 @@ async def create_operator_key(request: Request, ctx: Ctx) -> Response:
     rec = {"key_id": "op_" + secrets.token_hex(8), "name": req.name, "key_prefix": secret[:OPERATOR_PREFIX_LEN],
            "permissions": perms, "status": "ACTIVE", "created_at": iso(now), "created_by": principal.key_id,
            "expires_at": iso(expires_ms) if expires_ms else None, "expires_at_ms": expires_ms,
-           "secret_hash": hash_secret(secret)}
+           "secret_hash": await st.auth.hash_new(secret)}
     audit.resource(ctx, rec["key_id"])
     await st.store.save_doc(OPERATOR_KIND, OWNER, rec["key_prefix"], rec, None, guard_tenant=False)
     return json_response(ctx, OperatorKeyCreateResponse(key=_wire(rec), key_secret=secret), status=201)
