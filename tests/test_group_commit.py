@@ -341,9 +341,10 @@ def test_wal_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_log_restarts_under_continuous_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under writes that never pause, the checkpointer thread's passes never leave the log fully copied when a
-    write transaction begins, so by themselves they never let it restart; the writer finishes the copy
-    (_restart_log) and the log restarts (the WAL header's checkpoint sequence moves on each restart)."""
+    """Under writes that never pause, PASSIVE checkpoints never leave the log fully copied when a write
+    transaction begins, so by themselves they never let it restart; the checkpointer thread finishes the copy
+    with a RESTART checkpoint (_restart_log) and the log restarts (the WAL header's checkpoint sequence moves
+    on each restart)."""
     import struct
 
     from cycles.store.sqlite import core
