@@ -349,7 +349,7 @@ def test_the_log_restarts_under_continuous_writes(tmp_path: Path, monkeypatch: p
 
     from cycles.store.sqlite import core
 
-    monkeypatch.setattr(core, "CATCH_UP_FRAMES", 64)
+    monkeypatch.setattr(core, "RESTART_FRAMES", 64)
     wal = tmp_path / "r.db-wal"
 
     def restarts() -> int:
@@ -378,7 +378,7 @@ import asyncio, os, sys, uuid
 from cycles.store.base import ReserveCommand
 from cycles.store.sqlite import SQLiteStore, core
 
-core.CATCH_UP_FRAMES = 256  # restart sooner than in production (4,096): a shorter test
+core.RESTART_FRAMES = 256  # restart sooner than in production (4,096): a shorter test
 
 async def main(path, stop):
     store, n = SQLiteStore(path), 0

@@ -36,6 +36,13 @@ _CACHE_MAX = 10_000
 T = TypeVar("T")
 
 
+def _remember(table: dict[bytes, str], fingerprint: bytes, key_id: str) -> None:
+    """A key check's outcome, in a table bounded by _CACHE_MAX (cleared when full)."""
+    if len(table) >= _CACHE_MAX:
+        table.clear()
+    table[fingerprint] = key_id
+
+
 def hash_secret(secret: str) -> str:
     salt = os.urandom(16)
     digest = hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
@@ -191,10 +198,7 @@ class Authenticator:
             self._in_flight[fingerprint] = pending
             try:
                 ok = await self._off_loop(verify_secret, presented, stored)
-                table = self._verified if ok else self._refused
-                if len(table) >= _CACHE_MAX:
-                    table.clear()
-                table[fingerprint] = key_id
+                _remember(self._verified if ok else self._refused, fingerprint, key_id)
                 pending.set_result(ok)
             except BaseException as exc:
                 pending.set_exception(exc)
@@ -226,9 +230,7 @@ class Authenticator:
     def created(self, secret: str, key_id: str) -> None:
         """A tenant key this process just created and stored: it hashed the secret itself, so the key's first
         request needs no scrypt check here (its record is still read and checked like any other's)."""
-        if len(self._verified) >= _CACHE_MAX:
-            self._verified.clear()
-        self._verified[hashlib.sha256(secret.encode()).digest()] = key_id
+        _remember(self._verified, hashlib.sha256(secret.encode()).digest(), key_id)
 
     def _refuse(self, message: str, source: str | None, prefix: str) -> ProtocolError:
         self._failed(source, prefix)

@@ -31,8 +31,8 @@ WAL_KEEP_BYTES = 16 << 20  # the WAL file is cut back to this when the log resta
 WAL_TRUNCATE_BYTES = 64 << 20  # past this the checkpointer forces the log back to empty
 # a log this long (16 MiB of 4 KiB pages, WAL_KEEP_BYTES) is restarted under load (_Core._restart_log); each
 # restart pauses writes for two fsyncs (a few ms), so not more often than this
-CATCH_UP_FRAMES = 4096
-CATCH_UP_LEFT = 64  # the thread copies until a pass finds fewer new frames than this
+RESTART_FRAMES = 4096
+RESTART_LEFT = 64  # the thread copies until a pass finds fewer new frames than this
 RESTART_WAIT_MS = 50  # how long the RESTART checkpoint waits for the write lock and for readers
 
 
@@ -104,7 +104,7 @@ class _Core:
         # land while the thread copies, so no write transaction ever begins on a fully copied log (which is
         # what lets SQLite restart it), and the log grew until the TRUNCATE checkpoint below stalled every
         # commit; meanwhile page lookups searched an ever longer WAL index and writers met SQLITE_BUSY. So
-        # once the log is CATCH_UP_FRAMES long the thread restarts it (_restart_log).
+        # once the log is RESTART_FRAMES long the thread restarts it (_restart_log).
         # A TRUNCATE checkpoint holds the write lock while it copies and syncs (commits stalled behind it
         # for 80-140 ms), so it runs only when the WAL has grown past WAL_TRUNCATE_BYTES, i.e. when readers
         # kept the log from restarting for a long time.
@@ -129,7 +129,7 @@ class _Core:
                     mode = "PASSIVE"
                 try:
                     busy, log, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-                    if mode == "PASSIVE" and not busy and log >= CATCH_UP_FRAMES:
+                    if mode == "PASSIVE" and not busy and log >= RESTART_FRAMES:
                         self._restart_log(conn, copied)
                 except sqlite3.Error:
                     pass  # busy or file gone: the next tick tries again
@@ -148,7 +148,7 @@ class _Core:
             busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if busy or copied == before < log:  # another checkpointer, or a reader holds the rest
                 return
-            if copied - before < CATCH_UP_LEFT:
+            if copied - before < RESTART_LEFT:
                 break
         conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")  # for the write lock and readers to finish
         try:
